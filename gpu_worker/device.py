@@ -1,0 +1,25 @@
+"""Which device and dtypes a GPU worker uses; CUDA is touched only when a stage first needs it."""
+from __future__ import annotations
+
+import torch
+
+from tasks.settings import Settings
+
+
+def resolve_device(settings: Settings) -> torch.device:
+    if settings.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"SONGPIPE_DEVICE={settings.device} but CUDA is not available on this host")
+    return device
+
+
+def lm_dtype(settings: Settings, device: torch.device) -> torch.dtype:
+    if settings.lm_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, settings.lm_dtype)
+
+
+def codec_dtype(settings: Settings) -> torch.dtype:
+    return getattr(torch, settings.codec_dtype)

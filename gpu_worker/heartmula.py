@@ -1,0 +1,374 @@
+"""HeartMuLa: a two-level autoregressive music token LM in plain PyTorch (spec §2, §4).
+
+A Llama-shaped backbone (no vocabulary: its inputs are summed embeddings) predicts codebook 0 of
+each 12.5 Hz frame; a small local decoder predicts codebooks 1..7 of that frame one after another.
+Parameter names match the published state dict exactly (spec §2.4), so `load_state_dict` needs no
+renaming. Key/value caches and RoPE tables are runtime state, created by `setup_caches`, and never
+appear in the state dict.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Llama-3.1 RoPE scaling constants, shared by every flavour (spec §2.1).
+ROPE_LOW_FREQ_FACTOR = 1.0
+ROPE_HIGH_FREQ_FACTOR = 4.0
+ROPE_OLD_CONTEXT_LEN = 8192
+
+
+class FlavorError(ValueError):
+    """A transformer flavour that is unknown, malformed or redefines a built-in one."""
+
+
+@dataclass(frozen=True)
+class TransformerArgs:
+    """One transformer stack (a "flavour" of spec §2.1)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    embed_dim: int
+    intermediate_dim: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_base: float = 500_000.0
+    rope_scale_factor: float = 32.0
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise FlavorError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise FlavorError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise FlavorError(f"head_dim {self.head_dim} must be even for interleaved RoPE pairs")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+
+FLAVORS: dict[str, TransformerArgs] = {
+    "llama-3B": TransformerArgs(num_layers=28, num_heads=24, num_kv_heads=8, embed_dim=3072,
+                                intermediate_dim=8192, max_seq_len=8192),
+    "llama-300M": TransformerArgs(num_layers=3, num_heads=8, num_kv_heads=4, embed_dim=3072,
+                                  intermediate_dim=8192, max_seq_len=2048),
+    "llama-7B": TransformerArgs(num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096,
+                                intermediate_dim=14336, max_seq_len=8192),
+    "llama-400M": TransformerArgs(num_layers=4, num_heads=8, num_kv_heads=4, embed_dim=3072,
+                                  intermediate_dim=8192, max_seq_len=2048),
+}
+
+_FLAVOR_FIELDS = {f.name for f in fields(TransformerArgs)}
+
+
+def resolve_flavors(custom: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, TransformerArgs]:
+    """The built-in flavours plus the custom ones of a config's `flavors` entry (spec §10).
+
+    A custom entry may repeat a built-in name only with identical values: a silent redefinition
+    would let a tiny config change what "llama-3B" means.
+    """
+    table = dict(FLAVORS)
+    for name, spec in (custom or {}).items():
+        if not isinstance(spec, Mapping):
+            raise FlavorError(f"flavour {name!r} must be an object of {sorted(_FLAVOR_FIELDS)}")
+        unknown = set(spec) - _FLAVOR_FIELDS
+        missing = {"num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim", "max_seq_len"} - set(spec)
+        if unknown or missing:
+            raise FlavorError(f"flavour {name!r}: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+        try:
+            args = TransformerArgs(**spec)
+        except TypeError as exc:
+            raise FlavorError(f"flavour {name!r}: {exc}") from exc
+        if name in FLAVORS and FLAVORS[name] != args:
+            raise FlavorError(
+                f"flavour {name!r} redefines a built-in flavour differently; built-in names: {sorted(FLAVORS)}")
+        table[name] = args
+    return table
+
+
+def flavor_args(name: str, custom: Mapping[str, Mapping[str, Any]] | None = None) -> TransformerArgs:
+    table = resolve_flavors(custom)
+    if name not in table:
+        raise FlavorError(f"unknown flavour {name!r}; known flavours: {sorted(table)}")
+    return table[name]
+
+
+@dataclass(frozen=True)
+class HeartMuLaArgs:
+    backbone: TransformerArgs
+    decoder: TransformerArgs
+    text_vocab_size: int = 128_256
+    audio_vocab_size: int = 8197
+    audio_num_codebooks: int = 8
+    muq_dim: int = 512
+
+    def __post_init__(self) -> None:
+        if self.decoder.max_seq_len < self.audio_num_codebooks:
+            raise FlavorError(
+                f"decoder max_seq_len {self.decoder.max_seq_len} < audio_num_codebooks {self.audio_num_codebooks}: "
+                "the decoder needs one position per codebook")
+
+    @classmethod
+    def from_flavors(cls, backbone_flavor: str, decoder_flavor: str,
+                     custom: Mapping[str, Mapping[str, Any]] | None = None, **sizes: int) -> "HeartMuLaArgs":
+        return cls(backbone=flavor_args(backbone_flavor, custom), decoder=flavor_args(decoder_flavor, custom), **sizes)
+
+
+PRESETS: dict[str, HeartMuLaArgs] = {
+    "3B": HeartMuLaArgs.from_flavors("llama-3B", "llama-300M"),
+    "7B": HeartMuLaArgs.from_flavors("llama-7B", "llama-400M"),
+}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for statistics and rotations, unless the model runs in float64 (numerical self-checks)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def precompute_freqs_cis(head_dim: int, max_seq_len: int, *, base: float = 500_000.0,
+                         scale_factor: float = 32.0, dtype: torch.dtype = torch.float32,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+    """cos/sin table `[max_seq_len, head_dim/2, 2]` of Llama-3.1-scaled RoPE (spec §2.3)."""
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=dtype, device=device) / head_dim))
+    wavelen = 2 * math.pi / freqs
+    high_freq_wavelen = ROPE_OLD_CONTEXT_LEN / ROPE_HIGH_FREQ_FACTOR
+    low_freq_wavelen = ROPE_OLD_CONTEXT_LEN / ROPE_LOW_FREQ_FACTOR
+    smooth = (ROPE_OLD_CONTEXT_LEN / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+    smoothed = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    scaled = torch.where(wavelen < high_freq_wavelen, freqs,
+                         torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, smoothed))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=dtype, device=device), scaled)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of `x [B, S, H, hd]` by the angles of `freqs_cis [S, hd/2, 2]`."""
+    pairs = x.to(freqs_cis.dtype).unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos = freqs_cis[None, :, None, :, 0]
+    sin = freqs_cis[None, :, None, :, 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(compute_dtype(x.dtype))
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # cast back before the scale multiply: the reference's order, which matters in bf16
+        return normed.to(x.dtype) * self.scale
+
+
+class KVCache(nn.Module):
+    """Static preallocated keys/values `[B, kv_heads, max_seq_len, head_dim]` (KV heads only, not expanded)."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
+                 *, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k, v [B, KV, S, hd]` at `input_pos [S]`; return the whole cache."""
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        return self.k_cache, self.v_cache
+
+
+class Attention(nn.Module):
+    def __init__(self, args: TransformerArgs):
+        super().__init__()
+        self.num_heads = args.num_heads
+        self.num_kv_heads = args.num_kv_heads
+        self.head_dim = args.head_dim
+        self.q_proj = nn.Linear(args.embed_dim, args.num_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.embed_dim, args.num_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.embed_dim, args.num_kv_heads * args.head_dim, bias=False)
+        self.output_proj = nn.Linear(args.num_heads * args.head_dim, args.embed_dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: torch.Tensor,
+                kv_len: int | None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        group = self.num_heads // self.num_kv_heads
+        q = apply_rotary_emb(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim), freqs_cis)
+        k = apply_rotary_emb(self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim), freqs_cis)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        keys, values = self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))
+        if kv_len is not None:  # attend over filled slots only; None keeps static shapes
+            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
+        # GQA without expanding the cache: query head h = kv * group + g uses KV head h // group, so
+        # fold the `group` query heads of each KV head into the query-length axis.
+        q = q.transpose(1, 2).reshape(batch, self.num_kv_heads, group * seq, self.head_dim)
+        causal = torch.arange(keys.shape[2], device=x.device)[None, :] <= input_pos[:, None]  # [S, T]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal.repeat(group, 1))
+        out = out.view(batch, self.num_heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
+        return self.output_proj(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 = gate, w3 = up, w2 = down."""
+
+    def __init__(self, args: TransformerArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.embed_dim, args.intermediate_dim, bias=False)
+        self.w3 = nn.Linear(args.embed_dim, args.intermediate_dim, bias=False)
+        self.w2 = nn.Linear(args.intermediate_dim, args.embed_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: TransformerArgs):
+        super().__init__()
+        self.sa_norm = RMSNorm(args.embed_dim, args.norm_eps)
+        self.attn = Attention(args)
+        self.mlp_norm = RMSNorm(args.embed_dim, args.norm_eps)
+        self.mlp = FeedForward(args)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: torch.Tensor,
+                kv_len: int | None) -> torch.Tensor:
+        h = x + self.attn(self.sa_norm(x), freqs_cis, input_pos, kv_len)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    """Pre-norm Llama stack without token embedding or output projection."""
+
+    def __init__(self, args: TransformerArgs):
+        super().__init__()
+        self.args = args
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.embed_dim, args.norm_eps)
+        self.freqs_cis: torch.Tensor | None = None
+
+    def setup_caches(self, batch_size: int, cache_len: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch_size, cache_len, self.args.num_kv_heads, self.args.head_dim,
+                                          dtype=dtype, device=device)
+        self.freqs_cis = precompute_freqs_cis(
+            self.args.head_dim, self.args.max_seq_len, base=self.args.rope_base,
+            scale_factor=self.args.rope_scale_factor, dtype=compute_dtype(dtype), device=device)
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """`x [B, S, D]` at positions `input_pos [S]` -> final-norm output `[B, S, D]` in fp32 (or float64)."""
+        if self.freqs_cis is None:
+            raise RuntimeError("call setup_caches() before running the transformer")
+        freqs_cis = self.freqs_cis[input_pos]
+        for layer in self.layers:
+            x = layer(x, freqs_cis, input_pos, kv_len)
+        return self.norm(x).to(compute_dtype(x.dtype))
+
+
+class HeartMuLa(nn.Module):
+    """Backbone + local decoder + embeddings and heads, named as in the published state dict."""
+
+    def __init__(self, args: HeartMuLaArgs):
+        super().__init__()
+        self.args = args
+        width, dec_width, vocab = args.backbone.embed_dim, args.decoder.embed_dim, args.audio_vocab_size
+        self.backbone = Transformer(args.backbone)
+        self.decoder = Transformer(args.decoder)
+        self.text_embeddings = nn.Embedding(args.text_vocab_size, width)
+        # one table for all codebooks: codebook k, id t -> row k * audio_vocab_size + t
+        self.audio_embeddings = nn.Embedding(vocab * args.audio_num_codebooks, width)
+        self.unconditional_text_embedding = nn.Embedding(1, width)
+        self.projection = nn.Linear(width, dec_width, bias=False)
+        self.codebook0_head = nn.Linear(width, vocab, bias=False)
+        self.audio_head = nn.Parameter(torch.empty(args.audio_num_codebooks - 1, dec_width, vocab))
+        self.muq_linear = nn.Linear(args.muq_dim, width)
+        self.cache_batch_size: int | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.codebook0_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.codebook0_head.weight.device
+
+    def setup_caches(self, batch_size: int) -> None:
+        """Allocate KV caches for `batch_size` rows (2 with CFG); a no-op when they already exist."""
+        if self.cache_batch_size == batch_size:
+            return
+        self.backbone.setup_caches(batch_size, self.args.backbone.max_seq_len, dtype=self.dtype, device=self.device)
+        # the decoder only ever holds one frame: one position per codebook
+        self.decoder.setup_caches(batch_size, self.args.audio_num_codebooks, dtype=self.dtype, device=self.device)
+        self.cache_batch_size = batch_size
+
+    def embed_grid(self, tokens: torch.Tensor, mask: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Masked sum of the 9 column embeddings of `tokens [S, 9]` -> `[batch_size, S, D]` (spec §4.1).
+
+        Row 0 is conditional; row 1 (CFG) sees `unconditional_text_embedding` in place of every text
+        embedding, and the same audio embeddings.
+        """
+        num_codebooks = self.args.audio_num_codebooks
+        offsets = torch.arange(num_codebooks, device=tokens.device) * self.args.audio_vocab_size
+        audio = self.audio_embeddings(tokens[:, :num_codebooks] + offsets)  # [S, 8, D]
+        text = self.text_embeddings(tokens[:, num_codebooks:])  # [S, 1, D]
+        rows = [torch.cat([audio, text], dim=1)]
+        if batch_size == 2:
+            null_text = self.unconditional_text_embedding.weight.expand_as(text)
+            rows.append(torch.cat([audio, null_text], dim=1))
+        embeds = torch.stack(rows)  # [B, S, 9, D]
+        return (embeds * mask[None, :, :, None].to(embeds.dtype)).sum(dim=2)
+
+    def embed_prompt(self, tokens: torch.Tensor, mask: torch.Tensor, muq_idx: int, batch_size: int) -> torch.Tensor:
+        """Prompt embeddings with the MuQ slot filled: `muq_linear(zeros)` = its bias when conditional,
+        the null text vector when unconditional (no reference audio is ever supplied)."""
+        h = self.embed_grid(tokens, mask, batch_size)
+        h[0, muq_idx] = self.muq_linear.bias
+        if batch_size == 2:
+            h[1, muq_idx] = self.unconditional_text_embedding.weight[0]
+        return h
+
+    def embed_frame(self, codes: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """One audio frame `codes [8]` as a grid row (c0..c7, empty text cell masked out) -> `[B, 1, D]`."""
+        tokens = torch.cat([codes, codes.new_zeros(1)])[None]
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        mask[0, -1] = False
+        return self.embed_grid(tokens, mask, batch_size)
+
+    def backbone_step(self, h: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None) -> torch.Tensor:
+        """Run the backbone over new positions; return the last position's hidden state `[B, D]` (fp32)."""
+        return self.backbone(h, input_pos, kv_len)[:, -1]
+
+    def codebook0_logits(self, last_h: torch.Tensor) -> torch.Tensor:
+        # The GEMM accumulates in fp32; its output is rounded to the weight dtype once (as the
+        # reference's autocast does) and widened so that the CFG mix runs in fp32.
+        return self.codebook0_head(last_h.to(self.dtype)).to(last_h.dtype)
+
+    def decoder_first_logits(self, last_h: torch.Tensor, code0: torch.Tensor) -> torch.Tensor:
+        """Decoder step 1 (positions 0, 1): `projection(last_h)`, `projection(e(c0))` -> logits of codebook 1.
+
+        Writing from position 0 again is the per-frame cache reset: later positions of the previous
+        frame are never attended, because attention stops at `kv_len`.
+        """
+        batch = last_h.shape[0]
+        e0 = self.audio_embeddings(code0).expand(batch, -1)
+        x = self.projection(torch.stack([last_h.to(self.dtype), e0], dim=1))  # [B, 2, d_dec]
+        h = self.decoder(x, torch.arange(2, device=x.device), kv_len=2)[:, -1]
+        return self._audio_logits(h, codebook=1)
+
+    def decoder_next_logits(self, codebook: int, prev_code: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Decoder step j = 2..7: feed `projection(e(c_{j-1}))` at position j -> logits of codebook j."""
+        prev_row = prev_code + (codebook - 1) * self.args.audio_vocab_size
+        x = self.projection(self.audio_embeddings(prev_row)).expand(batch_size, 1, -1)
+        h = self.decoder(x, torch.arange(codebook, codebook + 1, device=x.device), kv_len=codebook + 1)[:, -1]
+        return self._audio_logits(h, codebook=codebook)
+
+    def _audio_logits(self, h: torch.Tensor, codebook: int) -> torch.Tensor:
+        return (h.to(self.dtype) @ self.audio_head[codebook - 1]).to(h.dtype)

@@ -1,0 +1,48 @@
+"""Models loaded once per worker process, lazily on the first task (never at import: CUDA and fork)."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_lock = threading.Lock()
+_models: dict[tuple, Any] = {}
+load_seconds: dict[str, float] = {}
+
+
+def get_lm(ckpt_root: Path, device: torch.device, dtype: torch.dtype):
+    from gpu_worker.heartmula_checkpoint import load_heartmula
+
+    return _get(("lm", str(ckpt_root), str(device), str(dtype)),
+                lambda: load_heartmula(ckpt_root, device=device, dtype=dtype))
+
+
+def get_codec(ckpt_root: Path, device: torch.device, dtype: torch.dtype):
+    from gpu_worker.heartcodec_checkpoint import load_heartcodec
+
+    return _get(("codec", str(ckpt_root), str(device), str(dtype)),
+                lambda: load_heartcodec(ckpt_root, device=device, dtype=dtype))
+
+
+def _get(key: tuple, load) -> Any:
+    with _lock:
+        if key not in _models:
+            started = time.monotonic()
+            _models[key] = load()
+            load_seconds[key[0]] = time.monotonic() - started
+        return _models[key]
+
+
+def loaded_models() -> list[dict[str, Any]]:
+    """What this process holds, for the workers page: kind, checkpoint, device, dtype, checksums."""
+    return [{"kind": k[0], "checkpoint": k[1], "device": k[2], "dtype": k[3],
+             "checksums": getattr(v, "checksums", {}), "load_s": load_seconds.get(k[0])}
+            for k, v in _models.items()]
+
+
+def clear() -> None:
+    with _lock:
+        _models.clear()

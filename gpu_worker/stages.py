@@ -1,0 +1,92 @@
+"""The two GPU stages: compute functions (callable without Celery) and their Celery tasks."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpu_worker import model_cache
+from gpu_worker.cuda_health import handle_gpu_failure
+from gpu_worker.device import codec_dtype, lm_dtype, resolve_device
+from gpu_worker.token_validation import validate_codes
+from tasks.audio_files import SAMPLE_RATE, wav_bytes
+from tasks.contracts import DecodeAudioInput, DecodeAudioOutput, GenerateTokensInput, GenerateTokensOutput
+from tasks.recording import JobCancelled, StageContext, stage_task
+from tasks.stage_inputs import RESOLVERS
+
+
+def _checkpoint(path: str, ctx: StageContext) -> Path:
+    root = Path(path)
+    if ctx.settings.uses_tiny_checkpoint and root == ctx.settings.resolved_checkpoint_dir:
+        from gpu_worker.tiny_checkpoint import ensure_tiny_checkpoint
+
+        ensure_tiny_checkpoint(root)
+    return root
+
+
+def tokens_to_bytes(frames: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, frames.to(torch.int16).cpu().numpy(), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def tokens_from_bytes(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateTokensOutput:
+    from gpu_worker.generate import GenerationCancelled, SamplingParams, generate
+    from gpu_worker.prompt import build_prompt
+
+    device = resolve_device(ctx.settings)
+    dtype = lm_dtype(ctx.settings, device)
+    lm = model_cache.get_lm(_checkpoint(inp.checkpoint, ctx), device, dtype)
+    ctx.environment_extra.update(model_checksums=lm.checksums, device=str(device), lm_dtype=str(dtype),
+                                 tiny_checkpoint=ctx.settings.uses_tiny_checkpoint)
+    prompt = build_prompt(lm.tokenizer, lm.gen_config, inp.tags, inp.lyrics)
+    params = SamplingParams(temperature=inp.params.temperature, top_k=inp.params.top_k,
+                            cfg_scale=inp.params.cfg_scale, max_audio_length_ms=inp.params.max_audio_length_ms)
+    generator = torch.Generator(device=device).manual_seed(inp.seed)
+    try:
+        result = generate(lm.model, prompt, params, generator=generator,
+                          progress=lambda done, total: ctx.progress(done, total, "frames"),
+                          should_cancel=ctx.should_cancel)
+    except GenerationCancelled as exc:
+        raise JobCancelled(f"job {ctx.job_id} cancelled during token generation") from exc
+    validate_codes(result.frames)  # defence in depth: the codec validates again
+    frames = int(result.frames.shape[1])
+    ctx.progress(frames, frames, "frames", force=True)
+    ref = ctx.put_artifact(tokens_to_bytes(result.frames), "tokens")
+    return GenerateTokensOutput(tokens=ref, frames=frames, stop_reason=result.stop_reason,
+                                prompt_length=result.prompt_length, tags_text=prompt.tags_text,
+                                lyrics_text=prompt.lyrics_text, device=str(device), dtype=str(dtype),
+                                batch_size=1)
+
+
+def decode_audio(inp: DecodeAudioInput, ctx: StageContext) -> DecodeAudioOutput:
+    codes = tokens_from_bytes(ctx.store.get(inp.tokens.sha256))
+    validate_codes(codes)  # on the host, before the codec or any device sees them
+    if codes.shape[1] != inp.frames:
+        raise ValueError(f"token artifact holds {codes.shape[1]} frames, the record says {inp.frames}")
+    device = resolve_device(ctx.settings)
+    dtype = codec_dtype(ctx.settings)
+    codec = model_cache.get_codec(_checkpoint(inp.checkpoint, ctx), device, dtype)
+    ctx.environment_extra.update(model_checksums=codec.checksums, device=str(device), codec_dtype=str(dtype),
+                                 tiny_checkpoint=ctx.settings.uses_tiny_checkpoint)
+    generator = torch.Generator(device=device).manual_seed(inp.seed)
+    audio = codec.model.decode(torch.from_numpy(codes.astype(np.int64)), generator=generator,
+                               progress=lambda done, total: ctx.progress(done, total, "windows"))
+    data, clipped = wav_bytes(audio.float().numpy())
+    ref = ctx.put_artifact(data, "wav")
+    samples = int(audio.shape[1])
+    return DecodeAudioOutput(wav=ref, sample_rate=SAMPLE_RATE, channels=2, samples=samples,
+                             duration_s=samples / SAMPLE_RATE, device=str(device), dtype=str(dtype),
+                             peak_abs=float(np.abs(audio.numpy()).max()), clipped_samples=clipped)
+
+
+generate_tokens_task = stage_task("generate_tokens", RESOLVERS["generate_tokens"], generate_tokens,
+                                  on_failure=handle_gpu_failure)
+decode_audio_task = stage_task("decode_audio", RESOLVERS["decode_audio"], decode_audio,
+                               on_failure=handle_gpu_failure)

@@ -1,0 +1,85 @@
+"""One settings object for every process (web, CPU worker, GPU worker, CLI), read from the environment.
+
+Unset values resolve to the embedded defaults (SQLite under the data directory, a local Redis
+started by `songpipe run`, a tiny random checkpoint) - and each process records which it used.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SONGPIPE_", extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Field(default=Path("var"), description="where the SQLite file, artifacts and tiny checkpoint live")
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    artifact_dir: Path | None = Field(default=None, description="artifact store root; share it across hosts (NFS) in multi-host setups")
+    checkpoint_dir: Path | None = Field(default=None, validation_alias="HEARTMULA_CKPT")
+    mode: Literal["development", "production"] = "development"
+
+    device: str = "auto"  # "auto" -> cuda when available, else cpu
+    lm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    codec_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    default_lyrics_backend: Literal["rules", "llm", "off"] = "rules"
+    default_tags_backend: Literal["embedding", "llm", "given"] = "embedding"
+    llm_url: str | None = None  # OpenAI-compatible base URL, e.g. http://127.0.0.1:11434/v1
+    llm_model: str | None = None
+    llm_api_key: SecretStr | None = None
+    llm_timeout_s: float = Field(default=30.0, gt=0)
+    llm_max_retries: int = Field(default=2, ge=0, le=10)
+
+    secret_key: SecretStr | None = None  # Flask session signing; generated per data dir when unset
+    admin_user: str = "admin"
+    admin_password_hash: str | None = None  # werkzeug hash; `songpipe admin hash-password`
+    viewer_user: str = "viewer"
+    viewer_password_hash: str | None = None
+    session_minutes: int = Field(default=60, ge=1)
+
+    max_queued_jobs: int = Field(default=200, ge=1)
+    submissions_per_minute: int = Field(default=60, ge=1)
+    max_request_bytes: int = Field(default=256 * 1024, ge=1024)
+
+    fault_injection: bool = False  # allows the CUDA fault switch; refused in production mode
+    cpu_soft_time_limit_s: int = Field(default=300, ge=1)
+    heartbeat_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'songpipe.db'}"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.data_dir / "artifacts").expanduser().resolve()
+
+    @property
+    def uses_tiny_checkpoint(self) -> bool:
+        return self.checkpoint_dir is None
+
+    @property
+    def resolved_checkpoint_dir(self) -> Path:
+        return (self.checkpoint_dir or self.data_dir / "checkpoints" / "tiny").expanduser().resolve()
+
+    @property
+    def embedded_redis_socket(self) -> Path:
+        return self.data_dir / "redis" / "redis.sock"
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings_cache() -> None:
+    get_settings.cache_clear()

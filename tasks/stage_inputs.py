@@ -1,0 +1,79 @@
+"""How each stage's typed input is assembled from SQL: the job's request plus upstream outputs.
+
+The same functions serve the Celery stages, retry (which re-resolves from the recorded upstream
+outputs) and `songpipe stage ...` (which can also take a stored input verbatim).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Job, StageRun
+from tasks.contracts import (DecodeAudioInput, EncodeAudioInput, GenerateTagsInput, GenerateTokensInput,
+                             JobRequest, RefineLyricsInput)
+from tasks.settings import Settings
+
+DONE_STATUSES = ("succeeded", "reused")
+
+
+class MissingUpstreamOutput(LookupError):
+    pass
+
+
+def upstream_outputs(session: Session, job_id: str, stage: str) -> dict[str, Any]:
+    """Outputs of the latest successful attempt of `stage` in this job (retries reuse these)."""
+    row = session.scalar(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == stage,
+                                                StageRun.status.in_(DONE_STATUSES))
+                         .order_by(StageRun.attempt.desc()).limit(1))
+    if row is None or row.outputs is None:
+        raise MissingUpstreamOutput(f"job {job_id}: stage {stage} has no successful attempt to read outputs from")
+    return row.outputs
+
+
+def job_request(job: Job) -> JobRequest:
+    return JobRequest.model_validate(job.request)
+
+
+def refine_lyrics_input(session: Session, job: Job, settings: Settings) -> RefineLyricsInput:
+    request = job_request(job)
+    return RefineLyricsInput(lyrics=request.lyrics, backend=request.lyrics_backend,
+                             allow_fallback=request.allow_fallback, max_frames=request.params.max_frames)
+
+
+def generate_tags_input(session: Session, job: Job, settings: Settings) -> GenerateTagsInput:
+    request = job_request(job)
+    refined = upstream_outputs(session, job.id, "refine_lyrics")
+    return GenerateTagsInput(style=request.style, user_tags=request.tags, lyrics=refined["lyrics"],
+                             extra_tags=refined.get("direction_tags", []), backend=request.tags_backend,
+                             allow_fallback=request.allow_fallback)
+
+
+def generate_tokens_input(session: Session, job: Job, settings: Settings) -> GenerateTokensInput:
+    request = job_request(job)
+    refined = upstream_outputs(session, job.id, "refine_lyrics")
+    tags = upstream_outputs(session, job.id, "generate_tags")
+    return GenerateTokensInput(lyrics=refined["lyrics"], tags=tags["tags_string"], seed=job.seed,
+                               params=request.params, checkpoint=str(settings.resolved_checkpoint_dir))
+
+
+def decode_audio_input(session: Session, job: Job, settings: Settings) -> DecodeAudioInput:
+    tokens = upstream_outputs(session, job.id, "generate_tokens")
+    return DecodeAudioInput(tokens=tokens["tokens"], frames=tokens["frames"], seed=job.seed,
+                            checkpoint=str(settings.resolved_checkpoint_dir))
+
+
+def encode_audio_input(session: Session, job: Job, settings: Settings) -> EncodeAudioInput:
+    request = job_request(job)
+    decoded = upstream_outputs(session, job.id, "decode_audio")
+    return EncodeAudioInput(wav=decoded["wav"], output_format=request.output_format)
+
+
+RESOLVERS = {
+    "refine_lyrics": refine_lyrics_input,
+    "generate_tags": generate_tags_input,
+    "generate_tokens": generate_tokens_input,
+    "decode_audio": decode_audio_input,
+    "encode_audio": encode_audio_input,
+}
