@@ -19,6 +19,7 @@ from tasks.celery_app import queue_for
 from tasks.contracts import MAX_SEED, PIPELINE_NAME, STAGES, JobRequest
 from tasks.environment import code_version
 from tasks.settings import Settings
+from tasks.stage_inputs import refine_lyrics_input
 
 SEED_DRAW_BOUND = 2**31  # drawn seeds stay within 31 bits so every client can show them exactly
 
@@ -68,6 +69,8 @@ def new_job_rows(session: Session, request: JobRequest, settings: Settings, *, s
     session.add(job)
     for stage in STAGES:
         job.stage_runs.append(StageRun(stage=stage, attempt=1, status="queued", queue=queue_for(stage)))
+    # the first stage's input is known now: record it before any message exists
+    job.stage_runs[0].inputs = refine_lyrics_input(session, job, settings).model_dump(mode="json")
     session.flush()
     return job
 

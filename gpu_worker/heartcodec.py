@@ -1,0 +1,673 @@
+"""HeartCodec-oss decode path in plain PyTorch (model-spec §7).
+
+codes [8, T] at 12.5 Hz -> RVQ lookup -> conditioning at 25 Hz -> flow-matching DiT (10 Euler steps, CFG 1.25)
+per 29.76 s window -> latents [744, 256] -> SQ-Codec decoder, one stream per stereo channel -> cross-faded
+windows -> float32 [2, T*3840] at 48 kHz.
+
+Parameter names are exactly the published state-dict names (§7.1). The SQ decoder's weight norm is folded by
+the loader (heartcodec_checkpoint.py), so every conv here holds a plain `weight`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpu_worker.token_validation import validate_codes
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 48000
+SAMPLES_PER_FRAME = 3840  # one 12.5 Hz code frame
+LATENTS_PER_FRAME = 2  # conditioning is upsampled x2 to 25 Hz
+SAMPLES_PER_LATENT = SAMPLES_PER_FRAME // LATENTS_PER_FRAME  # total SQ decoder upsampling, 1920
+
+WINDOW_FRAMES = 372  # 29.76 s
+HOP_FRAMES = 320
+OVERLAP_FRAMES = WINDOW_FRAMES - HOP_FRAMES  # 52
+WINDOW_LATENTS = WINDOW_FRAMES * LATENTS_PER_FRAME  # 744
+PREFIX_LATENTS = OVERLAP_FRAMES * LATENTS_PER_FRAME  # 104
+WINDOW_SAMPLES = WINDOW_FRAMES * SAMPLES_PER_FRAME  # 1,428,480
+HOP_SAMPLES = HOP_FRAMES * SAMPLES_PER_FRAME  # 1,228,800
+OVERLAP_SAMPLES = OVERLAP_FRAMES * SAMPLES_PER_FRAME  # 199,680
+
+NUM_STEPS = 10
+GUIDANCE_SCALE = 1.25
+TIMESTEP_CHANNELS = 512  # sinusoidal timestep features: 256 cos | 256 sin (fixed, not tied to `dim`)
+ROPE_BASE = 10000.0
+NORM_EPS = 1e-6
+RESIDUAL_DILATIONS = (1, 3, 5, 7, 9)
+
+
+# --------------------------------------------------------------------------------------------------------- config
+
+class CodecConfigError(ValueError):
+    """A codec config.json value this implementation does not support; the message names the key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"codec config key {key!r}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class HeartCodecConfig:
+    """The keys of HeartCodec-oss `config.json`; defaults are the published values (§1.3)."""
+
+    dim: int = 512
+    codebook_size: int = 8192
+    codebook_dim: int = 32
+    num_quantizers: int = 8
+    decay: float = 0.9  # decay .. threshold_ema_dead_code: training only
+    commitment_weight: float = 1.0
+    threshold_ema_dead_code: int = 2
+    use_cosine_sim: bool = False
+    attention_head_dim: int = 64
+    num_attention_heads: int = 24
+    num_layers: int = 24
+    num_layers_2: int = 6
+    in_channels: int = 1024
+    out_channels: int = 256
+    norm_type: str = "ada_norm_single"
+    num_bands: int = 1
+    sample_rate: int = 48000
+    causal: bool = True
+    num_samples: int = 2
+    downsample_factors: tuple[int, ...] = (3, 4, 4, 4, 5)
+    downsample_kernel_sizes: tuple[int, ...] = (6, 8, 8, 8, 10)
+    upsample_factors: tuple[int, ...] = (5, 4, 4, 4, 3)
+    upsample_kernel_sizes: tuple[int, ...] = (10, 8, 8, 8, 6)
+    latent_hidden_dim: int = 128
+    default_kernel_size: int = 7
+    delay_kernel_size: int = 5
+    init_channel: int = 64
+    res_kernel_size: int = 7
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def published(cls) -> "HeartCodecConfig":
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "HeartCodecConfig":
+        """Test size (spec §10): same code path and window constants, small widths."""
+        return cls(dim=32, codebook_dim=8, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                   num_layers_2=1, out_channels=16, in_channels=64, latent_hidden_dim=8, init_channel=4)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HeartCodecConfig":
+        """Parse config.json: missing keys take the published value (logged), unknown keys are ignored."""
+        if data.get("model_type", "heartcodec") != "heartcodec":
+            raise CodecConfigError("model_type", f"expected 'heartcodec', got {data['model_type']!r}")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            default = f.default
+            if f.name not in data:
+                logger.warning("codec config: key %r missing, using the published value %r", f.name, default)
+                continue
+            values[f.name] = _coerce(f.name, data[f.name], default)
+        known = {f.name for f in fields(cls)} | {"model_type"}
+        for key in sorted(set(data) - known):
+            logger.debug("codec config: ignoring key %r", key)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        return {"model_type": "heartcodec", **data}
+
+    def validate(self) -> None:
+        positive = ("dim", "codebook_size", "codebook_dim", "num_quantizers", "attention_head_dim",
+                    "num_attention_heads", "num_layers", "num_layers_2", "latent_hidden_dim", "init_channel",
+                    "default_kernel_size", "delay_kernel_size", "res_kernel_size")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise CodecConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.use_cosine_sim:
+            raise CodecConfigError("use_cosine_sim", "true is not supported (decoding assumes plain codebooks)")
+        if self.norm_type != "ada_norm_single":
+            raise CodecConfigError("norm_type", f"only 'ada_norm_single' is supported, got {self.norm_type!r}")
+        if not self.causal:
+            raise CodecConfigError("causal", "false is not supported (the SQ decoder is causal)")
+        if self.num_bands != 1:
+            raise CodecConfigError("num_bands", f"only 1 is supported, got {self.num_bands}")
+        if self.num_samples != 2:
+            raise CodecConfigError("num_samples", f"only 2 (stereo) is supported, got {self.num_samples}")
+        if self.in_channels != 2 * self.out_channels + self.dim:
+            raise CodecConfigError("in_channels", f"must equal 2*out_channels + dim = "
+                                   f"{2 * self.out_channels + self.dim}, got {self.in_channels}")
+        if self.out_channels != self.num_samples * self.latent_hidden_dim:
+            raise CodecConfigError("out_channels", f"must equal 2*latent_hidden_dim = "
+                                   f"{2 * self.latent_hidden_dim}, got {self.out_channels}")
+        if len(self.downsample_factors) != len(self.downsample_kernel_sizes):
+            raise CodecConfigError("downsample_kernel_sizes", f"{len(self.downsample_kernel_sizes)} entries but "
+                                   f"downsample_factors has {len(self.downsample_factors)}")
+        if len(self.upsample_factors) != len(self.upsample_kernel_sizes):
+            raise CodecConfigError("upsample_kernel_sizes", f"{len(self.upsample_kernel_sizes)} entries but "
+                                   f"upsample_factors has {len(self.upsample_factors)}")
+        for factor, kernel in zip(self.upsample_factors, self.upsample_kernel_sizes):
+            if kernel != 2 * factor:
+                raise CodecConfigError("upsample_kernel_sizes", f"kernel {kernel} for factor {factor}; "
+                                       "only kernel = 2*factor is supported")
+        # The window constants assume 25 Hz latents -> 48 kHz (x960, then x2 in the PostProcessor).
+        if math.prod(self.upsample_factors) * 2 != SAMPLES_PER_LATENT:
+            raise CodecConfigError("upsample_factors", f"product must be {SAMPLES_PER_LATENT // 2}, got "
+                                   f"{math.prod(self.upsample_factors)} for {list(self.upsample_factors)}")
+        if self.sample_rate != SAMPLE_RATE:
+            raise CodecConfigError("sample_rate", f"only {SAMPLE_RATE} is supported, got {self.sample_rate}")
+
+    @property
+    def inner_dim(self) -> int:
+        """Width of the first transformer stack (24 x 64 = 1536)."""
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def inner_dim_2(self) -> int:
+        """Width of the second stack: same head count, twice the head dim (3072)."""
+        return 2 * self.inner_dim
+
+    @property
+    def sq_channels(self) -> list[int]:
+        """SQ decoder widths: layer 0 output, then each upsampling block's output (2048 ... 64)."""
+        n = len(self.upsample_factors)
+        return [self.init_channel * 2 ** (n - i) for i in range(n + 1)]
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise CodecConfigError(key, f"expected true/false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CodecConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CodecConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise CodecConfigError(key, f"expected a string, got {value!r}")
+        return value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise CodecConfigError(key, f"expected a list of integers, got {value!r}")
+    return tuple(value)
+
+
+# ------------------------------------------------------------------------------------------------------ estimator
+
+def swiglu_hidden_dim(dim: int) -> int:
+    """256 * ceil(int(8D/3) / 256): 4096 for D = 1536, 8192 for D = 3072."""
+    return 256 * math.ceil(int(8 * dim / 3) / 256)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, *, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [S, hd/2] for positions 0..S-1, base 10000, no scaling; fp32 tables (fp64 for fp64 models)."""
+    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 2, device=device, dtype=table_dtype) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=table_dtype), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of x [B, S, H, hd] in the table dtype, then cast back."""
+    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """weight * x * rsqrt(mean(x^2) + eps), in the activation dtype (the reference does not upcast)."""
+
+    def __init__(self, dim: int, eps: float = NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head attention with interleaved RoPE on q and k; no biases, no mask."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        shape = (batch, seq, self.num_heads, self.head_dim)
+        q = apply_rope(self.q_proj(x).view(shape), *rope)
+        k = apply_rope(self.k_proj(x).view(shape), *rope)
+        v = self.v_proj(x).view(shape)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate x) * up x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden_dim, bias=False)
+        self.up = nn.Linear(dim, hidden_dim, bias=False)
+        self.down = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm DiT block with adaLN-single modulation (shift, scale, gate for attention and MLP)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.mlp_norm = RMSNorm(dim)
+        self.mlp = FeedForward(dim, swiglu_hidden_dim(dim))
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, dim))
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # mod [B, 6, D] from the stack's adaln_single; each chunk [B, 1, D] broadcasts over time
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (self.scale_shift_table[None] + mod).chunk(6, dim=1)
+        x = x + gate_a * self.attn(self.attn_norm(x) * (1 + scale_a) + shift_a, rope)
+        x = x + gate_m * self.mlp(self.mlp_norm(x) * (1 + scale_m) + shift_m)
+        return x
+
+
+class ProjectLayer(nn.Module):
+    """Conv1d over time (k 3, zero padding 1) scaled by 1/sqrt(3), then a Linear; x is [B, S, C]."""
+
+    def __init__(self, in_dim: int, out_dim: int, kernel_size: int = 3):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.ffn_1 = nn.Conv1d(in_dim, out_dim, kernel_size, padding=kernel_size // 2)
+        self.ffn_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ffn_1(x.transpose(1, 2)).transpose(1, 2) * self.kernel_size ** -0.5
+        return self.ffn_2(h)
+
+
+def timestep_features(t: torch.Tensor) -> torch.Tensor:
+    """[cos(a) | sin(a)] with a = t * exp(-ln(10000) j / 256) * 1000, j = 0..255; fp32, cos first."""
+    half = TIMESTEP_CHANNELS // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :] * 1000.0
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(TIMESTEP_CHANNELS, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(features)))
+
+
+class AdaLNSingle(nn.Module):
+    """One timestep embedding per stack: `emb` [B, D] and the six block modulations `mod` [B, 6, D]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.emb = nn.ModuleDict({"timestep_embedder": TimestepEmbedder(dim)})
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.emb["timestep_embedder"](timestep_features(t).to(dtype))
+        mod = self.linear(F.silu(emb)).unflatten(-1, (6, -1))
+        return mod, emb
+
+
+class Estimator(nn.Module):
+    """Velocity field v(x, t): two DiT stacks (D, then 2D) joined by connection_proj (§7.4)."""
+
+    def __init__(self, config: HeartCodecConfig):
+        super().__init__()
+        dim, dim_2, heads = config.inner_dim, config.inner_dim_2, config.num_attention_heads
+        self.proj_in = ProjectLayer(config.in_channels, dim)
+        self.adaln_single = AdaLNSingle(dim)
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(dim, heads) for _ in range(config.num_layers))
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, dim))
+        self.connection_proj = ProjectLayer(config.in_channels + dim, dim_2)
+        self.adaln_single_2 = AdaLNSingle(dim_2)
+        self.transformer_blocks_2 = nn.ModuleList(TransformerBlock(dim_2, heads) for _ in range(config.num_layers_2))
+        self.scale_shift_table_2 = nn.Parameter(torch.zeros(2, dim_2))
+        self.proj_out = ProjectLayer(dim_2, config.out_channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x [B, S, in_channels], t [B] (fp32) -> velocity [B, S, out_channels]."""
+        s = self._stack(self.proj_in(x), t, self.adaln_single, self.transformer_blocks, self.scale_shift_table)
+        x2 = self.connection_proj(torch.cat([x, s], dim=-1))
+        x2 = self._stack(x2, t, self.adaln_single_2, self.transformer_blocks_2, self.scale_shift_table_2)
+        return self.proj_out(x2)
+
+    @staticmethod
+    def _stack(s: torch.Tensor, t: torch.Tensor, adaln: AdaLNSingle, blocks: nn.ModuleList,
+               table: torch.Tensor) -> torch.Tensor:
+        mod, emb = adaln(t, s.dtype)
+        attn = blocks[0].attn
+        rope = rope_cos_sin(s.shape[1], attn.head_dim, device=s.device, dtype=s.dtype)
+        for block in blocks:
+            s = block(s, mod, rope)
+        shift, scale = (table[None] + emb[:, None]).chunk(2, dim=1)
+        return F.layer_norm(s, (s.shape[-1],), eps=NORM_EPS) * (1 + scale) + shift
+
+
+# ------------------------------------------------------------------------------------------ RVQ + flow matching
+
+class Codebook(nn.Module):
+    def __init__(self, codebook_size: int, codebook_dim: int):
+        super().__init__()
+        self.embed = nn.Parameter(torch.zeros(1, codebook_size, codebook_dim))  # published shape keeps dim 0
+
+
+class VQLayer(nn.Module):
+    def __init__(self, codebook_size: int, codebook_dim: int):
+        super().__init__()
+        self._codebook = Codebook(codebook_size, codebook_dim)
+
+
+class ResidualVQ(nn.Module):
+    """Decode-only residual VQ: sum of per-codebook rows, then project_out (§7.2)."""
+
+    def __init__(self, config: HeartCodecConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(VQLayer(config.codebook_size, config.codebook_dim)
+                                    for _ in range(config.num_quantizers))
+        self.project_out = nn.Linear(config.codebook_dim, config.dim)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [Q, T] (validated, long) -> features [T, dim]; plain indexing of each codebook table."""
+        summed = self.layers[0]._codebook.embed[0][codes[0]]
+        for q in range(1, len(self.layers)):
+            summed = summed + self.layers[q]._codebook.embed[0][codes[q]]
+        return self.project_out(summed)
+
+
+class FlowMatching(nn.Module):
+    def __init__(self, config: HeartCodecConfig):
+        super().__init__()
+        self.vq_embed = ResidualVQ(config)
+        self.cond_feature_emb = nn.Linear(config.dim, config.dim)
+        self.zero_cond_embedding1 = nn.Parameter(torch.zeros(config.dim))  # published, unused at inference
+        self.estimator = Estimator(config)
+
+    def conditioning(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [Q, F] -> mu [2F, dim]: each code frame feeds two 25 Hz latent frames."""
+        features = self.cond_feature_emb(self.vq_embed.lookup(codes))
+        return features.repeat_interleave(LATENTS_PER_FRAME, dim=0)
+
+    def solve(self, mu: torch.Tensor, prefix: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        """Euler solve of one window (§7.3): mu [S, dim], prefix [n, C] or None -> latents [S, C]."""
+        seq, channels = mu.shape[0], self.estimator.proj_out.ffn_2.out_features
+        z = torch.randn((1, seq, channels), generator=generator, device=mu.device, dtype=mu.dtype)[0]
+        n = 0 if prefix is None else prefix.shape[0]
+        in_context = torch.zeros_like(z)
+        if n:
+            in_context[:n] = prefix
+        # Conditional row 1 sees mu, unconditional row 0 sees zeros (not zero_cond_embedding1).
+        cond = torch.stack([torch.zeros_like(mu), mu])
+        x = z.clone()
+        # Timesteps accumulate in fp32 exactly like the reference (t += dt; dt = t_span[k+1] - t); host floats
+        # are exact copies of those fp32 values, so no device sync is needed.
+        t_span = torch.linspace(0, 1, NUM_STEPS + 1, dtype=torch.float32)
+        t, dt = t_span[0], t_span[1] - t_span[0]
+        for step in range(1, NUM_STEPS + 1):
+            if n:
+                x[:n] = float(1 - (1 - 1e-6) * t) * z[:n] + float(t) * prefix
+            inputs = torch.cat([x.expand(2, -1, -1), in_context.expand(2, -1, -1), cond], dim=-1)
+            timestep = torch.full((2,), float(t), device=mu.device, dtype=torch.float32)
+            v_uncond, v_cond = self.estimator(inputs, timestep).unbind(0)
+            x = x + float(dt) * (v_uncond + GUIDANCE_SCALE * (v_cond - v_uncond))
+            t = t + dt
+            if step < NUM_STEPS:
+                dt = t_span[step + 1] - t
+        if n:
+            x[:n] = prefix
+        return x
+
+
+# ----------------------------------------------------------------------------------------------- SQ-Codec decoder
+
+class SQConv1d(nn.Conv1d):
+    """Conv1d with causal (left-only, dilation*(k-1)) or centred zero padding.
+
+    `weight_norm` marks layers stored on disk as (g, v) pairs; the loader folds them into `weight`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, dilation: int = 1,
+                 causal: bool = True, weight_norm: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, dilation=dilation)
+        total = dilation * (kernel_size - 1)
+        self.pad = (total, 0) if causal else (total // 2, total - total // 2)
+        self.weight_norm = weight_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, self.pad))
+
+
+class WNConvTranspose1d(nn.ConvTranspose1d):
+    """ConvTranspose1d stored with weight norm; g is per *input* channel (dim 0 of [Cin, Cout, k])."""
+
+    weight_norm = True
+
+
+class CausalUpsample(nn.Module):
+    """ConvTranspose1d (kernel 2s, stride s) whose last s samples are dropped: T -> T*s."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, kernel_size: int):
+        super().__init__()
+        self.stride = stride
+        self.layer = WNConvTranspose1d(in_channels, out_channels, kernel_size, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)[..., :-self.stride]
+
+
+class ResidualUnit(nn.Module):
+    """x + PReLU_2(conv2_k1(PReLU_1(causal dilated conv1(x))))."""
+
+    def __init__(self, channels: int, kernel_size: int, dilation: int):
+        super().__init__()
+        self.conv1 = SQConv1d(channels, channels, kernel_size, dilation=dilation)
+        self.activation1 = nn.PReLU(init=0.25)
+        self.conv2 = SQConv1d(channels, channels, 1)
+        self.activation2 = nn.PReLU(init=0.25)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.activation2(self.conv2(self.activation1(self.conv1(x))))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, kernel_size: int, res_kernel_size: int):
+        super().__init__()
+        self.up_conv = CausalUpsample(in_channels, out_channels, stride, kernel_size)
+        self.convs = nn.ModuleList(ResidualUnit(out_channels, res_kernel_size, d) for d in RESIDUAL_DILATIONS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.up_conv(x)  # no activation after the upsampling conv
+        for unit in self.convs:
+            x = unit(x)
+        return x
+
+
+class PostProcessor(nn.Module):
+    """Repeat every time step twice, causal conv (plain weights), PReLU."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.conv = SQConv1d(channels, channels, kernel_size, weight_norm=False)
+        self.activation = nn.PReLU(init=0.25)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.conv(x.repeat_interleave(2, dim=-1)))
+
+
+class ScalarModel(nn.Module):
+    """SQ-Codec, decoder only (§7.5): latents -> one waveform per stereo channel."""
+
+    def __init__(self, config: HeartCodecConfig):
+        super().__init__()
+        self.num_samples = config.num_samples
+        self.latent_hidden_dim = config.latent_hidden_dim
+        widths = config.sq_channels
+        layers: list[nn.Module] = [SQConv1d(config.latent_hidden_dim, widths[0], config.delay_kernel_size,
+                                            causal=False)]  # two frames of look-ahead
+        for b, (stride, kernel) in enumerate(zip(config.upsample_factors, config.upsample_kernel_sizes)):
+            layers.append(DecoderBlock(widths[b], widths[b + 1], stride, kernel, config.res_kernel_size))
+        layers.append(PostProcessor(widths[-1], config.default_kernel_size))
+        layers.append(SQConv1d(widths[-1], 1, config.default_kernel_size))
+        self.decoder = nn.Sequential(*layers)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [S, 256] -> audio [2, S*1920]; stream 0 = channels 0..127 (left), stream 1 = 128..255."""
+        x = latents.transpose(0, 1).reshape(self.num_samples, self.latent_hidden_dim, latents.shape[0])
+        x = torch.round(x * 9) / 9  # scalar quantisation grid of the SQ codec
+        return self.decoder(x).squeeze(1)
+
+
+# -------------------------------------------------------------------------------------------- windows and codec
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """How T code frames are covered by 372-frame windows with a 320-frame hop (§7.6)."""
+
+    frames: int  # T
+    padded_frames: int  # P: codes wrap around to fill the last window
+    num_windows: int  # W
+
+    def window(self, w: int) -> slice:
+        return slice(HOP_FRAMES * w, HOP_FRAMES * w + WINDOW_FRAMES)
+
+    @property
+    def output_samples(self) -> int:
+        """Samples before the crop: (W-1) hops plus one window, = P * 3840."""
+        return (self.num_windows - 1) * HOP_SAMPLES + WINDOW_SAMPLES
+
+    @property
+    def cropped_samples(self) -> int:
+        return self.frames * SAMPLES_PER_FRAME
+
+
+def plan_windows(num_frames: int) -> WindowPlan:
+    if num_frames < 1:
+        raise ValueError(f"need at least one code frame, got {num_frames}")
+    if num_frames <= WINDOW_FRAMES:
+        padded = WINDOW_FRAMES
+    else:
+        padded = math.ceil((num_frames - OVERLAP_FRAMES) / HOP_FRAMES) * HOP_FRAMES + OVERLAP_FRAMES
+    return WindowPlan(num_frames, padded, (padded - OVERLAP_FRAMES) // HOP_FRAMES)
+
+
+def overlap_add(out: torch.Tensor, audio: torch.Tensor, w: int) -> None:
+    """Write window w's audio [2, WINDOW_SAMPLES] into out, cross-fading linearly over the overlap.
+
+    The ramp is linspace(0, 1) with inclusive ends in float64, as in the reference.
+    """
+    start = w * HOP_SAMPLES
+    if w == 0:
+        out[:, :WINDOW_SAMPLES] = audio
+        return
+    ramp = torch.linspace(0, 1, OVERLAP_SAMPLES, dtype=torch.float64, device=out.device)
+    faded = out[:, start:start + OVERLAP_SAMPLES].double() * (1 - ramp) + audio[:, :OVERLAP_SAMPLES].double() * ramp
+    out[:, start:start + OVERLAP_SAMPLES] = faded.to(out.dtype)
+    out[:, start + OVERLAP_SAMPLES:start + WINDOW_SAMPLES] = audio[:, OVERLAP_SAMPLES:]
+
+
+class HeartCodec(nn.Module):
+    def __init__(self, config: HeartCodecConfig):
+        super().__init__()
+        self.config = config
+        self.flow_matching = FlowMatching(config)
+        self.scalar_model = ScalarModel(config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.flow_matching.cond_feature_emb.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flow_matching.cond_feature_emb.weight.dtype
+
+    def weight_norm_layers(self) -> list[str]:
+        """Module names whose `weight` is stored on disk as a weight-norm (g, v) pair."""
+        return [name for name, module in self.named_modules() if getattr(module, "weight_norm", False)]
+
+    def decode_window(self, codes: torch.Tensor, prefix: torch.Tensor | None,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One window: codes [Q, 372] (long, on device) -> (latents [744, C], audio [2, WINDOW_SAMPLES])."""
+        latents = self.flow_matching.solve(self.flow_matching.conditioning(codes), prefix, generator)
+        return latents, self.scalar_model.decode(latents)
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor, *, generator: torch.Generator,
+               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """codes [8, T] (any integer dtype, any device) -> float32 [2, T*3840] on the CPU, 48 kHz.
+
+        Validation runs on the host before anything reaches the lookup. `generator` lives on the codec's
+        device and gives one randn [1, 744, 256] per window, in window order.
+        """
+        validate_codes(codes, codebook_size=self.config.codebook_size, num_quantizers=self.config.num_quantizers)
+        device = self.device
+        if torch.device(generator.device).type != device.type:
+            raise ValueError(f"generator is on {generator.device}, the codec on {device}; "
+                             "pass a generator created on the codec's device")
+        plan = plan_windows(codes.shape[1])
+        wrapped = torch.arange(plan.padded_frames) % plan.frames
+        padded = codes.detach().to("cpu", torch.long)[:, wrapped].to(device)
+        out = torch.empty(2, plan.output_samples, dtype=torch.float32, device=device)
+        latents = None
+        for w in range(plan.num_windows):
+            prefix = None if latents is None else latents[-PREFIX_LATENTS:]
+            latents, audio = self.decode_window(padded[:, plan.window(w)], prefix, generator)
+            overlap_add(out, audio.float(), w)
+            if progress is not None:
+                progress(w + 1, plan.num_windows)
+        return out[:, :plan.cropped_samples].cpu()
+
+
+# --------------------------------------------------------------------------------------------- random weights
+
+@torch.no_grad()
+def init_random_weights_(model: HeartCodec, generator: torch.Generator) -> None:
+    """Deterministic test/benchmark init (spec §10): N(0, 0.02) everywhere, except codebooks N(0, 1),
+    norm scales 1 and PReLU slopes 0.25. Visits parameters in registration order."""
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if isinstance(module, Codebook):
+                param.normal_(0.0, 1.0, generator=generator)
+            elif isinstance(module, RMSNorm):
+                param.fill_(1.0)
+            elif isinstance(module, nn.PReLU):
+                param.fill_(0.25)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+
+
+def build_random_heartcodec(config: HeartCodecConfig, *, device: torch.device | str = "cpu",
+                            dtype: torch.dtype = torch.float32, seed: int = 0) -> HeartCodec:
+    """A codec with random weights made directly on `device` (no CPU copy, no files)."""
+    with torch.device("meta"):
+        model = HeartCodec(config)
+    model = model.to_empty(device=device).to(dtype)
+    init_random_weights_(model, torch.Generator(device=device).manual_seed(seed))
+    return model.eval().requires_grad_(False)

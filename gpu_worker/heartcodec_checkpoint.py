@@ -1,0 +1,244 @@
+"""Load HeartCodec-oss checkpoints (spec §1.5) and write tiny ones in the same on-disk format (§10).
+
+On disk the SQ-Codec convs carry weight norm as (g, v) pairs, under either the `parametrizations` names
+(`<L>.parametrizations.weight.original0/1`, what the reference writes) or the legacy `<L>.weight_g/weight_v`.
+The loader folds each pair into a plain `<L>.weight = g * v / ||v||` in fp32 (norm over every dim but 0, no
+epsilon) and only then casts to the target dtype.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gpu_worker.checkpoint_files import (
+    INDEX_NAME,
+    CheckpointError,
+    ProblemReport,
+    WeightFiles,
+    compare_shapes,
+    folder_checksums,
+    read_json,
+    write_state_dict,
+)
+from gpu_worker.heartcodec import CodecConfigError, HeartCodec, HeartCodecConfig, build_random_heartcodec
+
+CODEC_FOLDER = "HeartCodec-oss"
+CONFIG_NAME = "config.json"
+
+PARAMETRIZATION_NAMES = ("parametrizations.weight.original0", "parametrizations.weight.original1")  # (g, v)
+LEGACY_NAMES = ("weight_g", "weight_v")
+
+_IGNORABLE = re.compile(
+    r"flow_matching\.vq_embed\.layers\.\d+\._codebook\.(initted|cluster_size|embed_avg)"  # EMA training state
+    r"|flow_matching\.vq_embed\.project_in\.(weight|bias)"  # encoding only
+    r"|scalar_model\.encoder\..+"  # encoding only
+    r"|(backbone|decoder)_causal_mask"  # saved caches of a reference model
+)
+
+
+def is_ignorable(name: str) -> bool:
+    """Tensors that may be present or absent and are never loaded (§1.5 item 7)."""
+    return _IGNORABLE.fullmatch(name) is not None
+
+
+@dataclass
+class LoadedCodec:
+    model: HeartCodec
+    config: HeartCodecConfig
+    checksums: dict[str, str]  # "HeartCodec-oss/<file>" -> sha256
+
+
+def fold_weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """weight = g * v / ||v|| in fp32, the norm over every dim except 0 (per input channel for ConvTranspose)."""
+    v = v.float()
+    norm = v.norm(dim=tuple(range(1, v.dim())), keepdim=True)
+    return g.float() * v / norm
+
+
+def read_codec_config(folder: Path) -> HeartCodecConfig:
+    try:
+        return HeartCodecConfig.from_dict(read_json(folder / CONFIG_NAME))
+    except CodecConfigError as exc:
+        raise CheckpointError(f"cannot load checkpoint {folder}: {folder / CONFIG_NAME}: {exc}") from exc
+
+
+def _weight_norm_names(files: WeightFiles, layer: str, weight_shape: tuple[int, ...],
+                       report: ProblemReport) -> dict[str, tuple[int, ...]]:
+    """Expected on-disk names/shapes of one weight-norm layer, after picking the convention it uses."""
+    g_shape = (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
+    conventions = {}
+    for g_suffix, v_suffix in (PARAMETRIZATION_NAMES, LEGACY_NAMES):
+        g_name, v_name = f"{layer}.{g_suffix}", f"{layer}.{v_suffix}"
+        present = [name for name in (g_name, v_name) if name in files.tensors]
+        if present:
+            conventions[(g_name, v_name)] = present
+    if len(conventions) > 1:
+        report.add("weight-norm conflicts", f"{layer}: both the parametrizations.weight.original0/1 and the "
+                   "legacy weight_g/weight_v pair are present; keep one")
+    expected: dict[str, tuple[int, ...]] = {}
+    for (g_name, v_name), present in conventions.items():
+        if len(present) == 1:
+            other = v_name if present[0] == g_name else g_name
+            report.add("weight-norm conflicts", f"{layer}: {present[0]} without {other} (half a weight-norm pair)")
+        shapes = {g_name: g_shape, v_name: weight_shape}
+        expected.update({name: shapes[name] for name in present})
+    if not conventions:  # neither convention: report the published names as missing
+        g_name, v_name = (f"{layer}.{suffix}" for suffix in PARAMETRIZATION_NAMES)
+        expected = {g_name: g_shape, v_name: weight_shape}
+    return expected
+
+
+def _pair_names(files: WeightFiles, layer: str) -> tuple[str, str]:
+    for g_suffix, v_suffix in (PARAMETRIZATION_NAMES, LEGACY_NAMES):
+        if f"{layer}.{g_suffix}" in files.tensors:
+            return f"{layer}.{g_suffix}", f"{layer}.{v_suffix}"
+    raise AssertionError(f"{layer}: no weight-norm pair (checked earlier)")
+
+
+def load_heartcodec(ckpt_root: Path, *, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> LoadedCodec:
+    """Load `ckpt_root/HeartCodec-oss` straight to `device`/`dtype`; one CheckpointError lists every problem."""
+    folder = Path(ckpt_root) / CODEC_FOLDER
+    if not folder.is_dir():
+        raise CheckpointError(f"cannot load checkpoint {folder}: folder not found")
+    config = read_codec_config(folder)
+    files = WeightFiles(folder)
+    with torch.device("meta"):
+        model = HeartCodec(config)
+    module_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    weight_norm_layers = model.weight_norm_layers()
+
+    report = ProblemReport(folder)
+    expected = dict(module_shapes)
+    for layer in weight_norm_layers:
+        expected.update(_weight_norm_names(files, layer, expected.pop(f"{layer}.weight"), report))
+    compare_shapes(files, expected, report, ignorable=is_ignorable)
+    files.check_float_dtypes(report, expected)
+    report.raise_if_any()
+
+    state: dict[str, torch.Tensor] = {}
+    for layer in weight_norm_layers:
+        # fold on the target device in fp32, then cast: never keep the (g, v) pair around
+        g_name, v_name = _pair_names(files, layer)
+        g = files.load(g_name, device=device, dtype=torch.float32)
+        v = files.load(v_name, device=device, dtype=torch.float32)
+        state[f"{layer}.weight"] = fold_weight_norm(g, v).to(dtype)
+    for name in module_shapes:
+        if name not in state:
+            state[name] = files.load(name, device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    checksums = {f"{CODEC_FOLDER}/{name}": digest for name, digest in folder_checksums(folder).items()}
+    return LoadedCodec(model=model, config=config, checksums=checksums)
+
+
+# ------------------------------------------------------------------------------------------ tiny checkpoints
+
+def _encoder_tensors(config: HeartCodecConfig, generator: torch.Generator, legacy: bool) -> dict[str, torch.Tensor]:
+    """A few SQ-Codec encoder tensors: ignorable at load time, present in the published files."""
+    g_suffix, v_suffix = LEGACY_NAMES if legacy else PARAMETRIZATION_NAMES
+    channels, kernel = config.init_channel, config.default_kernel_size
+    v = torch.randn(channels, 1, kernel, generator=generator) * 0.02
+    return {
+        f"scalar_model.encoder.0.{g_suffix}": v.norm(dim=(1, 2), keepdim=True),
+        f"scalar_model.encoder.0.{v_suffix}": v,
+        "scalar_model.encoder.0.bias": torch.zeros(channels),
+    }
+
+
+def tiny_codec_tensors(config: HeartCodecConfig, *, seed: int, layout: str) -> dict[str, torch.Tensor]:
+    """On-disk tensors (F32) for a random codec: weight norm unfolded with g = ||v||, plus ignorable extras."""
+    if layout not in ("sharded", "single"):
+        raise ValueError(f"layout must be 'sharded' or 'single', got {layout!r}")
+    legacy = layout == "single"
+    model = build_random_heartcodec(config, seed=seed)
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    g_suffix, v_suffix = LEGACY_NAMES if legacy else PARAMETRIZATION_NAMES
+    for layer in model.weight_norm_layers():
+        v = state.pop(f"{layer}.weight")
+        state[f"{layer}.{g_suffix}"] = v.norm(dim=tuple(range(1, v.dim())), keepdim=True)
+        state[f"{layer}.{v_suffix}"] = v
+    generator = torch.Generator().manual_seed(seed + 1)
+    vq = "flow_matching.vq_embed"
+    state[f"{vq}.project_in.weight"] = torch.randn(config.codebook_dim, config.dim, generator=generator) * 0.02
+    state[f"{vq}.project_in.bias"] = torch.zeros(config.codebook_dim)
+    for q in range(config.num_quantizers):
+        book = f"{vq}.layers.{q}._codebook"
+        state[f"{book}.embed_avg"] = state[f"{book}.embed"].clone()
+        state[f"{book}.cluster_size"] = torch.ones(1, config.codebook_size)
+        # older vector-quantize-pytorch (the 20260123 files) stores [1]; 1.27.15 stores []
+        state[f"{book}.initted"] = torch.tensor(1.0) if legacy else torch.tensor([1.0])
+    state.update(_encoder_tensors(config, generator, legacy))
+    return state
+
+
+def write_tiny_heartcodec(ckpt_root: Path, *, seed: int = 0, layout: str = "sharded") -> None:
+    """Write `ckpt_root/HeartCodec-oss` at the tiny sizes of spec §10.
+
+    "sharded": 2 shards + index, `parametrizations.weight.original0/1`, `initted` [1].
+    "single": `model.safetensors`, legacy `weight_g/weight_v`, `initted` [].
+    """
+    config = HeartCodecConfig.tiny()
+    tensors = tiny_codec_tensors(config, seed=seed, layout=layout)
+    folder = Path(ckpt_root) / CODEC_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    write_state_dict(folder, tensors, shards=2 if layout == "sharded" else 1)
+
+
+# The tensor each broken variant breaks, so tests can check that the error names it.
+BROKEN_VARIANT_TENSORS = {
+    "both_weight_norm_conventions": "scalar_model.decoder.0",
+    "half_weight_norm_pair": "scalar_model.decoder.7.parametrizations.weight.original0",
+    "wrong_shape": "flow_matching.vq_embed.project_out.weight",
+    "missing_tensor": "flow_matching.zero_cond_embedding1",
+    "unexpected_tensor": "flow_matching.estimator.extra_head.weight",
+    "missing_shard": "model-00002-of-00002.safetensors",
+}
+
+
+def write_broken_heartcodec_variants(base_root: Path, out_dir: Path) -> dict[str, Path]:
+    """Copies of a tiny checkpoint root with one defect each; returns variant name -> checkpoint root.
+
+    The half pair keeps `original1` of decoder.7 and drops its `original0`; the wrong shape stores
+    project_out transposed; "missing_shard" deletes a shard that the index still names.
+    """
+    base = Path(base_root) / CODEC_FOLDER
+    files = WeightFiles(base)
+    tensors = {name: files.load(name) for name in files.tensors}
+    shards = 2 if files.sharded else 1
+    names = BROKEN_VARIANT_TENSORS
+    g_name, v_name = (f"{names['both_weight_norm_conventions']}.{s}" for s in PARAMETRIZATION_NAMES)
+    if g_name not in tensors:
+        raise ValueError(f"{base}: expected the parametrizations layout (write it with layout='sharded')")
+
+    both = dict(tensors)
+    both[f"{names['both_weight_norm_conventions']}.weight_g"] = tensors[g_name]
+    both[f"{names['both_weight_norm_conventions']}.weight_v"] = tensors[v_name]
+    half = {k: t for k, t in tensors.items() if k != names["half_weight_norm_pair"]}
+    wrong = dict(tensors)
+    wrong[names["wrong_shape"]] = tensors[names["wrong_shape"]].t().contiguous()
+    missing = {k: t for k, t in tensors.items() if k != names["missing_tensor"]}
+    unexpected = dict(tensors)
+    unexpected[names["unexpected_tensor"]] = torch.zeros(2, 2)
+    variants = {"both_weight_norm_conventions": both, "half_weight_norm_pair": half, "wrong_shape": wrong,
+                "missing_tensor": missing, "unexpected_tensor": unexpected, "missing_shard": tensors}
+
+    roots: dict[str, Path] = {}
+    for variant, state in variants.items():
+        root = Path(out_dir) / variant
+        folder = root / CODEC_FOLDER
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        shutil.copyfile(base / CONFIG_NAME, folder / CONFIG_NAME)
+        write_state_dict(folder, state, shards=2 if variant == "missing_shard" else shards)
+        if variant == "missing_shard":
+            (folder / names["missing_shard"]).unlink()
+        roots[variant] = root
+    return roots

@@ -1,0 +1,310 @@
+"""Loading (and writing tiny test copies of) the published HeartMuLa checkpoint folder (spec §1, §10).
+
+    <ckpt_root>/HeartMuLa-oss-*/   config.json, model.safetensors.index.json, model-0000k-of-0000n.safetensors
+    <ckpt_root>/tokenizer.json
+    <ckpt_root>/gen_config.json
+
+The model is built on the `meta` device, its state-dict names and shapes are compared with the
+files (every problem reported in one CheckpointError), and tensors are then loaded one at a time
+straight into the target dtype and device, so no fp32 copy of the model ever sits on the GPU.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from gpu_worker.checkpoint_files import (
+    INDEX_NAME,
+    CheckpointError,
+    ProblemReport,
+    WeightFiles,
+    compare_shapes,
+    folder_checksums,
+    read_json,
+    sha256_file,
+    write_state_dict,
+)
+from gpu_worker.heartmula import FlavorError, HeartMuLa, HeartMuLaArgs
+from gpu_worker.prompt import GenConfig
+from gpu_worker.synthetic_tokenizer import BOS_ID, EOS_ID, write_synthetic_tokenizer
+from gpu_worker.token_validation import CODEBOOK_SIZE
+
+logger = logging.getLogger(__name__)
+
+LM_FOLDER_PATTERN = "HeartMuLa-oss-*"
+TOKENIZER_NAME = "tokenizer.json"
+GEN_CONFIG_NAME = "gen_config.json"
+CONFIG_NAME = "config.json"
+
+# Published 3B values: the fallback for a missing config key (spec §1.2).
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "model_type": "heartmula",
+    "backbone_flavor": "llama-3B",
+    "decoder_flavor": "llama-300M",
+    "text_vocab_size": 128_256,
+    "audio_vocab_size": 8197,
+    "audio_num_codebooks": 8,
+    "muq_dim": 512,
+}
+_BOOKKEEPING_KEYS = {"flavors", "torch_dtype", "dtype", "architectures", "transformers_version"}
+_SIZE_KEYS = ("text_vocab_size", "audio_vocab_size", "audio_num_codebooks", "muq_dim")
+_GEN_CONFIG_KEYS = ("text_bos_id", "text_eos_id", "audio_eos_id", "empty_id")
+# written by a reference model saved after its caches were set up; never "unexpected"
+_IGNORABLE_NAMES = {"backbone_causal_mask", "decoder_causal_mask"}
+
+
+@dataclass
+class LoadedLM:
+    model: HeartMuLa
+    tokenizer: Tokenizer
+    gen_config: GenConfig
+    config: dict
+    checksums: dict[str, str]  # path relative to ckpt_root -> sha256
+
+
+def find_lm_folder(ckpt_root: Path, lm_folder: str | None = None) -> Path:
+    if lm_folder is not None:
+        folder = ckpt_root / lm_folder
+        if not folder.is_dir():
+            raise CheckpointError(f"cannot load checkpoint: LM folder {folder} does not exist")
+        return folder
+    candidates = sorted(p for p in ckpt_root.glob(LM_FOLDER_PATTERN) if p.is_dir())
+    if len(candidates) != 1:
+        found = [p.name for p in candidates] or "none"
+        raise CheckpointError(f"cannot load checkpoint {ckpt_root}: expected exactly one {LM_FOLDER_PATTERN} "
+                              f"folder, found {found}; pass lm_folder to choose")
+    return candidates[0]
+
+
+def parse_gen_config(path: Path) -> GenConfig:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"cannot load checkpoint: {path} must hold a JSON object")
+    missing = [key for key in _GEN_CONFIG_KEYS if key not in data]
+    unknown = sorted(set(data) - set(_GEN_CONFIG_KEYS))
+    not_int = [key for key in _GEN_CONFIG_KEYS if key in data and not _is_int(data[key])]
+    if missing or unknown or not_int:
+        raise CheckpointError(f"cannot load checkpoint: {path}: missing keys {missing}, unknown keys {unknown}, "
+                              f"non-integer values {not_int} (expected exactly {list(_GEN_CONFIG_KEYS)})")
+    return GenConfig(**{key: data[key] for key in _GEN_CONFIG_KEYS})
+
+
+def heartmula_args_from_config(config: dict, path: Path) -> HeartMuLaArgs:
+    """Model arguments from `config.json`; a missing key falls back to the 3B value with a warning."""
+    values = {}
+    for key, default in CONFIG_DEFAULTS.items():
+        if key not in config:
+            logger.warning("%s has no %r; using the published 3B value %r", path, key, default)
+        values[key] = config.get(key, default)
+    for key in sorted(set(config) - set(CONFIG_DEFAULTS) - _BOOKKEEPING_KEYS):
+        logger.debug("%s: ignoring unknown key %r", path, key)
+    if values["model_type"] != "heartmula":
+        raise CheckpointError(f"cannot load checkpoint: {path}: model_type is {values['model_type']!r}, "
+                              "expected 'heartmula'")
+    bad = [key for key in _SIZE_KEYS if not _is_int(values[key]) or values[key] < 1]
+    if bad:
+        raise CheckpointError(f"cannot load checkpoint: {path}: {', '.join(f'{k} = {values[k]!r}' for k in bad)} "
+                              "must be positive integers")
+    try:
+        return HeartMuLaArgs.from_flavors(values["backbone_flavor"], values["decoder_flavor"], config.get("flavors"),
+                                          **{key: values[key] for key in _SIZE_KEYS})
+    except FlavorError as exc:
+        raise CheckpointError(f"cannot load checkpoint: {path}: {exc}") from exc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _config_contradictions(args: HeartMuLaArgs, config: dict, files: WeightFiles) -> list[str]:
+    """Config values that a tensor shape contradicts, so the cause is named, not just its symptoms."""
+    shapes = {name: info.shape for name, info in files.tensors.items()}
+    checks = [  # (config key, its value, tensor, dim, the size that value implies)
+        ("text_vocab_size", args.text_vocab_size, "text_embeddings.weight", 0, args.text_vocab_size),
+        ("audio_vocab_size", args.audio_vocab_size, "codebook0_head.weight", 0, args.audio_vocab_size),
+        ("audio_vocab_size", args.audio_vocab_size, "audio_head", 2, args.audio_vocab_size),
+        ("audio_num_codebooks", args.audio_num_codebooks, "audio_head", 0, args.audio_num_codebooks - 1),
+        ("muq_dim", args.muq_dim, "muq_linear.weight", 1, args.muq_dim),
+        ("backbone_flavor", config.get("backbone_flavor", CONFIG_DEFAULTS["backbone_flavor"]),
+         "text_embeddings.weight", 1, args.backbone.embed_dim),
+        ("decoder_flavor", config.get("decoder_flavor", CONFIG_DEFAULTS["decoder_flavor"]),
+         "projection.weight", 0, args.decoder.embed_dim),
+    ]
+    problems = []
+    for key, value, name, dim, implied in checks:
+        shape = shapes.get(name)
+        if shape is not None and len(shape) > dim and shape[dim] != implied:
+            problems.append(f"{key} = {value!r} implies {name} dim {dim} = {implied}, got {list(shape)}")
+    for stack, flavor_key, stack_args in (("backbone", "backbone_flavor", args.backbone),
+                                          ("decoder", "decoder_flavor", args.decoder)):
+        layers = {int(m.group(1)) for name in shapes if (m := re.match(rf"{stack}\.layers\.(\d+)\.", name))}
+        if layers and len(layers) != stack_args.num_layers:
+            problems.append(f"{flavor_key} = {config.get(flavor_key, CONFIG_DEFAULTS[flavor_key])!r} has "
+                            f"{stack_args.num_layers} layers, the files hold {len(layers)}")
+    return problems
+
+
+def _special_id_problems(args: HeartMuLaArgs, gen_config: GenConfig, tokenizer: Tokenizer) -> list[str]:
+    problems = []
+    for key in ("text_bos_id", "text_eos_id"):
+        value = getattr(gen_config, key)
+        if not 0 <= value < args.text_vocab_size:
+            problems.append(f"gen_config {key} = {value} is outside the text vocabulary 0..{args.text_vocab_size - 1}")
+        elif tokenizer.id_to_token(value) is None:
+            problems.append(f"gen_config {key} = {value} is not a token of {TOKENIZER_NAME}")
+    if not CODEBOOK_SIZE <= gen_config.audio_eos_id < args.audio_vocab_size:
+        problems.append(f"gen_config audio_eos_id = {gen_config.audio_eos_id} must be a special audio id in "
+                        f"{CODEBOOK_SIZE}..{args.audio_vocab_size - 1}")
+    if not 0 <= gen_config.empty_id < min(args.text_vocab_size, args.audio_vocab_size):
+        problems.append(f"gen_config empty_id = {gen_config.empty_id} is not a valid text and audio id")
+    if tokenizer.get_vocab_size() > args.text_vocab_size:
+        problems.append(f"{TOKENIZER_NAME} has {tokenizer.get_vocab_size()} tokens, more than "
+                        f"text_vocab_size {args.text_vocab_size}")
+    return problems
+
+
+def expected_shapes(args: HeartMuLaArgs) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = HeartMuLa(args)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def load_heartmula(ckpt_root: Path | str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                   lm_folder: str | None = None) -> LoadedLM:
+    root = Path(ckpt_root)
+    folder = find_lm_folder(root, lm_folder)
+    config = read_json(folder / CONFIG_NAME)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"cannot load checkpoint: {folder / CONFIG_NAME} must hold a JSON object")
+    args = heartmula_args_from_config(config, folder / CONFIG_NAME)
+    gen_config = parse_gen_config(root / GEN_CONFIG_NAME)
+    try:
+        tokenizer = Tokenizer.from_file(str(root / TOKENIZER_NAME))
+    except Exception as exc:  # the tokenizers library raises a bare Exception for missing/bad files
+        raise CheckpointError(f"cannot load checkpoint: {root / TOKENIZER_NAME}: {exc}") from exc
+
+    files = WeightFiles(folder)
+    with torch.device("meta"):
+        model = HeartMuLa(args)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    report = ProblemReport(folder)
+    compare_shapes(files, expected, report, ignorable=lambda name: name in _IGNORABLE_NAMES)
+    files.check_float_dtypes(report, expected)
+    report.extend("config values contradicted by tensor shapes", _config_contradictions(args, config, files))
+    report.extend("special ids", _special_id_problems(args, gen_config, tokenizer))
+    report.raise_if_any()
+
+    state = {name: files.load(name, device=device, dtype=dtype) for name in expected}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False).eval()
+
+    checksums = {f"{folder.name}/{name}": digest for name, digest in folder_checksums(folder).items()}
+    checksums[TOKENIZER_NAME] = sha256_file(root / TOKENIZER_NAME)
+    checksums[GEN_CONFIG_NAME] = sha256_file(root / GEN_CONFIG_NAME)
+    return LoadedLM(model=model, tokenizer=tokenizer, gen_config=gen_config, config=config, checksums=checksums)
+
+
+# ---- tiny checkpoints for tests (spec §10) ----
+
+TINY_LM_FOLDER = "HeartMuLa-oss-3B"  # the published name, so tiny and real take the same path
+TINY_FLAVORS = {
+    "tiny-backbone": {"num_layers": 2, "num_heads": 6, "num_kv_heads": 2, "embed_dim": 48, "intermediate_dim": 128,
+                      "max_seq_len": 256, "norm_eps": 1e-5, "rope_base": 500000.0, "rope_scale_factor": 32.0},
+    "tiny-decoder": {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 32, "intermediate_dim": 64,
+                     "max_seq_len": 16, "norm_eps": 1e-5, "rope_base": 500000.0, "rope_scale_factor": 32.0},
+}
+TINY_CONFIG = {
+    "model_type": "heartmula",
+    "backbone_flavor": "tiny-backbone",
+    "decoder_flavor": "tiny-decoder",
+    "text_vocab_size": 384,
+    "audio_vocab_size": 8197,
+    "audio_num_codebooks": 8,
+    "muq_dim": 16,
+    "flavors": TINY_FLAVORS,
+    "torch_dtype": "float32",
+    "architectures": ["HeartMuLa"],
+}
+TINY_GEN_CONFIG = {"text_bos_id": BOS_ID, "text_eos_id": EOS_ID, "audio_eos_id": 8193, "empty_id": 0}
+
+
+def random_state_dict(args: HeartMuLaArgs, *, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded fp32 weights: norm scales 1, everything else N(0, 0.02^2), drawn in state-dict order."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in expected_shapes(args).items():
+        if name.endswith(".scale"):
+            state[name] = torch.ones(shape)
+        else:
+            state[name] = torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+    return state
+
+
+def write_tiny_heartmula(ckpt_root: Path | str, *, seed: int = 0) -> None:
+    root = Path(ckpt_root)
+    folder = root / TINY_LM_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_NAME).write_text(json.dumps(TINY_CONFIG, indent=2))
+    args = heartmula_args_from_config(TINY_CONFIG, folder / CONFIG_NAME)
+    write_state_dict(folder, random_state_dict(args, seed=seed), shards=2)
+    write_synthetic_tokenizer(root / TOKENIZER_NAME)
+    (root / GEN_CONFIG_NAME).write_text(json.dumps(TINY_GEN_CONFIG))
+
+
+# Tensors the broken variants tamper with; chosen from different parts of the model.
+BROKEN_MISSING = "backbone.layers.1.mlp.w2.weight"
+BROKEN_UNEXPECTED = "backbone.layers.0.attn.extra_proj.weight"
+BROKEN_WRONG_SHAPE = "decoder.layers.0.attn.k_proj.weight"
+
+
+def _edit_shard_holding(folder: Path, name: str, edit) -> None:
+    """Apply `edit(tensors: dict)` to the shard that holds `name` and keep the index in step."""
+    index_path = folder / INDEX_NAME
+    index = json.loads(index_path.read_text())
+    shard = index["weight_map"][name]
+    tensors = load_file(str(folder / shard))
+    edit(tensors)
+    save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+    index["weight_map"] = {n: s for n, s in index["weight_map"].items() if s != shard}
+    index["weight_map"].update({n: shard for n in tensors})
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def write_broken_heartmula_variants(base_root: Path | str, out_dir: Path | str) -> dict[str, Path]:
+    """Full copies of a (tiny) ckpt_root, each with one defect, keyed by the defect's name."""
+    base_root, out_dir = Path(base_root), Path(out_dir)
+    variants: dict[str, Path] = {}
+
+    def copy(kind: str) -> Path:
+        root = out_dir / kind
+        shutil.copytree(base_root, root)
+        variants[kind] = root
+        return find_lm_folder(root)
+
+    copy_folder = copy("missing_tensor")
+    _edit_shard_holding(copy_folder, BROKEN_MISSING, lambda t: t.pop(BROKEN_MISSING))
+
+    copy_folder = copy("unexpected_tensor")
+    _edit_shard_holding(copy_folder, BROKEN_MISSING,
+                        lambda t: t.__setitem__(BROKEN_UNEXPECTED, torch.zeros(4, 4)))
+
+    def reshape(tensors: dict[str, torch.Tensor]) -> None:
+        rows, cols = tensors[BROKEN_WRONG_SHAPE].shape
+        tensors[BROKEN_WRONG_SHAPE] = torch.zeros(rows + 8, cols)
+
+    copy_folder = copy("wrong_shape")
+    _edit_shard_holding(copy_folder, BROKEN_WRONG_SHAPE, reshape)
+
+    copy_folder = copy("missing_shard")
+    index = json.loads((copy_folder / INDEX_NAME).read_text())
+    (copy_folder / sorted(set(index["weight_map"].values()))[-1]).unlink()
+    return variants
