@@ -49,6 +49,8 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     cancel_reason: Mapped[str | None] = mapped_column(Text)
+    cancel_requested_by: Mapped[str | None] = mapped_column(String(64))
+    cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     client_id: Mapped[str | None] = mapped_column(String(64))
     # denormalised for the dashboard's text filter (lyrics/tags/style) without JSON scans
     search_text: Mapped[str] = mapped_column(Text, default="")
@@ -59,9 +61,11 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_created_at", "created_at"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
-        Index("ix_jobs_failed_stage", "failed_stage"),
-        Index("ix_jobs_error_type", "error_type"),
         Index("ix_jobs_replay_of", "replay_of"),
+        # the dashboard: keyset pagination (newest first, ties by id); filter + status counts from one index
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index("ix_jobs_failed_stage_status_created_at", "failed_stage", "status", "created_at"),
+        Index("ix_jobs_error_type_status_created_at", "error_type", "status", "created_at"),
     )
 
 
@@ -93,6 +97,7 @@ class StageRun(Base):
     progress: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     environment: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     deliveries: Mapped[int] = mapped_column(Integer, default=0)  # messages that reached a worker
+    requested_by: Mapped[str | None] = mapped_column(String(64))  # who asked for this attempt (retry/replay)
 
     job: Mapped[Job] = relationship(back_populates="stage_runs")
 
@@ -102,6 +107,8 @@ class StageRun(Base):
         Index("ix_stage_runs_stage_status", "stage", "status"),
         Index("ix_stage_runs_error_type", "error_type"),
         Index("ix_stage_runs_finished_at", "finished_at"),
+        # the workers page: latest record per worker host and queue
+        Index("ix_stage_runs_worker_queue_id", "worker_hostname", "queue", "id"),
     )
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from gpu_worker.checkpoint_files import (
-    INDEX_NAME,
     CheckpointError,
     ProblemReport,
     WeightFiles,

@@ -73,6 +73,8 @@ def resolve_flavors(custom: Mapping[str, Mapping[str, Any]] | None = None) -> di
     A custom entry may repeat a built-in name only with identical values: a silent redefinition
     would let a tiny config change what "llama-3B" means.
     """
+    if custom is not None and not isinstance(custom, Mapping):
+        raise FlavorError(f"flavors must be an object mapping names to flavours, got {type(custom).__name__}")
     table = dict(FLAVORS)
     for name, spec in (custom or {}).items():
         if not isinstance(spec, Mapping):
@@ -164,8 +166,8 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(compute_dtype(x.dtype))
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # statistics in fp32: x32 * rsqrt(mean(x32^2) + eps), no weight inside
+        normed = F.rms_norm(x.to(compute_dtype(x.dtype)), (x.shape[-1],), eps=self.eps)
         # cast back before the scale multiply: the reference's order, which matters in bf16
         return normed.to(x.dtype) * self.scale
 
@@ -200,7 +202,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: torch.Tensor,
-                kv_len: int | None) -> torch.Tensor:
+                kv_len: int | None, mask: torch.Tensor | None) -> torch.Tensor:
         batch, seq, _ = x.shape
         group = self.num_heads // self.num_kv_heads
         q = apply_rotary_emb(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim), freqs_cis)
@@ -212,9 +214,8 @@ class Attention(nn.Module):
         # GQA without expanding the cache: query head h = kv * group + g uses KV head h // group, so
         # fold the `group` query heads of each KV head into the query-length axis.
         q = q.transpose(1, 2).reshape(batch, self.num_kv_heads, group * seq, self.head_dim)
-        causal = torch.arange(keys.shape[2], device=x.device)[None, :] <= input_pos[:, None]  # [S, T]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal.repeat(group, 1))
-        out = out.view(batch, self.num_heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.reshape(batch, self.num_heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
         return self.output_proj(out)
 
 
@@ -240,8 +241,8 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(args)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: torch.Tensor,
-                kv_len: int | None) -> torch.Tensor:
-        h = x + self.attn(self.sa_norm(x), freqs_cis, input_pos, kv_len)
+                kv_len: int | None, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attn(self.sa_norm(x), freqs_cis, input_pos, kv_len, mask)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -264,13 +265,26 @@ class Transformer(nn.Module):
             scale_factor=self.args.rope_scale_factor, dtype=compute_dtype(dtype), device=device)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
-        """`x [B, S, D]` at positions `input_pos [S]` -> final-norm output `[B, S, D]` in fp32 (or float64)."""
+        """`x [B, S, D]` at positions `input_pos [S]` -> final-norm output `[B, S, D]` in fp32 (or float64).
+
+        `kv_len` = last input position + 1 attends over the filled cache slots only; None attends
+        over every slot behind a mask (static shapes, for graph capture).
+        """
         if self.freqs_cis is None:
             raise RuntimeError("call setup_caches() before running the transformer")
         freqs_cis = self.freqs_cis[input_pos]
+        mask = self.attention_mask(input_pos, kv_len)
         for layer in self.layers:
-            x = layer(x, freqs_cis, input_pos, kv_len)
+            x = layer(x, freqs_cis, input_pos, kv_len, mask)
         return self.norm(x).to(compute_dtype(x.dtype))
+
+    def attention_mask(self, input_pos: torch.Tensor, kv_len: int | None) -> torch.Tensor | None:
+        """Causal mask `[group * S, slots]` in the folded-GQA query layout of `Attention`, built once per call."""
+        if kv_len is not None and input_pos.shape[0] == 1:
+            return None  # one query at the last filled position sees every filled slot
+        slots = kv_len if kv_len is not None else self.layers[0].attn.kv_cache.k_cache.shape[2]
+        causal = torch.arange(slots, device=input_pos.device)[None, :] <= input_pos[:, None]  # [S, slots]
+        return causal.repeat(self.args.num_heads // self.args.num_kv_heads, 1)
 
 
 class HeartMuLa(nn.Module):

@@ -293,7 +293,7 @@ def write_broken_heartmula_variants(base_root: Path | str, out_dir: Path | str) 
     copy_folder = copy("missing_tensor")
     _edit_shard_holding(copy_folder, BROKEN_MISSING, lambda t: t.pop(BROKEN_MISSING))
 
-    copy_folder = copy("unexpected_tensor")
+    copy_folder = copy("unexpected_tensor")  # added to whichever shard holds an existing tensor
     _edit_shard_holding(copy_folder, BROKEN_MISSING,
                         lambda t: t.__setitem__(BROKEN_UNEXPECTED, torch.zeros(4, 4)))
 

@@ -10,6 +10,7 @@ import torch
 from gpu_worker import model_cache
 from gpu_worker.cuda_health import handle_gpu_failure
 from gpu_worker.device import codec_dtype, lm_dtype, resolve_device
+from gpu_worker.tiny_checkpoint import is_tiny_checkpoint
 from gpu_worker.token_validation import validate_codes
 from tasks.audio_files import SAMPLE_RATE, wav_bytes
 from tasks.contracts import DecodeAudioInput, DecodeAudioOutput, GenerateTokensInput, GenerateTokensOutput
@@ -44,7 +45,7 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
     dtype = lm_dtype(ctx.settings, device)
     lm = model_cache.get_lm(_checkpoint(inp.checkpoint, ctx), device, dtype)
     ctx.environment_extra.update(model_checksums=lm.checksums, device=str(device), lm_dtype=str(dtype),
-                                 tiny_checkpoint=ctx.settings.uses_tiny_checkpoint)
+                                 tiny_checkpoint=is_tiny_checkpoint(Path(inp.checkpoint)))
     prompt = build_prompt(lm.tokenizer, lm.gen_config, inp.tags, inp.lyrics)
     params = SamplingParams(temperature=inp.params.temperature, top_k=inp.params.top_k,
                             cfg_scale=inp.params.cfg_scale, max_audio_length_ms=inp.params.max_audio_length_ms)
@@ -74,7 +75,7 @@ def decode_audio(inp: DecodeAudioInput, ctx: StageContext) -> DecodeAudioOutput:
     dtype = codec_dtype(ctx.settings)
     codec = model_cache.get_codec(_checkpoint(inp.checkpoint, ctx), device, dtype)
     ctx.environment_extra.update(model_checksums=codec.checksums, device=str(device), codec_dtype=str(dtype),
-                                 tiny_checkpoint=ctx.settings.uses_tiny_checkpoint)
+                                 tiny_checkpoint=is_tiny_checkpoint(Path(inp.checkpoint)))
     generator = torch.Generator(device=device).manual_seed(inp.seed)
     audio = codec.model.decode(torch.from_numpy(codes.astype(np.int64)), generator=generator,
                                progress=lambda done, total: ctx.progress(done, total, "windows"))

@@ -257,6 +257,10 @@ class StageRunner:
             row.error_type = error_type
             row.error_message = message
             row.traceback = trace
+            exchanges = getattr(exc, "llm_exchanges", None)
+            if exchanges:  # a failed LLM backend's raw requests and answers are evidence too
+                row.outputs = {"llm_exchanges": [e.model_dump(mode="json") if hasattr(e, "model_dump") else e
+                                                 for e in exchanges]}
             row.finished_at = utcnow()
             row.duration_s = time.monotonic() - started
             row.environment = {**(row.environment or {}), **environment_snapshot(queue=row.queue),

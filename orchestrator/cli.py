@@ -1,0 +1,457 @@
+"""`songpipe`: run the stack, submit and inspect jobs, and run one model stage by hand.
+
+Commands that need the broker import the Celery app only after the Redis URL is known (an
+embedded Redis started by `songpipe run` is found through its socket under the data dir).
+Exit codes: 0 success, 1 a job or command failed, 2 invalid input (printed as "field: message").
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tasks.settings import Settings, get_settings, reset_settings_cache
+
+VALIDATION_EXIT = 2
+FAILURE_EXIT = 1
+
+
+def _settings() -> Settings:
+    reset_settings_cache()  # the environment may have changed since import (tests, `run`)
+    return get_settings()
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _print_json(payload: Any) -> None:
+    click.echo(json.dumps(payload, indent=2, sort_keys=False, default=str))
+
+
+def _fail_validation(errors: list[dict[str, str]], as_json: bool) -> None:
+    if as_json:
+        _print_json({"errors": errors})
+    for item in errors:
+        _echo_err(f"{item['field']}: {item['message']}")
+    sys.exit(VALIDATION_EXIT)
+
+
+def _broker_settings() -> Settings:
+    """Settings with a usable broker URL, and the Celery app reconfigured to it."""
+    from orchestrator.stack import use_embedded_redis_if_running
+    from tasks.celery_app import BrokerNotConfigured, app, broker_url, configure
+
+    settings = use_embedded_redis_if_running(_settings())
+    try:
+        broker_url(settings)
+    except BrokerNotConfigured as exc:
+        raise click.ClickException(str(exc)) from None
+    configure(app, settings)
+    return settings
+
+
+def _require_schema(settings: Settings) -> None:
+    from db.schema import SchemaOutOfDateError, require_current_schema
+
+    try:
+        require_current_schema(settings.resolved_database_url)
+    except SchemaOutOfDateError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """songpipe: lyrics + tags -> HeartMuLa tokens -> HeartCodec audio -> MP3, every stage recorded."""
+
+
+# -- the stack ---------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address the web server listens on")
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--procfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="defaults to ./Procfile, then the repository's")
+@click.option("--demo", is_flag=True, help="submit the demo song once the stack is up and say where to listen")
+@click.option("--exit-after-demo", is_flag=True, help="stop the stack when the demo job has finished")
+def run(host: str, port: int, procfile: Path | None, demo: bool, exit_after_demo: bool) -> None:
+    """Start everything: embedded Redis (when REDIS_URL is unset), schema, tiny checkpoint, web and workers."""
+    from orchestrator.stack import run_stack
+
+    code = run_stack(_settings(), host=host, port=port, procfile=procfile, demo=demo or exit_after_demo,
+                     exit_after_demo=exit_after_demo, echo=lambda line: click.echo(f"songpipe | {line}"))
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+def web(host: str, port: int) -> None:
+    """Serve the form, the JSON API and the dashboard (threaded werkzeug server)."""
+    from werkzeug.serving import make_server
+
+    from orchestrator.app import create_app
+    from orchestrator.job_views import TINY_CHECKPOINT_NOTICE, checkpoint_is_tiny
+
+    settings = _broker_settings()
+    app = create_app(settings)
+    server = make_server(host, port, app, threaded=True)
+    click.echo(f"serving on http://{host}:{server.port}/")
+    if checkpoint_is_tiny(settings):
+        click.echo(f"model: {TINY_CHECKPOINT_NOTICE}")
+    server.serve_forever()
+
+
+WORKERS = {
+    # kind: (Celery app module, queue, default concurrency, pool)
+    "cpu": ("tasks.cpu_worker", "cpu", 2, "prefork"),
+    # one process per GPU: the model is loaded once per child, and one song owns the device at a time
+    "gpu": ("gpu_worker.celery_worker", "gpu", 1, "prefork"),
+}
+
+
+def worker_argv(kind: str, concurrency: int | None, loglevel: str) -> list[str]:
+    module, queue, default_concurrency, pool = WORKERS[kind]
+    device = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(",", "-") if kind == "gpu" else ""
+    return [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", queue,
+            "--concurrency", str(concurrency or default_concurrency), "--pool", pool,
+            "--hostname", f"{kind}{device}@%h", "--loglevel", loglevel]
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(sorted(WORKERS)))
+@click.option("--concurrency", "-c", type=int, default=None, help="cpu: 2; gpu: always 1 per GPU")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def worker(kind: str, concurrency: int | None, loglevel: str) -> None:
+    """Exec a Celery worker for the cpu or gpu queue (for the gpu: one per GPU, CUDA_VISIBLE_DEVICES)."""
+    if kind == "gpu" and concurrency not in (None, 1):
+        raise click.BadParameter("the GPU worker runs one process per GPU; start one worker per device",
+                                 param_hint="--concurrency")
+    _broker_settings()  # exports REDIS_URL of a running embedded broker for the exec'd worker
+    argv = worker_argv(kind, concurrency, loglevel)
+    os.execv(argv[0], argv)
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database to the current schema (creates it when empty)."""
+    from db.schema import upgrade
+
+    settings = _settings()
+    revision = upgrade(settings.resolved_database_url)
+    click.echo(f"schema at {revision}")
+
+
+@main.command("make-checkpoint")
+@click.option("--size", type=click.Choice(["tiny"]), default="tiny", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", default=0, show_default=True, type=int)
+def make_checkpoint(size: str, out: Path, seed: int) -> None:
+    """Write a random-weight checkpoint in the published folder layout (noise, not music)."""
+    from gpu_worker.tiny_checkpoint import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(out, seed=seed)
+    click.echo(f"{size} checkpoint written to {path} (random weights: noise, not music)")
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+def _read_lyrics(lyrics: str | None, lyrics_file: str | None) -> str | None:
+    if lyrics is not None and lyrics_file is not None:
+        raise click.UsageError("give --lyrics or --lyrics-file, not both")
+    if lyrics_file is not None:
+        return sys.stdin.read() if lyrics_file == "-" else Path(lyrics_file).read_text(encoding="utf-8")
+    return lyrics
+
+
+def _job_view(settings: Settings, job_id: str) -> dict[str, Any] | None:
+    from db.engine import session_scope
+    from orchestrator.job_views import job_view
+
+    with session_scope(settings.resolved_database_url) as session:
+        return job_view(session, job_id, settings)
+
+
+def _wait(settings: Settings, job_id: str, timeout_s: float, quiet: bool) -> dict[str, Any]:
+    from orchestrator.job_views import TERMINAL_JOB_STATUSES
+
+    seen: dict[tuple[str, int], str] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        view = _job_view(settings, job_id)
+        for stage in view["stages"]:
+            key = (stage["stage"], stage["attempt"])
+            if seen.get(key) != stage["status"]:
+                seen[key] = stage["status"]
+                if not quiet and stage["status"] not in ("queued", "pending"):
+                    _echo_err(f"  {stage['stage']:<16} {stage['status']}")
+        if view["status"] in TERMINAL_JOB_STATUSES:
+            return view
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"job {job_id} still {view['status']} after {timeout_s:g} s")
+        time.sleep(0.5)
+
+
+def _summary(view: dict[str, Any], settings: Settings) -> str:
+    from orchestrator.stack import audio_path
+
+    lines = [f"job {view['id']}: {view['status']}  seed {view['seed']} ({view['seed_source']})",
+             f"  tags: {view['tags_used'] or '-'}"]
+    if view.get("notice"):
+        lines.append(f"  model: {view['notice']}")
+    for stage in view["stages"]:
+        took = f"{stage['duration_s']:.1f} s" if stage["duration_s"] is not None else ""
+        lines.append(f"  {stage['stage']:<16} #{stage['attempt']} {stage['queue']:<4} {stage['status']:<10} {took}")
+        if stage["error_type"]:
+            lines.append(f"      {stage['error_type']}: {stage['error_message']}")
+    path = audio_path(view, settings)
+    if path is not None:
+        lines.append(f"  audio: {path}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--lyrics", default=None, help="lyrics text (or --lyrics-file)")
+@click.option("--lyrics-file", default=None, help="file with the lyrics; '-' reads stdin")
+@click.option("--tags", default=None, help="comma-separated, e.g. 'ska,upbeat'")
+@click.option("--style", default=None, help="free-text style description")
+@click.option("--seed", type=int, default=None, help="drawn at submission when omitted (and recorded)")
+@click.option("--max-ms", "max_audio_length_ms", type=int, default=None, help="song length in milliseconds")
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-k", "top_k", type=int, default=None)
+@click.option("--cfg-scale", "cfg_scale", type=float, default=None)
+@click.option("--format", "output_format", type=click.Choice(["mp3", "wav"]), default=None)
+@click.option("--lyrics-backend", type=click.Choice(["rules", "llm", "off"]), default=None)
+@click.option("--tags-backend", type=click.Choice(["embedding", "llm", "given"]), default=None)
+@click.option("--wait", is_flag=True, help="wait until the job has finished")
+@click.option("--timeout", "timeout_s", type=float, default=3600.0, show_default=True, help="with --wait")
+@click.option("--json", "as_json", is_flag=True, help="print the job record as JSON (the API's shape)")
+def submit(lyrics: str | None, lyrics_file: str | None, wait: bool, timeout_s: float, as_json: bool,
+           **fields: Any) -> None:
+    """Submit a song job (same validation as the API); prints the job id, or the record with --json."""
+    from orchestrator.request_parsing import RequestInvalid, parse_job_request
+    from orchestrator.submission import submit_job
+
+    payload = {name: value for name, value in fields.items() if value is not None}
+    text = _read_lyrics(lyrics, lyrics_file)
+    payload["lyrics"] = text if text is not None else ""
+    try:
+        request = parse_job_request(payload, _settings())
+    except RequestInvalid as exc:
+        _fail_validation(exc.errors, as_json)
+    settings = _broker_settings()
+    _require_schema(settings)
+    submitted = submit_job(request, settings, source="cli")
+    if not as_json:
+        click.echo(f"job {submitted.id} queued (seed {submitted.seed}, {submitted.seed_source})")
+    view = _wait(settings, submitted.id, timeout_s, quiet=as_json) if wait else _job_view(settings, submitted.id)
+    if as_json:
+        _print_json(view)
+    elif wait:
+        click.echo(_summary(view, settings))
+    if wait and view["status"] != "succeeded":
+        sys.exit(FAILURE_EXIT)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="the job with every stage row, as the API returns it")
+def show(job_id: str, as_json: bool) -> None:
+    """Show a job and every stage attempt."""
+    settings = _settings()
+    view = _job_view(settings, job_id)
+    if view is None:
+        if as_json:
+            _print_json({"errors": [{"field": "id", "message": f"no job with id {job_id!r}"}]})
+        raise click.ClickException(f"no job with id {job_id!r}")
+    if as_json:
+        _print_json(view)
+    else:
+        click.echo(_summary(view, settings))
+
+
+# -- one stage by hand: the minimal reproduction -----------------------------------------------
+
+@dataclass
+class LocalStageContext:
+    """What a stage's compute function needs, without SQL: progress goes to stderr, nothing cancels.
+
+    Artifacts go to the content-addressed store (by sha256, so a reproduction never overwrites
+    a recorded artifact with different bytes) but get no SQL row: a reproduction is not a job.
+    """
+
+    stage: str
+    settings: Settings
+    store: Any
+    job_id: str = "local"
+    attempt: int = 0
+    environment_extra: dict[str, Any] = field(default_factory=dict)
+    _last: float = 0.0
+
+    @property
+    def database_url(self) -> str:
+        return self.settings.resolved_database_url
+
+    def progress(self, done: int, total: int, unit: str = "frames", *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or done >= total or now - self._last >= 1.0:
+            self._last = now
+            _echo_err(f"{self.stage}: {done}/{total} {unit}")
+
+    def heartbeat(self) -> None:
+        pass
+
+    def should_cancel(self) -> bool:
+        return False
+
+    def put_artifact(self, data: bytes, kind: str):
+        return self.store.put(data, kind)
+
+
+def _recorded_stage(settings: Settings, job_id: str, stage: str, attempt: int | None) -> dict[str, Any]:
+    """Inputs (and outputs, for comparison) of a stored stage attempt, verbatim."""
+    from sqlalchemy import select
+
+    from db.engine import session_scope
+    from db.models import StageRun
+
+    with session_scope(settings.resolved_database_url) as session:
+        query = select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == stage,
+                                       StageRun.inputs.is_not(None))
+        if attempt is not None:
+            query = query.where(StageRun.attempt == attempt)
+        row = session.scalar(query.order_by(StageRun.attempt.desc()).limit(1))
+        if row is None:
+            which = f"attempt {attempt}" if attempt is not None else "any attempt"
+            raise click.ClickException(f"job {job_id} has no recorded inputs for stage {stage} ({which}); "
+                                       "a stage records its inputs when it starts")
+        return {"attempt": row.attempt, "status": row.status, "inputs": row.inputs, "outputs": row.outputs}
+
+
+def _run_stage(stage: str, inputs_payload: dict[str, Any], source: dict[str, Any], out: Path | None,
+               recorded_outputs: dict[str, Any] | None) -> None:
+    from pydantic import ValidationError
+
+    from orchestrator.request_parsing import field_errors
+    from tasks.artifact_store import open_store
+    from tasks.contracts import STAGE_CONTRACTS
+
+    input_model, output_model = STAGE_CONTRACTS[stage]
+    try:
+        inputs = input_model.model_validate(inputs_payload)
+    except ValidationError as exc:
+        _fail_validation(field_errors(exc), as_json=False)
+    settings = _settings()
+    from gpu_worker import stages
+
+    compute = {"generate_tokens": stages.generate_tokens, "decode_audio": stages.decode_audio}[stage]
+    ctx = LocalStageContext(stage, settings, open_store(settings.resolved_artifact_dir))
+    started = time.monotonic()
+    outputs = output_model.model_validate(compute(inputs, ctx).model_dump())
+    result = outputs.model_dump(mode="json")
+    artifact = result["tokens"] if stage == "generate_tokens" else result["wav"]
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(ctx.store.get(artifact["sha256"]))
+    report: dict[str, Any] = {"stage": stage, "source": source, "inputs": inputs.model_dump(mode="json"),
+                              "outputs": result, "environment": ctx.environment_extra,
+                              "duration_s": round(time.monotonic() - started, 3),
+                              "out": str(out) if out is not None else None}
+    if recorded_outputs is not None:
+        recorded = recorded_outputs.get("tokens" if stage == "generate_tokens" else "wav") or {}
+        report["recorded_outputs"] = recorded_outputs
+        report["same_artifact_as_recorded"] = recorded.get("sha256") == artifact["sha256"]
+    _print_json(report)
+
+
+def _run_recorded(stage_name: str, job_id: str, attempt: int | None, checkpoint: str | None,
+                  out: Path | None) -> None:
+    """Re-run a stored stage input verbatim; only the checkpoint folder may be pointed elsewhere
+    (the same files on another machine), and the report says so."""
+    recorded = _recorded_stage(_settings(), job_id, stage_name, attempt)
+    inputs = dict(recorded["inputs"])
+    source: dict[str, Any] = {"job": job_id, "attempt": recorded["attempt"]}
+    if checkpoint is not None:
+        source["overrides"] = {"checkpoint": {"recorded": inputs["checkpoint"], "used": _checkpoint_option(checkpoint)}}
+        inputs["checkpoint"] = _checkpoint_option(checkpoint)
+    _run_stage(stage_name, inputs, source, out, recorded["outputs"])
+
+
+@main.group()
+def stage() -> None:
+    """Run one model stage outside Celery: from arguments, or from a stored stage input (--from-job)."""
+
+
+def _checkpoint_option(value: str | None) -> str:
+    return str(Path(value).resolve()) if value else str(_settings().resolved_checkpoint_dir)
+
+
+@stage.command("generate-tokens")
+@click.option("--from-job", "job_id", default=None, help="reuse the recorded inputs of this job's token stage")
+@click.option("--attempt", type=int, default=None, help="with --from-job; default: the latest with inputs")
+@click.option("--lyrics", default=None)
+@click.option("--lyrics-file", default=None, help="'-' reads stdin")
+@click.option("--tags", default=None, help="exactly the tags string the model gets, e.g. 'ska,upbeat'")
+@click.option("--seed", type=int, default=None)
+@click.option("--max-ms", "max_audio_length_ms", type=int, default=None)
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-k", "top_k", type=int, default=None)
+@click.option("--cfg-scale", "cfg_scale", type=float, default=None)
+@click.option("--checkpoint", default=None,
+              help="checkpoint root; default: the configured one (with --from-job: the recorded one)")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="write the .npy tokens here")
+def stage_generate_tokens(job_id: str | None, attempt: int | None, lyrics: str | None, lyrics_file: str | None,
+                          tags: str | None, seed: int | None, checkpoint: str | None, out: Path | None,
+                          **params: Any) -> None:
+    """Generate music tokens for fixed inputs and print the stage output as JSON."""
+    if job_id is not None:
+        _run_recorded("generate_tokens", job_id, attempt, checkpoint, out)
+        return
+    text = _read_lyrics(lyrics, lyrics_file)
+    # Every field is explicit: no silent default for the tags or the seed (seed-story.md, point 1).
+    payload = {"lyrics": text or "", "tags": tags or "", "seed": seed, "checkpoint": _checkpoint_option(checkpoint),
+               "params": {name: value for name, value in params.items() if value is not None}}
+    _run_stage("generate_tokens", payload, {"arguments": True}, out, None)
+
+
+@stage.command("decode-audio")
+@click.option("--from-job", "job_id", default=None, help="reuse the recorded inputs of this job's decode stage")
+@click.option("--attempt", type=int, default=None)
+@click.option("--tokens", "tokens_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="a .npy token grid [8, frames] (e.g. from `stage generate-tokens --out`)")
+@click.option("--seed", type=int, default=None)
+@click.option("--checkpoint", default=None,
+              help="checkpoint root; default: the configured one (with --from-job: the recorded one)")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="write the WAV here")
+def stage_decode_audio(job_id: str | None, attempt: int | None, tokens_file: Path | None, seed: int | None,
+                       checkpoint: str | None, out: Path | None) -> None:
+    """Decode a token grid to a WAV and print the stage output as JSON."""
+    if job_id is not None:
+        _run_recorded("decode_audio", job_id, attempt, checkpoint, out)
+        return
+    if tokens_file is None:
+        raise click.UsageError("give --tokens FILE.npy or --from-job JOB")
+    from gpu_worker.stages import tokens_from_bytes
+    from tasks.artifact_store import open_store
+
+    data = tokens_file.read_bytes()
+    frames = int(tokens_from_bytes(data).shape[-1])
+    ref = open_store(_settings().resolved_artifact_dir).put(data, "tokens")
+    payload = {"tokens": ref.model_dump(mode="json"), "frames": frames, "seed": seed,
+               "checkpoint": _checkpoint_option(checkpoint)}
+    _run_stage("decode_audio", payload, {"arguments": True, "tokens_file": str(tokens_file)}, out, None)
+
+
+if __name__ == "__main__":
+    main()

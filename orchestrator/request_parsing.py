@@ -1,0 +1,143 @@
+"""Turning a submitted payload into a JobRequest, or into field errors a person can act on.
+
+Every entry point (web form, JSON API, CLI) goes through `parse_job_request`, so the same input
+gets the same answer everywhere. Errors have one shape: [{"field": ..., "message": ...}].
+Besides the request model itself, the length is checked against the configured checkpoint's
+context window (`max_audio_length_limit_ms`), so a song that cannot fit is refused before anything
+is stored rather than failing minutes later on the GPU.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+
+from tasks.contracts import FRAME_MS, JobRequest
+from tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LM_FOLDER_PATTERN = "HeartMuLa-oss-*"  # the published LM folder name (model-spec.md section 1.1)
+# The prompt (tags + lyrics tokens) shares the context with the audio frames: L + N <= max_seq_len.
+# L is only known after lyrics refinement, so at submission we reserve room for a prompt of up to
+# min(2048, max_seq_len / 2) tokens (2048 tokens is roughly 8000 characters of lyrics). The token stage
+# checks the exact L + N <= max_seq_len again before prefill, with L known.
+MAX_PROMPT_RESERVE = 2048
+
+
+class RequestInvalid(Exception):
+    """A submission that was refused; `errors` is the list returned to the client."""
+
+    def __init__(self, errors: list[dict[str, str]], status: int = 422):
+        super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
+        self.errors = errors
+        self.status = status
+
+
+def error(field: str, message: str) -> dict[str, str]:
+    return {"field": field, "message": message}
+
+
+def error_body(errors: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    return {"errors": errors}
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "body"
+
+
+def _message(item: Mapping[str, Any]) -> str:
+    kind = item.get("type", "")
+    field = str(item["loc"][-1]) if item.get("loc") else ""
+    if kind == "extra_forbidden":
+        known = list(JobRequest.model_fields)
+        close = difflib.get_close_matches(field, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(known)}"
+        return f"unknown field{hint}"
+    message = str(item.get("msg", "is invalid"))
+    message = message.removeprefix("Value error, ")
+    if kind in ("int_type", "float_type", "string_type", "bool_type", "list_type") and "input" in item:
+        message = f"{message} (got {json.dumps(item['input'])[:60]})"
+    return message
+
+
+def field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """pydantic's errors as [{"field", "message"}], one per problem, field paths dotted."""
+    return [error(_field_name(tuple(item["loc"])), _message(item)) for item in exc.errors()]
+
+
+def _lm_config_path(checkpoint_dir: Path) -> Path | None:
+    candidates = sorted(p for p in checkpoint_dir.glob(LM_FOLDER_PATTERN) if (p / "config.json").is_file())
+    return candidates[0] / "config.json" if candidates else None
+
+
+@functools.lru_cache(maxsize=8)
+def _backbone_max_seq_len(config_path: str, _mtime_ns: int) -> int:
+    config = json.loads(Path(config_path).read_text())
+    flavor = config.get("backbone_flavor", "llama-3B")
+    custom = config.get("flavors") or {}
+    if flavor in custom:  # tiny checkpoints define their own flavour, so no torch import is needed
+        return int(custom[flavor]["max_seq_len"])
+    from gpu_worker.heartmula import flavor_args  # published flavours: the model's own table
+
+    return int(flavor_args(flavor, custom).max_seq_len)
+
+
+@functools.lru_cache(maxsize=32)
+def _warn_once(message: str) -> None:
+    log.warning(message)  # every form render asks; one line in the log is enough
+
+
+def max_audio_length_limit_ms(checkpoint_dir: Path) -> int | None:
+    """Longest song the checkpoint's backbone context allows, or None when its config is not readable.
+
+    A web host without the checkpoint files (GPU workers elsewhere) cannot know the limit; the token
+    stage then enforces it, with the exact prompt length.
+    """
+    path = _lm_config_path(Path(checkpoint_dir))
+    if path is None:
+        _warn_once(f"no {LM_FOLDER_PATTERN}/config.json under {checkpoint_dir}: "
+                   "the length limit is checked at the token stage only")
+        return None
+    try:
+        max_seq_len = _backbone_max_seq_len(str(path), path.stat().st_mtime_ns)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _warn_once(f"cannot read max_seq_len from {path} ({exc}): the length limit is checked at the token stage only")
+        return None
+    reserve = min(MAX_PROMPT_RESERVE, max_seq_len // 2)
+    return (max_seq_len - reserve) * FRAME_MS
+
+
+def parse_job_request(payload: Any, settings: Settings) -> JobRequest:
+    """Validate a decoded payload into a JobRequest or raise RequestInvalid with every field error."""
+    if not isinstance(payload, dict):
+        raise RequestInvalid([error("body", f"must be a JSON object, got {type(payload).__name__}")], status=400)
+    errors: list[dict[str, str]] = []
+    request: JobRequest | None = None
+    try:
+        request = JobRequest.model_validate(payload)
+    except ValidationError as exc:
+        errors = field_errors(exc)
+    length = request.max_audio_length_ms if request is not None else payload.get("max_audio_length_ms")
+    if not any(e["field"] == "max_audio_length_ms" for e in errors):
+        errors.extend(_length_errors(length, settings))
+    if errors or request is None:
+        raise RequestInvalid(errors)
+    return request
+
+
+def _length_errors(length: Any, settings: Settings) -> list[dict[str, str]]:
+    """The model's context limit, reported together with any other field errors."""
+    if not isinstance(length, int) or isinstance(length, bool):
+        return []
+    limit = max_audio_length_limit_ms(settings.resolved_checkpoint_dir)
+    if limit is None or length <= limit:
+        return []
+    return [error("max_audio_length_ms",
+                  f"{length} ms is longer than the configured model allows ({limit} ms = {limit / 1000:g} s "
+                  f"for checkpoint {settings.resolved_checkpoint_dir.name!r})")]

@@ -1,0 +1,63 @@
+// songpipe admin: confirmation prompts and live progress of a running job (polls a JSON route).
+(function () {
+  "use strict";
+
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    var question = form.getAttribute("data-confirm");
+    if (question && !window.confirm(question)) { event.preventDefault(); }
+  });
+
+  var body = document.body;
+  var url = body.getAttribute("data-progress-url");
+  var initial = body.getAttribute("data-job-status");
+  if (!url || (initial !== "queued" && initial !== "running")) { return; }
+
+  function formatRate(p) {
+    return p.done + " / " + p.total + " " + p.unit + " · " + p.rate_per_s + " " + p.unit + "/s";
+  }
+
+  function update(snapshot) {
+    var jobStatus = document.getElementById("job-status");
+    if (jobStatus) {
+      jobStatus.textContent = snapshot.status;
+      jobStatus.className = "status status-" + snapshot.status;
+    }
+    var known = true;
+    snapshot.runs.forEach(function (run) {
+      var article = document.querySelector('[data-run-id="' + run.id + '"]');
+      if (!article) { known = false; return; }
+      var status = article.querySelector('[data-role="status"]');
+      if (status) { status.textContent = run.status; status.className = "status status-" + run.status; }
+      var progress = article.querySelector("progress");
+      var text = article.querySelector('[data-role="progress-text"]');
+      if (run.progress && progress) {
+        progress.max = run.progress.total;
+        progress.value = run.progress.done;
+        if (text) { text.textContent = formatRate(run.progress); }
+      }
+    });
+    return known;
+  }
+
+  function poll() {
+    fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+      .then(function (response) {
+        if (!response.ok) { throw new Error("HTTP " + response.status); }
+        return response.json();
+      })
+      .then(function (snapshot) {
+        var known = update(snapshot);
+        if (snapshot.status !== "queued" && snapshot.status !== "running") {
+          window.location.reload();  // the finished record (outputs, artifacts) is rendered server-side
+        } else if (!known) {
+          window.location.reload();
+        } else {
+          window.setTimeout(poll, 1000);
+        }
+      })
+      .catch(function () { window.setTimeout(poll, 3000); });
+  }
+
+  window.setTimeout(poll, 1000);
+})();

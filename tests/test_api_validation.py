@@ -1,0 +1,181 @@
+"""POST /api/jobs refuses bad input with a 4xx naming the field, and stores nothing when it does.
+
+Runs the Flask app in-process (test client) against SQLite and PostgreSQL; no broker is needed
+because a refused request never reaches the chain. The tiny checkpoint's context (max_seq_len 256)
+gives a length limit of (256 - 128) * 80 ms = 10240 ms.
+"""
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.app import create_app
+from orchestrator.request_parsing import max_audio_length_limit_ms
+from tests.stack_fixtures import count_rows
+
+VALID = {"lyrics": "de doo doo doo\nde blaa blaa blaa", "tags": "ska", "max_audio_length_ms": 2000}
+NOTHING_STORED = {"jobs": 0, "stage_runs": 0, "artifacts": 0}
+
+
+@pytest.fixture
+def client(app_settings):
+    return create_app(app_settings).test_client()
+
+
+def post(client, body: dict):
+    return client.post("/api/jobs", json=body)
+
+
+def fields(response) -> list[str]:
+    return [item["field"] for item in response.get_json()["errors"]]
+
+
+def refused(response, field: str, database_url: str, status: int = 422) -> str:
+    """The response is `status` with an error for `field`, and no row was written; returns its message."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert set(body) == {"errors"} and all(set(e) == {"field", "message"} for e in body["errors"])
+    assert field in fields(response), body
+    assert count_rows(database_url) == NOTHING_STORED
+    return next(e["message"] for e in body["errors"] if e["field"] == field)
+
+
+def test_empty_lyrics_are_refused(client, database_url):
+    refused(post(client, {**VALID, "lyrics": ""}), "lyrics", database_url)
+
+
+def test_whitespace_only_lyrics_are_refused(client, database_url):
+    refused(post(client, {**VALID, "lyrics": "  \n\t "}), "lyrics", database_url)
+
+
+def test_missing_lyrics_are_refused(client, database_url):
+    body = {k: v for k, v in VALID.items() if k != "lyrics"}
+    refused(post(client, body), "lyrics", database_url)
+
+
+def test_empty_tags_are_refused_not_treated_as_absent(client, database_url):
+    refused(post(client, {**VALID, "tags": ""}), "tags", database_url)
+
+
+def test_tags_with_an_empty_entry_are_refused(client, database_url):
+    refused(post(client, {**VALID, "tags": "ska,,brass"}), "tags", database_url)
+
+
+def test_misspelled_tag_field_is_refused_and_suggests_tags(client, database_url):
+    body = {k: v for k, v in VALID.items() if k != "tags"} | {"tag": "ska"}
+    message = refused(post(client, body), "tag", database_url)
+    assert "tags" in message
+
+
+def test_unknown_field_is_refused(client, database_url):
+    refused(post(client, {**VALID, "colour": "blue"}), "colour", database_url)
+
+
+@pytest.mark.parametrize("value", [0, -0.5])
+def test_temperature_must_be_positive(client, database_url, value):
+    refused(post(client, {**VALID, "temperature": value}), "temperature", database_url)
+
+
+def test_top_k_zero_is_refused(client, database_url):
+    refused(post(client, {**VALID, "top_k": 0}), "top_k", database_url)
+
+
+def test_cfg_scale_below_one_is_refused(client, database_url):
+    refused(post(client, {**VALID, "cfg_scale": 0.5}), "cfg_scale", database_url)
+
+
+def test_length_above_the_models_context_is_refused_with_the_limit(client, database_url, app_settings):
+    limit = max_audio_length_limit_ms(app_settings.resolved_checkpoint_dir)
+    assert limit == (256 - 128) * 80
+    message = refused(post(client, {**VALID, "max_audio_length_ms": limit + 80}), "max_audio_length_ms", database_url)
+    assert str(limit) in message
+
+
+def test_default_length_is_refused_when_the_model_cannot_hold_it(client, database_url):
+    body = {k: v for k, v in VALID.items() if k != "max_audio_length_ms"}  # default 240000 ms
+    refused(post(client, body), "max_audio_length_ms", database_url)
+
+
+def test_length_below_one_frame_is_refused(client, database_url):
+    refused(post(client, {**VALID, "max_audio_length_ms": 79}), "max_audio_length_ms", database_url)
+
+
+def test_seed_as_a_string_is_refused(client, database_url):
+    refused(post(client, {**VALID, "seed": "7"}), "seed", database_url)
+
+
+def test_negative_seed_is_refused(client, database_url):
+    refused(post(client, {**VALID, "seed": -1}), "seed", database_url)
+
+
+def test_unknown_output_format_is_refused(client, database_url):
+    refused(post(client, {**VALID, "output_format": "ogg"}), "output_format", database_url)
+
+
+def test_lyrics_over_the_character_limit_are_refused(client, database_url):
+    refused(post(client, {**VALID, "lyrics": "la " * 10_000}), "lyrics", database_url)
+
+
+def test_one_megabyte_of_lyrics_is_refused_as_too_large(client, database_url):
+    message = refused(post(client, {**VALID, "lyrics": "a" * 1_000_000}), "body", database_url, status=413)
+    assert "bytes" in message
+
+
+def test_every_bad_field_is_reported_at_once(client, database_url):
+    response = post(client, {**VALID, "lyrics": "", "temperature": 0, "top_k": 0, "max_audio_length_ms": 10**7})
+    refused(response, "lyrics", database_url)
+    assert {"lyrics", "temperature", "top_k", "max_audio_length_ms"} <= set(fields(response))
+
+
+def test_non_json_body_is_refused(client, database_url):
+    response = client.post("/api/jobs", data="lyrics=hello", content_type="application/x-www-form-urlencoded")
+    refused(response, "body", database_url, status=400)
+
+
+def test_malformed_json_is_refused(client, database_url):
+    response = client.post("/api/jobs", data="{not json", content_type="application/json")
+    refused(response, "body", database_url, status=400)
+
+
+def test_json_that_is_not_an_object_is_refused(client, database_url):
+    response = client.post("/api/jobs", json=["lyrics"])
+    refused(response, "body", database_url, status=400)
+
+
+def test_unknown_job_id_is_404_json(client):
+    response = client.get(f"/api/jobs/{'f' * 32}")
+    assert response.status_code == 404 and fields(response) == ["id"]
+
+
+def test_malformed_job_id_is_404_json(client):
+    response = client.get("/api/jobs/..%2F..%2Fetc%2Fpasswd/audio")
+    assert response.status_code == 404 and response.get_json()["errors"]
+
+
+def test_valid_request_is_accepted_with_id_seed_and_links(tiny_checkpoint_dir, tmp_path, monkeypatch):
+    from db.schema import upgrade
+    from tasks.settings import Settings
+
+    sent: list[tuple] = []
+    monkeypatch.setattr("orchestrator.chain.send_chain", lambda job_id, attempts: sent.append((job_id, attempts)))
+    settings = Settings(data_dir=tmp_path, checkpoint_dir=tiny_checkpoint_dir)
+    upgrade(settings.resolved_database_url)
+    response = post(create_app(settings).test_client(), {**VALID, "seed": 7})
+    assert response.status_code == 201, response.get_json()
+    body = response.get_json()
+    assert body["seed"] == 7 and body["status"] == "queued" and len(body["id"]) == 32
+    assert body["links"]["audio"] == f"/api/jobs/{body['id']}/audio"
+    assert sent and sent[0][0] == body["id"]
+    assert count_rows(settings.resolved_database_url)["stage_runs"] == 5
+
+
+def test_form_error_is_shown_next_to_the_field_with_the_users_values(client, database_url):
+    page = client.get("/").get_data(as_text=True)
+    token = page.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    response = client.post("/jobs", data={"csrf_token": token, "lyrics": "my words", "tags": "ska", "length_s": "2",
+                                          "temperature": "0", "top_k": "50", "cfg_scale": "1.5",
+                                          "output_format": "mp3"})
+    html = response.get_data(as_text=True)
+    assert response.status_code == 422
+    assert 'id="temperature-error"' in html and "greater than 0" in html
+    assert "my words" in html
+    assert count_rows(database_url) == NOTHING_STORED

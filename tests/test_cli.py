@@ -1,0 +1,132 @@
+"""`songpipe` against a running stack (SQLite, real workers): submit, show, and the stage reproductions."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tasks.audio_files import SAMPLE_RATE, decoded_samples
+from tasks.contracts import STAGES
+from tests.stack_fixtures import Stack
+
+pytestmark = pytest.mark.integration
+
+LYRICS = "de doo doo doo\nde blaa blaa blaa\nis all I want to sing to you\n"
+# With the tiny random checkpoint (seed 0) and these lyrics, seed 7 samples EOS at frame 27 - a
+# legitimate early end - so the length test uses seed 8, which runs to the requested 50 frames.
+SEED = 8
+FRAME_SAMPLES = SAMPLE_RATE * 80 // 1000
+_jobs: dict[str, dict] = {}
+
+
+@pytest.fixture
+def submitted(sqlite_stack: Stack, tmp_path_factory) -> dict:
+    """`songpipe submit ... --wait --json` once for this module: its exit code and printed record."""
+    if "song" not in _jobs:
+        lyrics = tmp_path_factory.mktemp("cli") / "lyrics.txt"
+        lyrics.write_text(LYRICS)
+        result = sqlite_stack.run_cli("submit", "--lyrics-file", str(lyrics), "--tags", "ska", "--seed", str(SEED),
+                                      "--max-ms", "4000", "--wait", "--json")
+        _jobs["song"] = {"result": result, "job": json.loads(result.stdout) if result.stdout.strip() else None}
+    return _jobs["song"]
+
+
+@pytest.fixture
+def shown(sqlite_stack: Stack, submitted) -> dict:
+    result = sqlite_stack.run_cli("show", submitted["job"]["id"], "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _stage(job: dict, name: str) -> dict:
+    return next(row for row in job["stages"] if row["stage"] == name)
+
+
+def test_submit_wait_json_exits_zero_with_the_finished_job(submitted):
+    assert submitted["result"].returncode == 0, submitted["result"].stderr
+    assert submitted["job"]["status"] == "succeeded"
+
+
+def test_show_json_lists_five_stage_rows(shown):
+    assert [row["stage"] for row in shown["stages"]] == list(STAGES)
+
+
+def test_show_json_has_the_api_shape(shown, sqlite_stack):
+    assert shown == sqlite_stack.job(shown["id"])
+
+
+def test_seed_from_the_command_line_reaches_the_token_stage(shown):
+    assert _stage(shown, "generate_tokens")["inputs"]["seed"] == SEED
+
+
+def test_tags_from_the_command_line_reach_the_model(shown):
+    assert _stage(shown, "generate_tokens")["inputs"]["tags"] == "ska"
+
+
+def test_mp3_lasts_the_requested_length_within_one_frame(shown, sqlite_stack):
+    tokens = _stage(shown, "generate_tokens")["outputs"]
+    assert tokens["stop_reason"] == "max_length" and tokens["frames"] == 4000 // 80
+    audio = _stage(shown, "encode_audio")["outputs"]["audio"]
+    assert audio["kind"] == "mp3"
+    path = sqlite_stack.settings.resolved_artifact_dir / audio["sha256"][:2] / audio["sha256"][2:4] / audio["sha256"]
+    samples = decoded_samples(path.read_bytes())
+    assert abs(samples - 4 * SAMPLE_RATE) <= FRAME_SAMPLES
+
+
+def test_submit_without_wait_prints_the_job_id(sqlite_stack):
+    result = sqlite_stack.run_cli("submit", "--lyrics", "la la la", "--tags", "ska", "--max-ms", "160")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("job ") and "queued" in result.stdout
+
+
+def test_invalid_input_exits_2_with_field_and_message(sqlite_stack):
+    result = sqlite_stack.run_cli("submit", "--lyrics", "  ", "--tags", "ska", "--temperature", "0")
+    assert result.returncode == 2
+    assert "lyrics: must not be empty" in result.stderr
+    assert "temperature: " in result.stderr
+
+
+def test_length_beyond_the_model_exits_2_naming_max_audio_length_ms(sqlite_stack):
+    result = sqlite_stack.run_cli("submit", "--lyrics", "la", "--tags", "ska", "--max-ms", "600000")
+    assert result.returncode == 2 and "max_audio_length_ms: " in result.stderr
+
+
+def test_show_unknown_job_fails(sqlite_stack):
+    result = sqlite_stack.run_cli("show", "0" * 32)
+    assert result.returncode == 1 and "no job" in result.stderr
+
+
+def test_generate_tokens_from_a_stored_input_reproduces_the_recorded_tokens(shown, sqlite_stack, tmp_path):
+    out = tmp_path / "tokens.npy"
+    result = sqlite_stack.run_cli("stage", "generate-tokens", "--from-job", shown["id"], "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["inputs"] == _stage(shown, "generate_tokens")["inputs"]
+    assert report["same_artifact_as_recorded"] is True
+    assert np.load(out).shape == (8, 50)
+
+
+def test_decode_audio_from_plain_arguments_writes_a_wav(sqlite_stack, tmp_path):
+    tokens = tmp_path / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 8192, size=(8, 10), dtype=np.int16))
+    out = tmp_path / "out.wav"
+    result = sqlite_stack.run_cli("stage", "decode-audio", "--tokens", str(tokens), "--seed", "3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outputs"]["samples"] == 10 * FRAME_SAMPLES
+    assert decoded_samples(out.read_bytes()) == 10 * FRAME_SAMPLES
+
+
+def test_generate_tokens_requires_a_seed(sqlite_stack):
+    result = sqlite_stack.run_cli("stage", "generate-tokens", "--lyrics", "la", "--tags", "ska", "--max-ms", "160")
+    assert result.returncode == 2 and "seed: " in result.stderr
+
+
+def test_from_job_with_another_checkpoint_path_reports_the_override(shown, sqlite_stack, tmp_path):
+    copy = tmp_path / "same-files-elsewhere"
+    copy.symlink_to(sqlite_stack.checkpoint, target_is_directory=True)
+    result = sqlite_stack.run_cli("stage", "generate-tokens", "--from-job", shown["id"], "--checkpoint", str(copy))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["source"]["overrides"]["checkpoint"]["recorded"] == str(sqlite_stack.checkpoint)
+    assert report["same_artifact_as_recorded"] is True

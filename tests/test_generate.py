@@ -1,0 +1,211 @@
+"""Sampling and the generation loop (spec §4.4, §5, §6) on the tiny checkpoint, CPU, fp32."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from gpu_worker.generate import (
+    ContextLimitError,
+    EmptySongError,
+    GenerationCancelled,
+    SamplingParams,
+    cfg_mix,
+    forbidden_ids_mask,
+    generate,
+    sample_top_k,
+)
+from gpu_worker.heartmula_checkpoint import load_heartmula, write_tiny_heartmula
+from gpu_worker.prompt import build_prompt
+
+VOCAB = 8197
+EOS = 8193
+PARAMS = SamplingParams(temperature=1.0, top_k=50, cfg_scale=1.5, max_audio_length_ms=8 * 80)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    write_tiny_heartmula(root, seed=2)
+    return load_heartmula(root)
+
+
+@pytest.fixture(scope="module")
+def prompt(lm):
+    return build_prompt(lm.tokenizer, lm.gen_config, "pop,piano", "[verse]\nla la la")
+
+
+def run(lm, prompt, params=PARAMS, seed=0, **kwargs):
+    return generate(lm.model, prompt, params, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def no_eos(frame, codebook, logits):
+    """Keep a random model from ending early where a test needs the full length."""
+    return logits.index_fill(-1, torch.tensor([EOS]), float("-inf"))
+
+
+def force(token, at_frame=None, at_codebook=None):
+    def hook(frame, codebook, logits):
+        if (at_frame is None or frame == at_frame) and (at_codebook is None or codebook == at_codebook):
+            logits = logits.clone()
+            logits[..., token] = 1e4
+        return logits
+    return hook
+
+
+# ---- determinism ----
+
+def test_same_seed_gives_identical_tokens(lm, prompt):
+    assert torch.equal(run(lm, prompt, seed=7).frames, run(lm, prompt, seed=7).frames)
+
+
+def test_different_seeds_give_different_tokens(lm, prompt):
+    assert not torch.equal(run(lm, prompt, seed=7).frames, run(lm, prompt, seed=8).frames)
+
+
+def test_each_frame_draws_8_exponentials_of_the_vocab_size_from_the_generator(lm, prompt):
+    generator = torch.Generator().manual_seed(5)
+    result = generate(lm.model, prompt, PARAMS, generator=generator, logits_hook=no_eos)
+    replay = torch.Generator().manual_seed(5)
+    for _ in range(8 * result.frames.shape[1]):
+        torch.empty(1, VOCAB).exponential_(1.0, generator=replay)
+    assert torch.equal(generator.get_state(), replay.get_state())
+
+
+def test_guidance_changes_the_tokens(lm, prompt):
+    plain = dataclasses.replace(PARAMS, cfg_scale=1.0)
+    assert not torch.equal(run(lm, prompt, plain).frames, run(lm, prompt).frames)
+
+
+# ---- output contract ----
+
+def test_output_is_int32_codebook_major_on_cpu_within_0_to_8191(lm, prompt):
+    result = run(lm, prompt, logits_hook=no_eos)
+    frames = result.frames
+    assert frames.dtype == torch.int32 and frames.device.type == "cpu"
+    assert frames.shape == (8, 8)
+    assert int(frames.min()) >= 0 and int(frames.max()) <= 8191
+    assert result.prompt_length == prompt.length
+
+
+def test_max_length_gives_exactly_max_ms_over_80_frames(lm, prompt):
+    params = dataclasses.replace(PARAMS, max_audio_length_ms=5 * 80 + 79)
+    result = run(lm, prompt, params, logits_hook=no_eos)
+    assert result.frames.shape[1] == 5 and result.stop_reason == "max_length"
+
+
+def test_one_frame_is_the_smallest_song(lm, prompt):
+    params = dataclasses.replace(PARAMS, max_audio_length_ms=80)
+    assert run(lm, prompt, params, logits_hook=no_eos).frames.shape == (8, 1)
+
+
+# ---- EOS and special ids ----
+
+def test_eos_in_frame_0_raises_empty_song_error(lm, prompt):
+    with pytest.raises(EmptySongError, match="EOS at frame 0"):
+        run(lm, prompt, logits_hook=force(EOS, at_frame=0, at_codebook=0))
+
+
+def test_eos_in_a_later_codebook_of_frame_0_also_raises_empty_song_error(lm, prompt):
+    with pytest.raises(EmptySongError):
+        run(lm, prompt, logits_hook=force(EOS, at_frame=0, at_codebook=7))
+
+
+def test_eos_in_a_nonzero_codebook_of_frame_5_stops_and_drops_that_frame(lm, prompt):
+    full = run(lm, prompt, seed=3, logits_hook=no_eos)
+    stopped = run(lm, prompt, seed=3, logits_hook=lambda f, c, x: force(EOS, 5, 3)(f, c, no_eos(f, c, x)))
+    assert stopped.stop_reason == "eos"
+    assert stopped.frames.shape == (8, 5)
+    assert torch.equal(stopped.frames, full.frames[:, :5])
+
+
+@pytest.mark.parametrize("special", [8192, 8194, 8195, 8196])
+def test_non_eos_specials_are_never_sampled_even_as_the_max_logit(lm, prompt, special):
+    result = run(lm, prompt, logits_hook=lambda f, c, x: force(special)(f, c, no_eos(f, c, x)))
+    assert result.frames.shape == (8, 8)
+    assert int(result.frames.max()) <= 8191
+
+
+def test_forbidden_mask_is_8192_and_8194_to_8196():
+    forbidden = forbidden_ids_mask(VOCAB, EOS, device="cpu")
+    assert torch.nonzero(forbidden).flatten().tolist() == [8192, 8194, 8195, 8196]
+
+
+def test_nan_logits_fail_loudly_naming_frame_and_codebook(lm, prompt):
+    def nan_at_frame_1_codebook_2(frame, codebook, logits):
+        return torch.full_like(logits, float("nan")) if (frame, codebook) == (1, 2) else logits
+    with pytest.raises(RuntimeError, match="frame 1, codebook 2"):
+        run(lm, prompt, logits_hook=nan_at_frame_1_codebook_2)
+
+
+# ---- the sampler ----
+
+def test_sampler_keeps_ties_with_the_kth_value():
+    logits = torch.full((1, VOCAB), -10.0)
+    logits[0, [11, 22]] = 5.0  # a tie for the single top-k slot
+    forbidden = forbidden_ids_mask(VOCAB, EOS, device="cpu")
+    drawn = {int(sample_top_k(logits, temperature=1.0, top_k=1, forbidden=forbidden,
+                              generator=torch.Generator().manual_seed(seed))) for seed in range(40)}
+    assert drawn == {11, 22}
+
+
+def test_sampler_draws_only_from_the_top_k():
+    logits = torch.arange(VOCAB, dtype=torch.float32)[None] / 1000  # ids 8191, 8190, ... lead (8192+ forbidden)
+    forbidden = forbidden_ids_mask(VOCAB, VOCAB - 1, device="cpu")  # EOS 8196: 8192..8195 forbidden
+    drawn = {int(sample_top_k(logits, temperature=50.0, top_k=3, forbidden=forbidden,
+                              generator=torch.Generator().manual_seed(seed))) for seed in range(60)}
+    assert drawn <= {8196, 8191, 8190}
+
+
+def test_sampler_returns_eos_when_it_is_the_only_candidate():
+    logits = torch.full((1, VOCAB), -1e4)
+    logits[0, EOS] = 0.0
+    forbidden = forbidden_ids_mask(VOCAB, EOS, device="cpu")
+    ids = sample_top_k(logits, temperature=1.0, top_k=1, forbidden=forbidden, generator=torch.Generator())
+    assert ids.dtype == torch.int32 and ids.tolist() == [EOS]
+
+
+def test_cfg_mix_is_uncond_plus_scale_times_difference_in_fp32():
+    logits = torch.tensor([[3.0, 1.0], [1.0, 2.0]])
+    assert torch.equal(cfg_mix(logits, 1.5), torch.tensor([[4.0, 0.5]]))
+    assert cfg_mix(logits.bfloat16(), 1.5).dtype == torch.float32
+
+
+# ---- limits and parameters ----
+
+def test_context_limit_error_names_prompt_length_frames_and_limit(lm, prompt):
+    frames = 256 - prompt.length + 1
+    params = dataclasses.replace(PARAMS, max_audio_length_ms=frames * 80)
+    with pytest.raises(ContextLimitError, match=rf"L={prompt.length}.*N={frames}.*256"):
+        run(lm, prompt, params)
+
+
+def test_prompt_plus_frames_exactly_at_the_limit_is_accepted(lm, prompt):
+    params = dataclasses.replace(PARAMS, max_audio_length_ms=(256 - prompt.length) * 80)
+    result = run(lm, prompt, params, logits_hook=force(EOS, at_frame=2))
+    assert result.frames.shape == (8, 2)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", 0.0), ("temperature", -1.0), ("top_k", 0), ("top_k", VOCAB + 1),
+    ("cfg_scale", 0.5), ("max_audio_length_ms", 79),
+])
+def test_invalid_sampling_params_raise_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(PARAMS, **{field: value})
+
+
+# ---- progress and cancellation ----
+
+def test_progress_is_reported_every_n_frames_and_at_the_end(lm, prompt):
+    calls = []
+    params = dataclasses.replace(PARAMS, max_audio_length_ms=7 * 80)
+    run(lm, prompt, params, progress=lambda done, total: calls.append((done, total)), progress_every=3,
+        logits_hook=no_eos)
+    assert calls == [(3, 7), (6, 7), (7, 7)]
+
+
+def test_should_cancel_stops_generation(lm, prompt):
+    with pytest.raises(GenerationCancelled):
+        run(lm, prompt, should_cancel=lambda: True, progress_every=2, logits_hook=no_eos)
