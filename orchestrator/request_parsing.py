@@ -126,9 +126,27 @@ def parse_job_request(payload: Any, settings: Settings) -> JobRequest:
     length = request.max_audio_length_ms if request is not None else payload.get("max_audio_length_ms")
     if not any(e["field"] == "max_audio_length_ms" for e in errors):
         errors.extend(_length_errors(length, settings))
+    if request is not None:
+        errors.extend(_backend_errors(request, settings))
     if errors or request is None:
         raise RequestInvalid(errors)
     return request
+
+
+def _backend_errors(request: JobRequest, settings: Settings) -> list[dict[str, str]]:
+    """Refuse combinations that could only fail later: 'given' tags with no tags, 'llm' with no endpoint."""
+    from orchestrator.submission import resolve_defaults
+
+    resolved = resolve_defaults(request, settings)
+    errors = []
+    if resolved.tags_backend == "given" and not request.tags:
+        errors.append(error("tags", "no tags given and tags_backend is 'given'; give tags, or a style "
+                                    "description with tags_backend 'embedding' or 'llm'"))
+    for field in ("lyrics_backend", "tags_backend"):
+        if getattr(resolved, field) == "llm" and not (settings.llm_url and settings.llm_model):
+            errors.append(error(field, "'llm' needs SONGPIPE_LLM_URL and SONGPIPE_LLM_MODEL to be configured "
+                                       "on this deployment"))
+    return errors
 
 
 def _length_errors(length: Any, settings: Settings) -> list[dict[str, str]]:

@@ -6,7 +6,6 @@ plus hand-made ones whose values the tests know.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import re
 import struct
 import zlib

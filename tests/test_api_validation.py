@@ -179,3 +179,13 @@ def test_form_error_is_shown_next_to_the_field_with_the_users_values(client, dat
     assert 'id="temperature-error"' in html and "greater than 0" in html
     assert "my words" in html
     assert count_rows(database_url) == NOTHING_STORED
+
+
+def test_given_tags_backend_without_tags_is_refused(client, database_url):
+    body = {k: v for k, v in VALID.items() if k != "tags"} | {"tags_backend": "given"}
+    refused(post(client, body), "tags", database_url)
+
+
+@pytest.mark.parametrize("field", ["lyrics_backend", "tags_backend"])
+def test_llm_backend_on_a_deployment_without_an_llm_is_refused(client, database_url, field):
+    refused(post(client, {**VALID, field: "llm"}), field, database_url)

@@ -38,9 +38,9 @@ def song(stack: Stack) -> dict:
 
 @pytest.fixture
 def failed(stack: Stack) -> dict:
-    # An LLM tags backend with no LLM configured (and no fallback allowed) fails in generate_tags:
-    # a real, deterministic failure in the middle of the chain.
-    return _run_once(stack, "failed", {**SONG, "tags_backend": "llm"})["job"]
+    # Lyrics that are only stage directions pass the API (not blank) but leave nothing singable:
+    # a real, deterministic failure at the first stage, which must stop the chain.
+    return _run_once(stack, "failed", {**SONG, "lyrics": "[guitar solo]\n(whispered)"})["job"]
 
 
 def _stage(job: dict, name: str) -> dict:
@@ -121,21 +121,20 @@ def test_audio_endpoint_serves_the_mp3(song, stack):
 
 
 def test_failing_stage_records_error_type_message_and_traceback(failed):
-    row = _stage(failed, "generate_tags")
+    row = _stage(failed, "refine_lyrics")
     assert row["status"] == "failed"
-    assert row["error_type"] and row["error_message"]
+    assert row["error_type"].endswith("LyricsError") and "nothing singable" in row["error_message"]
     assert "Traceback" in row["traceback"]
-    assert row["inputs"]["backend"] == "llm"  # the input that failed is on record
+    assert row["inputs"]["lyrics"] == "[guitar solo]\n(whispered)"  # the input that failed is on record
 
 
 def test_failure_fails_the_job_naming_the_stage(failed):
     assert failed["status"] == "failed"
-    assert failed["failed_stage"] == "generate_tags" and failed["error_message"]
+    assert failed["failed_stage"] == "refine_lyrics" and failed["error_message"]
 
 
 def test_failure_stops_the_chain(failed):
-    assert _stage(failed, "refine_lyrics")["status"] == "succeeded"
-    for stage in ("generate_tokens", "decode_audio", "encode_audio"):
+    for stage in ("generate_tags", "generate_tokens", "decode_audio", "encode_audio"):
         row = _stage(failed, stage)
         assert row["status"] == "queued" and row["started_at"] is None and row["inputs"] is None, stage
 

@@ -276,7 +276,9 @@ def job_record(session: Session, job_id: str) -> JobRecord | None:
                                 .order_by(StageRun.id)))
     # inputs too: a failed attempt's input artifact (e.g. a bad token grid) is what one needs to see
     shas = sorted({sha for run in runs for sha in artifact_shas(run.outputs) + artifact_shas(run.inputs)})
-    artifacts = {a.sha256: a for a in session.scalars(select(Artifact).where(Artifact.sha256.in_(shas)))} if shas else {}
+    found = session.scalars(select(Artifact).where(Artifact.sha256.in_(shas))).all() if shas else []
+    kind_order = {"tokens": 0, "wav": 1, "mp3": 2}
+    artifacts = {a.sha256: a for a in sorted(found, key=lambda a: (kind_order.get(a.kind, 9), a.created_at, a.sha256))}
     replay_cols = (Job.id, Job.status, Job.created_at, Job.replay_from_stage, Job.replay_overrides, Job.seed)
     replays = [dict(r._mapping) for r in session.execute(
         select(*replay_cols).where(Job.replay_of == job_id).order_by(Job.created_at))]

@@ -173,11 +173,14 @@ def timeline(runs: list[StageRun], now: dt.datetime) -> dict[str, Any]:
         return label_w + width * ((as_utc(t) - start).total_seconds() / span) if t else label_w
 
     ordered = sorted(runs, key=lambda r: (STAGES.index(r.stage) if r.stage in STAGES else 99, r.attempt))
+    latest = {r.stage: r.attempt for r in ordered}
     rows = []
     for i, run in enumerate(ordered):
         run_end = run.finished_at or (now if run.status == "running" else None)
+        never_ran = run.status in ("queued", "pending") and run.attempt < latest[run.stage]
         rows.append({
-            "y": 18 + i * row_h, "label": f"{run.stage} #{run.attempt}", "status": run.status, "id": run.id,
+            "y": 18 + i * row_h, "label": f"{run.stage} #{run.attempt}", "id": run.id,
+            "status": "never ran (superseded)" if never_ran else run.status,
             "wait_x": x(run.queued_at), "wait_w": max(0.0, x(run.started_at) - x(run.queued_at)) if run.started_at else 0.0,
             "run_x": x(run.started_at), "run_w": max(1.5, x(run_end) - x(run.started_at)) if run.started_at and run_end else 0.0,
             "duration": run.duration_s,
