@@ -162,7 +162,7 @@ class StageRunner:
         recording += time.monotonic() - t_claim
         if claim == "done":
             return None
-        started = time.monotonic()
+        started = t_claim  # the duration covers the whole attempt, its own recording included
         try:
             if claim == "cancelled":
                 raise JobCancelled(f"job {job_id} was cancelled before stage {self.stage} started")
@@ -235,7 +235,6 @@ class StageRunner:
             row.artifacts = _artifact_refs(payload)
             row.finished_at = utcnow()
             row.heartbeat_at = row.finished_at
-            row.duration_s = time.monotonic() - started
             row.environment = {**(row.environment or {}), **environment_snapshot(queue=row.queue),
                                **ctx.environment_extra}
             job = session.get(Job, job_id)
@@ -243,7 +242,9 @@ class StageRunner:
                 job.status = "succeeded"
                 job.finished_at = row.finished_at
             session.flush()
-            row.recording_s = recording + (time.monotonic() - t0)
+            now = time.monotonic()
+            row.recording_s = recording + (now - t0)  # the final commit is not counted: measured by its caller
+            row.duration_s = now - started
 
     def _record_end(self, url: str, job_id: str, attempt: int, status: str, exc: BaseException,
                     ctx: StageContext, started: float, *, with_traceback: bool) -> None:
