@@ -453,5 +453,22 @@ def stage_decode_audio(job_id: str | None, attempt: int | None, tokens_file: Pat
     _run_stage("decode_audio", payload, {"arguments": True, "tokens_file": str(tokens_file)}, out, None)
 
 
+@main.group()
+def admin() -> None:
+    """Admin dashboard helpers."""
+
+
+def _register_commands() -> None:
+    # imported here so `songpipe --help` stays fast and the web-only modules load on demand
+    from orchestrator.admin.auth import hash_password_command
+    from orchestrator.replay_cli import replay_command
+
+    main.add_command(replay_command)
+    admin.add_command(hash_password_command)
+
+
+_register_commands()
+
+
 if __name__ == "__main__":
     main()
