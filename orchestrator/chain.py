@@ -5,19 +5,23 @@ from celery import chain, signature
 
 from tasks.celery_app import app, queue_for, task_name
 from tasks.contracts import STAGES
+from tasks.settings import get_settings
+from tasks.time_limits import signature_options
 
 
-def stage_signature(job_id: str, stage: str, attempt: int):
-    return signature(task_name(stage), args=(job_id, attempt), immutable=True, app=app, queue=queue_for(stage))
+def stage_signature(job_id: str, stage: str, attempt: int, max_audio_length_ms: int | None = None):
+    """One stage's message; its soft/hard time limits grow with the song (tasks/time_limits.py)."""
+    return signature(task_name(stage), args=(job_id, attempt), immutable=True, app=app, queue=queue_for(stage),
+                     **signature_options(stage, max_audio_length_ms, get_settings()))
 
 
-def build_chain(job_id: str, attempts: dict[str, int]):
+def build_chain(job_id: str, attempts: dict[str, int], max_audio_length_ms: int | None = None):
     """The chain of the stages in `attempts` (in pipeline order), each with its attempt number."""
     stages = [stage for stage in STAGES if stage in attempts]
     if not stages:
         raise ValueError("a chain needs at least one stage")
-    return chain(*(stage_signature(job_id, stage, attempts[stage]) for stage in stages))
+    return chain(*(stage_signature(job_id, stage, attempts[stage], max_audio_length_ms) for stage in stages))
 
 
-def send_chain(job_id: str, attempts: dict[str, int]) -> None:
-    build_chain(job_id, attempts).apply_async()
+def send_chain(job_id: str, attempts: dict[str, int], max_audio_length_ms: int | None = None) -> None:
+    build_chain(job_id, attempts, max_audio_length_ms).apply_async()

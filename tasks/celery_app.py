@@ -6,12 +6,11 @@ from kombu import Queue
 
 from tasks.contracts import GPU_STAGES, STAGES
 from tasks.settings import Settings, get_settings
+# The broker's visibility timeout must exceed twice the longest hard time limit, or Redis
+# re-delivers a long GPU task while it runs (tasks/time_limits.py derives both).
+from tasks.time_limits import MAX_HARD_TIME_LIMIT_S, VISIBILITY_TIMEOUT_S, broker_transport_options  # noqa: F401
 
 CPU_QUEUE, GPU_QUEUE = "cpu", "gpu"
-# Longest hard limit any stage may get (a 10-minute song on a slow device); the broker's
-# visibility timeout must exceed twice this, or Redis re-delivers a long GPU task while it runs.
-MAX_HARD_TIME_LIMIT_S = 4 * 3600
-VISIBILITY_TIMEOUT_S = 2 * MAX_HARD_TIME_LIMIT_S + 600
 MODEL_LOAD_ALLOWANCE_S = 300  # worker_proc_alive_timeout: a child loading 16 GB of weights must not be killed
 
 
@@ -42,7 +41,7 @@ def configure(app: Celery, settings: Settings) -> None:
         task_serializer="json", accept_content=["json"],
         task_acks_late=True, task_reject_on_worker_lost=True,  # stage writes are idempotent upserts
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_transport_options=broker_transport_options(settings),
         result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
         task_queues=[Queue(CPU_QUEUE), Queue(GPU_QUEUE)],
         task_default_queue=CPU_QUEUE,

@@ -5,6 +5,19 @@ resolves the stage's typed input from SQL and records it before computing, runs 
 the typed output, and records outputs, artifacts, timings and the environment - or, on failure,
 the error type, message and full traceback. Every write is keyed by (job, stage, attempt), so a
 repeated write (re-delivery, an error callback that runs twice) changes nothing.
+
+Crash safety (design.md section 4, tasks/reconciler.py):
+- Claim: one conditional UPDATE moves the row from queued to running; any other delivery of the same
+  attempt (a broker re-delivery, a requeue after a lost child) finds it running, succeeded or
+  superseded and backs off without computing. It is noted on the row (environment.duplicate_deliveries).
+- Heartbeat: while a stage runs, a thread writes heartbeat_at every `heartbeat_s`, so even one long
+  prefill or codec window keeps its lease (12 heartbeats). A row whose heartbeat stops is taken over
+  by the reconciler as a NEW attempt; the old attempt is marked "lost".
+- Fencing: every write after the claim is conditional on the row still being held by this process.
+  A holder that comes back after losing its lease (its row was superseded) stops at its next
+  heartbeat or cancel check and its result is discarded, so a stage never succeeds twice.
+- Failures: transient ones (out of GPU memory) get ONE new attempt, sent right away, on a fresh worker
+  process (the GPU failure handler replaces the process); everything else fails the job, once.
 """
 from __future__ import annotations
 
@@ -12,6 +25,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import threading
 import time
 import traceback as traceback_module
 from dataclasses import dataclass, field
@@ -20,7 +34,7 @@ from typing import Any, Callable
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from pydantic import BaseModel
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
@@ -35,14 +49,53 @@ log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL_S = 0.5
 CANCEL_CHECK_INTERVAL_S = 1.0
+LEASE_HEARTBEATS = 12  # a running row is lost after this many missed heartbeats
+TRANSIENT_RETRIES = 1  # transient failures get exactly one new attempt
+TRANSIENT_RETRY_REQUESTER = "retry:transient"
+ACTIVE_JOB_STATUSES = ("queued", "running")
+DONE_STATUSES = ("succeeded", "reused")
+MAX_NOTED_DUPLICATES = 20
 
 
 class JobCancelled(Exception):
     """Raised inside a stage when its job's cancel flag is set."""
 
 
-class StageAlreadyRunning(Exception):
-    """Another worker holds this stage attempt with a fresh heartbeat: this delivery backs off."""
+class StageSuperseded(Exception):
+    """This attempt lost its lease and a newer attempt replaced it: stop, write nothing more."""
+
+
+class TransientStageError(Exception):
+    """Base for failures worth one more attempt on a fresh worker process."""
+
+
+def lease_s(settings: Settings) -> float:
+    """How long a running row may go without a heartbeat before it counts as lost."""
+    return max(LEASE_HEARTBEATS * settings.heartbeat_s, 1.0)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Out of device memory (e.g. after fragmentation) may pass on a fresh process; nothing else is retried."""
+    if isinstance(exc, TransientStageError):
+        return True
+    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+
+
+StageHook = Callable[["StageContext", str, dict], None]
+_stage_hooks: list[StageHook] = []
+
+
+def add_stage_hook(hook: StageHook) -> None:
+    """Call `hook(ctx, event, info)` at "start" (inputs recorded, before compute) and at every "progress".
+
+    The GPU worker registers fault injection and the poisoned-process guard here (gpu_worker/).
+    """
+    if hook not in _stage_hooks:
+        _stage_hooks.append(hook)
+
+
+def _holder() -> tuple[str, int]:
+    return socket.gethostname(), os.getpid()
 
 
 @dataclass
@@ -55,35 +108,59 @@ class StageContext:
     settings: Settings
     store: LocalDirectoryStore
     environment_extra: dict[str, Any] = field(default_factory=dict)
+    job_request: dict[str, Any] = field(default_factory=dict)
     _last_progress: float = 0.0
     _last_cancel_check: float = 0.0
     _cancelled: bool = False
+    _superseded: bool = False
     _started: float = field(default_factory=time.monotonic)
 
     @property
     def database_url(self) -> str:
         return self.settings.resolved_database_url
 
-    def progress(self, done: int, total: int, unit: str = "frames", *, force: bool = False) -> None:
-        """Record progress and a heartbeat, at most every half second (a fast loop is not slowed)."""
-        now = time.monotonic()
-        if not force and now - self._last_progress < PROGRESS_WRITE_INTERVAL_S and done < total:
-            return
-        self._last_progress = now
-        elapsed = max(now - self._started, 1e-9)
-        payload = {"done": done, "total": total, "unit": unit, "rate_per_s": round(done / elapsed, 3),
-                   "elapsed_s": round(elapsed, 3)}
+    @property
+    def superseded(self) -> bool:
+        return self._superseded
+
+    def _held(self) -> tuple:
+        """This attempt's row, while this process still holds it (the fence for every write)."""
+        host, pid = _holder()
+        return (*_row_key(self.job_id, self.stage, self.attempt), StageRun.status == "running",
+                StageRun.worker_hostname == host, StageRun.worker_pid == pid)
+
+    def _write_held(self, **values: Any) -> None:
         with session_scope(self.database_url) as session:
-            session.execute(update(StageRun).where(*_row_key(self.job_id, self.stage, self.attempt))
-                            .values(progress=payload, heartbeat_at=utcnow()))
+            written = session.execute(update(StageRun).where(*self._held()).values(**values)
+                                      .execution_options(synchronize_session=False)).rowcount
+        if not written:
+            self._superseded = True
+            raise StageSuperseded(f"job {self.job_id} stage {self.stage} attempt {self.attempt} is no longer "
+                                  "held by this process (superseded after a lost lease)")
+
+    def progress(self, done: int, total: int, unit: str = "frames", *, force: bool = False) -> None:
+        """Record progress and a heartbeat (at most every half second), then honour a cancel request."""
+        self.run_hooks("progress", done=done, total=total, unit=unit)
+        now = time.monotonic()
+        if force or now - self._last_progress >= PROGRESS_WRITE_INTERVAL_S or done >= total:
+            self._last_progress = now
+            elapsed = max(now - self._started, 1e-9)
+            payload = {"done": done, "total": total, "unit": unit, "rate_per_s": round(done / elapsed, 3),
+                       "elapsed_s": round(elapsed, 3)}
+            self._write_held(progress=payload, heartbeat_at=utcnow())
+        if self.should_cancel():
+            raise JobCancelled(f"job {self.job_id} cancelled during {self.stage} after {done} of {total} {unit}")
 
     def heartbeat(self) -> None:
-        with session_scope(self.database_url) as session:
-            session.execute(update(StageRun).where(*_row_key(self.job_id, self.stage, self.attempt))
-                            .values(heartbeat_at=utcnow()))
+        self._write_held(heartbeat_at=utcnow())
 
     def should_cancel(self) -> bool:
-        """Cooperative cancel check against the job's flag in SQL, throttled to once a second."""
+        """Cooperative cancel check against the job's flag in SQL, throttled to once a second.
+
+        A superseded attempt stops here too (StageSuperseded), whatever the caller does with a True.
+        """
+        if self._superseded:
+            raise StageSuperseded(f"job {self.job_id} stage {self.stage} attempt {self.attempt} was superseded")
         now = time.monotonic()
         if self._cancelled or now - self._last_cancel_check < CANCEL_CHECK_INTERVAL_S:
             return self._cancelled
@@ -97,6 +174,39 @@ class StageContext:
         with session_scope(self.database_url) as session:
             _upsert_artifact(session, ref, self.store.location(ref.sha256))
         return ref
+
+    def run_hooks(self, event: str, **info: Any) -> None:
+        for hook in list(_stage_hooks):
+            hook(self, event, info)
+
+
+class _Heartbeat:
+    """Writes heartbeat_at every `heartbeat_s` while the stage computes (a thread: long kernels, long
+    windows and model loads keep their lease); notices when the attempt was superseded."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{ctx.stage}", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ctx.settings.heartbeat_s):
+            try:
+                self.ctx.heartbeat()
+            except StageSuperseded:
+                log.warning("job %s stage %s attempt %s was superseded while running; it stops at its next check",
+                            self.ctx.job_id, self.ctx.stage, self.ctx.attempt)
+                return
+            except Exception:  # a database hiccup must not end the stage; the lease tolerates missed beats
+                log.warning("heartbeat of job %s stage %s failed", self.ctx.job_id, self.ctx.stage, exc_info=True)
 
 
 Resolver = Callable[[Session, Job, Settings], BaseModel]
@@ -134,8 +244,11 @@ def describe_error(exc: BaseException) -> tuple[str, str]:
     return name, str(exc) or repr(exc)
 
 
-def stale_after_s(settings: Settings) -> float:
-    return max(60.0, 6 * settings.heartbeat_s)
+@dataclass(frozen=True)
+class ScheduledRetry:
+    job_id: str
+    attempts: dict[str, int]
+    max_audio_length_ms: int | None
 
 
 class StageRunner:
@@ -156,46 +269,70 @@ class StageRunner:
         settings = settings or get_settings()
         url = settings.resolved_database_url
         ctx = StageContext(job_id, self.stage, attempt, settings, open_store(settings.resolved_artifact_dir))
-        recording = 0.0
         t_claim = time.monotonic()
-        claim = self._claim(url, job_id, attempt, celery_task_id, settings)
-        recording += time.monotonic() - t_claim
+        claim = self._claim(url, job_id, attempt, celery_task_id)
+        recording = time.monotonic() - t_claim
         if claim == "done":
             return None
-        started = t_claim  # the duration covers the whole attempt, its own recording included
-        try:
-            if claim == "cancelled":
-                raise JobCancelled(f"job {job_id} was cancelled before stage {self.stage} started")
-            t0 = time.monotonic()
-            with session_scope(url) as session:
-                job = session.get(Job, job_id)
-                inputs = self.input_model.model_validate(self.resolve(session, job, settings).model_dump())
-                session.execute(update(StageRun).where(*_row_key(job_id, self.stage, attempt)).values(
-                    inputs=inputs.model_dump(mode="json"),
-                    environment=environment_snapshot(queue=queue_for(self.stage))))
-            recording += time.monotonic() - t0
-            result = self.compute(inputs, ctx)
-            outputs = self.output_model.model_validate(result.model_dump())
-            t1 = time.monotonic()
-            self._record_success(url, job_id, attempt, outputs, ctx, started, recording)
-            return outputs.model_dump(mode="json")
-        except JobCancelled as exc:
-            self._record_end(url, job_id, attempt, "cancelled", exc, ctx, started, with_traceback=False)
-            raise Ignore() from exc
-        except BaseException as exc:
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        started = time.monotonic()
+        with _Heartbeat(ctx):
+            try:
+                if claim == "cancelled":
+                    raise JobCancelled(f"job {job_id} was cancelled before stage {self.stage} started")
+                t0 = time.monotonic()
+                with session_scope(url) as session:
+                    job = session.get(Job, job_id)
+                    ctx.job_request = dict(job.request or {})
+                    inputs = self.input_model.model_validate(self.resolve(session, job, settings).model_dump())
+                    written = session.execute(update(StageRun).where(*ctx._held()).values(
+                        inputs=inputs.model_dump(mode="json"),
+                        environment=environment_snapshot(queue=queue_for(self.stage)))
+                        .execution_options(synchronize_session=False)).rowcount
+                    if not written:
+                        raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")
+                recording += time.monotonic() - t0
+                ctx.run_hooks("start")
+                result = self.compute(inputs, ctx)
+                outputs = self.output_model.model_validate(result.model_dump())
+                self._record_success(url, job_id, attempt, outputs, ctx, started, recording)
+                return outputs.model_dump(mode="json")
+            except StageSuperseded as exc:
+                log.warning("%s; result discarded", exc)
+                raise Ignore() from exc
+            except JobCancelled as exc:
+                if ctx.superseded:
+                    raise Ignore() from exc
+                self._record_end(url, job_id, attempt, "cancelled", exc, ctx, started, with_traceback=False)
+                raise Ignore() from exc
+            except BaseException as exc:
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                if ctx.superseded:
+                    log.warning("job %s stage %s attempt %s failed after being superseded (%s); not recorded",
+                                job_id, self.stage, attempt, describe_error(exc)[0])
+                    raise Ignore() from exc
+                if self.on_failure is not None:
+                    try:  # before the record, so what it decides (e.g. process replacement) is recorded too
+                        self.on_failure(exc, ctx)
+                    except Exception:
+                        log.exception("failure handler of stage %s raised", self.stage)
+                retry = self._record_end(url, job_id, attempt, "failed", exc, ctx, started, with_traceback=True)
+                if retry is not None:
+                    _send_retry(retry)
                 raise
-            self._record_end(url, job_id, attempt, "failed", exc, ctx, started, with_traceback=True)
-            if self.on_failure is not None:
-                self.on_failure(exc, ctx)
-            raise
 
     # -- the record ---------------------------------------------------------------------------
 
-    def _claim(self, url: str, job_id: str, attempt: int, celery_task_id: str | None, settings: Settings) -> str:
-        """Mark the row running; 'run', 'cancelled', or 'done' (nothing to do for this delivery)."""
+    def _claim(self, url: str, job_id: str, attempt: int, celery_task_id: str | None) -> str:
+        """Mark the row running; 'run', 'cancelled', or 'done' (nothing to do for this delivery).
+
+        Only a queued row of an active job can be claimed, in one conditional UPDATE: of two
+        concurrent deliveries exactly one wins. The loser backs off (Ignore: acknowledged, the
+        chain does not continue from it) and is noted on the row.
+        """
         now = utcnow()
-        stale = now - dt.timedelta(seconds=stale_after_s(settings))
+        host, pid = _holder()
+        outcome = "ignore"
         with session_scope(url) as session:
             job = session.get(Job, job_id)
             if job is None:
@@ -203,76 +340,121 @@ class StageRunner:
             row = session.scalar(select(StageRun).where(*_row_key(job_id, self.stage, attempt)))
             if row is None:
                 raise LookupError(f"job {job_id} has no {self.stage} attempt {attempt}")
-            claimed = session.execute(
-                update(StageRun).where(*_row_key(job_id, self.stage, attempt)).where(or_(
-                    StageRun.status.in_(("queued", "pending")),
-                    (StageRun.status == "running") & or_(StageRun.heartbeat_at.is_(None), StageRun.heartbeat_at < stale)))
-                .values(status="running", started_at=now, heartbeat_at=now, celery_task_id=celery_task_id,
-                        worker_hostname=socket.gethostname(), worker_pid=os.getpid(),
-                        deliveries=StageRun.deliveries + 1)
-                .execution_options(synchronize_session=False)).rowcount
+            claimed = 0
+            if job.status in ACTIVE_JOB_STATUSES:
+                claimed = session.execute(
+                    update(StageRun).where(*_row_key(job_id, self.stage, attempt),
+                                           StageRun.status.in_(("queued", "pending")))
+                    .values(status="running", started_at=now, heartbeat_at=now, celery_task_id=celery_task_id,
+                            worker_hostname=host, worker_pid=pid, deliveries=StageRun.deliveries + 1)
+                    .execution_options(synchronize_session=False)).rowcount
             if not claimed:
                 session.refresh(row)
-                log.warning("job %s stage %s attempt %s: delivery skipped, row is %s", job_id, self.stage, attempt,
-                            row.status)
-                if row.status == "running":
-                    raise Ignore()  # another worker holds it with a fresh heartbeat: never compute twice
-                if row.status in ("succeeded", "reused"):
-                    return "done"
-                raise Ignore()
-            if job.status == "queued":
-                job.status = "running"
-            return "cancelled" if job.cancel_requested else "run"
+                log.warning("job %s stage %s attempt %s: delivery %s skipped, row is %s (job %s)", job_id,
+                            self.stage, attempt, celery_task_id, row.status, job.status)
+                noted = list((row.environment or {}).get("duplicate_deliveries", []))[-(MAX_NOTED_DUPLICATES - 1):]
+                noted.append({"at": now.isoformat(), "celery_task_id": celery_task_id, "hostname": host, "pid": pid,
+                              "row_status": row.status, "job_status": job.status})
+                row.environment = {**(row.environment or {}), "duplicate_deliveries": noted}
+                if row.status in DONE_STATUSES and job.status in ACTIVE_JOB_STATUSES:
+                    outcome = "done"  # a re-delivery after success: let the chain go on (idempotent downstream)
+            else:
+                if job.status == "queued":
+                    job.status = "running"
+                outcome = "cancelled" if job.cancel_requested else "run"
+        if outcome == "ignore":
+            raise Ignore()  # after the commit, so the note about the skipped delivery is kept
+        return outcome
+
+    def _held_row(self, session: Session, ctx: StageContext) -> StageRun:
+        row = session.scalar(select(StageRun).where(*ctx._held()))
+        if row is None:
+            ctx._superseded = True
+            raise StageSuperseded(f"job {ctx.job_id} stage {self.stage} attempt {ctx.attempt} was superseded "
+                                  "before its result could be recorded")
+        return row
 
     def _record_success(self, url: str, job_id: str, attempt: int, outputs: BaseModel, ctx: StageContext,
                         started: float, recording: float) -> None:
         t0 = time.monotonic()
         payload = outputs.model_dump(mode="json")
         with session_scope(url) as session:
-            row = session.scalar(select(StageRun).where(*_row_key(job_id, self.stage, attempt)))
-            row.status = "succeeded"
-            row.outputs = payload
-            row.artifacts = _artifact_refs(payload)
-            row.finished_at = utcnow()
-            row.heartbeat_at = row.finished_at
-            row.environment = {**(row.environment or {}), **environment_snapshot(queue=row.queue),
-                               **ctx.environment_extra}
-            job = session.get(Job, job_id)
+            row = self._held_row(session, ctx)
+            finished = utcnow()
+            environment = {**(row.environment or {}), **environment_snapshot(queue=row.queue), **ctx.environment_extra}
+            written = session.execute(update(StageRun).where(*ctx._held()).values(
+                status="succeeded", outputs=payload, artifacts=_artifact_refs(payload), finished_at=finished,
+                heartbeat_at=finished, duration_s=time.monotonic() - started, environment=environment,
+                recording_s=recording + (time.monotonic() - t0))
+                .execution_options(synchronize_session=False)).rowcount
+            if not written:  # superseded between the read and the write: this result must not count
+                ctx._superseded = True
+                raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")
             if self.stage == STAGES[-1]:
+                job = session.get(Job, job_id)
                 job.status = "succeeded"
-                job.finished_at = row.finished_at
-            session.flush()
-            now = time.monotonic()
-            row.recording_s = recording + (now - t0)  # the final commit is not counted: measured by its caller
-            row.duration_s = now - started
+                job.finished_at = finished
 
     def _record_end(self, url: str, job_id: str, attempt: int, status: str, exc: BaseException,
-                    ctx: StageContext, started: float, *, with_traceback: bool) -> None:
+                    ctx: StageContext, started: float, *, with_traceback: bool) -> ScheduledRetry | None:
+        """Record a failed or cancelled attempt; a first transient failure schedules one new attempt."""
         error_type, message = describe_error(exc)
         if isinstance(exc, SoftTimeLimitExceeded):
             message = f"stage {self.stage} exceeded its soft time limit"
         trace = "".join(traceback_module.format_exception(exc)) if with_traceback else None
+        retry: ScheduledRetry | None = None
         with session_scope(url) as session:
-            row = session.scalar(select(StageRun).where(*_row_key(job_id, self.stage, attempt)))
-            row.status = status
-            row.error_type = error_type
-            row.error_message = message
-            row.traceback = trace
+            row = self._held_row(session, ctx)
+            job = session.get(Job, job_id)
+            if status == "failed" and is_transient(exc) and not job.cancel_requested:
+                retry = self._schedule_transient_retry(session, job)
+                if retry is not None:
+                    message = (f"{message} [transient: retried once as attempt {retry.attempts[self.stage]} "
+                               "on a fresh worker process]")
+            values: dict[str, Any] = dict(
+                status=status, error_type=error_type, error_message=message, traceback=trace, finished_at=utcnow(),
+                duration_s=time.monotonic() - started,
+                environment={**(row.environment or {}), **environment_snapshot(queue=row.queue),
+                             **ctx.environment_extra})
             exchanges = getattr(exc, "llm_exchanges", None)
             if exchanges:  # a failed LLM backend's raw requests and answers are evidence too
-                row.outputs = {"llm_exchanges": [e.model_dump(mode="json") if hasattr(e, "model_dump") else e
-                                                 for e in exchanges]}
-            row.finished_at = utcnow()
-            row.duration_s = time.monotonic() - started
-            row.environment = {**(row.environment or {}), **environment_snapshot(queue=row.queue),
-                               **ctx.environment_extra}
-            job = session.get(Job, job_id)
+                values["outputs"] = {"llm_exchanges": [e.model_dump(mode="json") if hasattr(e, "model_dump") else e
+                                                       for e in exchanges]}
+            written = session.execute(update(StageRun).where(*ctx._held()).values(**values)
+                                      .execution_options(synchronize_session=False)).rowcount
+            if not written:
+                ctx._superseded = True
+                raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")
+            if retry is not None:
+                return retry  # the job goes on with the new attempt
             job.status = status
-            job.finished_at = row.finished_at
+            job.finished_at = values["finished_at"]
             if status == "failed":
                 job.failed_stage, job.error_type, job.error_message = self.stage, error_type, message
             else:
                 job.cancel_reason = job.cancel_reason or message
+        return retry
+
+    def _schedule_transient_retry(self, session: Session, job: Job) -> ScheduledRetry | None:
+        from tasks.reconciler import add_attempts
+
+        earlier = session.scalar(select(func.count()).select_from(StageRun).where(
+            StageRun.job_id == job.id, StageRun.stage == self.stage,
+            StageRun.requested_by == TRANSIENT_RETRY_REQUESTER)) or 0
+        if earlier >= TRANSIENT_RETRIES:
+            return None
+        attempts = add_attempts(session, job, self.stage, requested_by=TRANSIENT_RETRY_REQUESTER,
+                                supersede_reason=None)
+        return ScheduledRetry(job.id, attempts, (job.request or {}).get("max_audio_length_ms"))
+
+
+def _send_retry(retry: ScheduledRetry) -> None:
+    from orchestrator.chain import send_chain
+
+    try:
+        send_chain(retry.job_id, retry.attempts, retry.max_audio_length_ms)
+    except Exception:  # the rows are queued in SQL: the reconciler sends them when the broker is back
+        log.exception("could not send the transient retry of job %s; the reconciler will", retry.job_id)
 
 
 def stage_task(stage: str, resolve: Resolver, compute: Compute,

@@ -48,7 +48,8 @@ class Settings(BaseSettings):
 
     fault_injection: bool = False  # allows the CUDA fault switch; refused in production mode
     cpu_soft_time_limit_s: int = Field(default=300, ge=1)
-    heartbeat_s: float = Field(default=5.0, gt=0)
+    heartbeat_s: float = Field(default=5.0, gt=0)  # running stages write heartbeat_at this often; lease = 12x
+    visibility_timeout_s: int | None = Field(default=None, ge=1)  # broker lease override (tests only)
 
     @field_validator("data_dir", mode="after")
     @classmethod
