@@ -89,17 +89,24 @@ def sample_top_k(logits: torch.Tensor, *, temperature: float, top_k: int, forbid
 
     Returns -1 when no id is eligible (all logits NaN or -inf), for the caller to report.
     """
+    race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1.0, generator=generator)
+    return top_k_race(logits, race, temperature=temperature, top_k=top_k, forbidden=forbidden)
+
+
+def top_k_race(logits: torch.Tensor, race: torch.Tensor, *, temperature: float, top_k: int,
+               forbidden: torch.Tensor) -> torch.Tensor:
+    """`sample_top_k` with its Exponential(1) draws `race` (same shape as `logits [R, V]`) given: one id per
+    row -> int32 `[R]`. The fast path draws `race` ahead of time, in the plain path's shapes and order."""
     z = (logits / temperature).masked_fill(forbidden, float("-inf"))
     kth_largest = torch.topk(z, top_k, dim=-1).values[..., -1:]
     keep = (z >= kth_largest) & (z > float("-inf"))  # ties with the k-th value are kept
     probs = torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1, dtype=torch.float32)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     # argmax(p / q) with q ~ Exp(1) samples from p; a 0/0 or a dropped entry must never win
     scores = probs / race
     scores = scores.masked_fill(~keep | scores.isnan(), float("-inf"))
     best = scores.argmax(dim=-1)
     best = torch.where(scores.amax(dim=-1) > float("-inf"), best, torch.full_like(best, -1))
-    return best.to(torch.int32).reshape(1)
+    return best.to(torch.int32).reshape(-1)
 
 
 def cfg_mix(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:

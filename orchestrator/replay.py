@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from db.engine import session_scope
 from db.models import Job, StageRun, utcnow
 from orchestrator.submission import new_job_rows
-from tasks.artifact_store import ArtifactIntegrityError, open_store
+from tasks.artifact_store import ArtifactIntegrityError, artifact_shas, open_store
 from tasks.celery_app import queue_for
 from tasks.contracts import STAGES, JobRequest
 from tasks.settings import Settings, get_settings
@@ -89,24 +89,12 @@ def latest_done_runs(session: Session, job_id: str) -> dict[str, StageRun]:
     return {run.stage: run for run in runs}
 
 
-def _artifact_refs(payload: Any) -> list[str]:
-    found: list[str] = []
-    if isinstance(payload, dict):
-        if {"sha256", "kind", "bytes", "media_type"} <= payload.keys():
-            found.append(payload["sha256"])
-        for value in payload.values():
-            found.extend(_artifact_refs(value))
-    elif isinstance(payload, list):
-        for value in payload:
-            found.extend(_artifact_refs(value))
-    return found
-
 
 def verify_reused_outputs(runs: list[StageRun], settings: Settings) -> None:
     """Every artifact the reused outputs point at must exist and hash to its sha256."""
     store = open_store(settings.resolved_artifact_dir)
     for run in runs:
-        for sha in dict.fromkeys(_artifact_refs(run.outputs)):
+        for sha in dict.fromkeys(artifact_shas(run.outputs)):
             try:
                 store.get(sha)
             except ArtifactIntegrityError as exc:

@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from tasks.contracts import ArtifactRef
 
@@ -77,6 +77,20 @@ class LocalDirectoryStore:
 
     def local_path(self, sha256: str) -> Path:
         return self._path(sha256)
+
+
+def artifact_shas(payload: Any) -> list[str]:
+    """Every sha256 of an ArtifactRef found anywhere in a stage's recorded output."""
+    found: list[str] = []
+    if isinstance(payload, dict):
+        if {"sha256", "kind", "bytes", "media_type"} <= payload.keys():
+            found.append(payload["sha256"])
+        for value in payload.values():
+            found.extend(artifact_shas(value))
+    elif isinstance(payload, list):
+        for value in payload:
+            found.extend(artifact_shas(value))
+    return found
 
 
 def open_store(root: Path | str) -> LocalDirectoryStore:

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from db.engine import session_scope
 from db.models import Artifact, Job, StageRun, utcnow
-from tasks.artifact_store import LocalDirectoryStore, open_store
+from tasks.artifact_store import LocalDirectoryStore, artifact_shas, open_store
 from tasks.celery_app import app, queue_for, task_name
 from tasks.contracts import STAGE_CONTRACTS, STAGES, ArtifactRef
 from tasks.environment import environment_snapshot
@@ -224,19 +224,6 @@ def _upsert_artifact(session: Session, ref: ArtifactRef, location: str) -> None:
         session.flush()
 
 
-def _artifact_refs(payload: Any) -> list[str]:
-    """Every sha256 of an ArtifactRef found anywhere in a stage output."""
-    found: list[str] = []
-    if isinstance(payload, dict):
-        if {"sha256", "kind", "bytes", "media_type"} <= payload.keys():
-            found.append(payload["sha256"])
-        for value in payload.values():
-            found.extend(_artifact_refs(value))
-    elif isinstance(payload, list):
-        for value in payload:
-            found.extend(_artifact_refs(value))
-    return found
-
 
 def describe_error(exc: BaseException) -> tuple[str, str]:
     kind = type(exc)
@@ -300,9 +287,8 @@ class StageRunner:
                 log.warning("%s; result discarded", exc)
                 raise Ignore() from exc
             except JobCancelled as exc:
-                if ctx.superseded:
-                    raise Ignore() from exc
-                self._record_end(url, job_id, attempt, "cancelled", exc, ctx, started, with_traceback=False)
+                if not ctx.superseded:
+                    self._record_end_unless_superseded(url, job_id, attempt, "cancelled", exc, ctx, started)
                 raise Ignore() from exc
             except BaseException as exc:
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -316,7 +302,9 @@ class StageRunner:
                         self.on_failure(exc, ctx)
                     except Exception:
                         log.exception("failure handler of stage %s raised", self.stage)
-                retry = self._record_end(url, job_id, attempt, "failed", exc, ctx, started, with_traceback=True)
+                retry = self._record_end_unless_superseded(url, job_id, attempt, "failed", exc, ctx, started)
+                if ctx.superseded:
+                    raise Ignore() from exc
                 if retry is not None:
                     _send_retry(retry)
                 raise
@@ -366,6 +354,15 @@ class StageRunner:
             raise Ignore()  # after the commit, so the note about the skipped delivery is kept
         return outcome
 
+    def _record_end_unless_superseded(self, url: str, job_id: str, attempt: int, status: str, exc: BaseException,
+                                      ctx: StageContext, started: float) -> ScheduledRetry | None:
+        try:
+            return self._record_end(url, job_id, attempt, status, exc, ctx, started,
+                                    with_traceback=status == "failed")
+        except StageSuperseded as lost:
+            log.warning("%s; its %s (%s) is not recorded", lost, status, describe_error(exc)[0])
+            return None
+
     def _held_row(self, session: Session, ctx: StageContext) -> StageRun:
         row = session.scalar(select(StageRun).where(*ctx._held()))
         if row is None:
@@ -383,7 +380,7 @@ class StageRunner:
             finished = utcnow()
             environment = {**(row.environment or {}), **environment_snapshot(queue=row.queue), **ctx.environment_extra}
             written = session.execute(update(StageRun).where(*ctx._held()).values(
-                status="succeeded", outputs=payload, artifacts=_artifact_refs(payload), finished_at=finished,
+                status="succeeded", outputs=payload, artifacts=artifact_shas(payload), finished_at=finished,
                 heartbeat_at=finished, duration_s=time.monotonic() - started, environment=environment,
                 recording_s=recording + (time.monotonic() - t0))
                 .execution_options(synchronize_session=False)).rowcount

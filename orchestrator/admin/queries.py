@@ -17,6 +17,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import JOB_STATUSES, Artifact, Job, StageRun
+from tasks.artifact_store import artifact_shas
 from tasks.contracts import STAGES
 
 PAGE_SIZES = (25, 50, 100, 200)
@@ -254,18 +255,6 @@ class JobRecord:
     original: dict[str, Any] | None
     reused_sources: dict[int, dict[str, Any]]  # stage_run id -> {job_id, stage, attempt}
 
-
-def artifact_shas(payload: Any) -> list[str]:
-    found: list[str] = []
-    if isinstance(payload, dict):
-        if {"sha256", "kind", "bytes", "media_type"} <= payload.keys():
-            found.append(payload["sha256"])
-        for value in payload.values():
-            found.extend(artifact_shas(value))
-    elif isinstance(payload, list):
-        for value in payload:
-            found.extend(artifact_shas(value))
-    return found
 
 
 def job_record(session: Session, job_id: str) -> JobRecord | None:
