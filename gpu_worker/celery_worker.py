@@ -2,5 +2,6 @@
 from tasks.celery_app import app
 from tasks import worker_checks  # noqa: F401  (schema and broker checked at worker start)
 from gpu_worker import stages  # noqa: F401  (registers generate_tokens and decode_audio)
+from gpu_worker import fault_injection  # noqa: F401  (per-job faults when SONGPIPE_FAULT_INJECTION is on)
 
 __all__ = ["app"]

@@ -1,9 +1,14 @@
 """Recovery from a poisoned CUDA context: record the failure, then replace this worker process.
 
 After a device-side assert every later CUDA call in the process fails, so the only cure is a new
-process. The stage wrapper records the error first; then this module marks the process poisoned
-and the `task_postrun` handler ends the prefork child, so the pool starts a fresh one for the
-next task. The task message was already acknowledged as failed, so it is not re-run.
+process. The stage wrapper (tasks/recording.py) calls `handle_gpu_failure` and then records the
+error with the stage's inputs; the `task_postrun` handler then ends the prefork child and billiard
+starts a fresh one for the next task. The parent sees the child vanish (WorkerLostError) and, with
+reject_on_worker_lost, puts the message back once; the re-delivery finds its attempt recorded as
+failed and backs off at the claim, so nothing is computed twice and the failure is not retried.
+
+A transient out-of-memory error (fragmentation) also ends the process: its one retry (a new
+attempt, sent by the stage wrapper) must start on a clean allocator.
 """
 from __future__ import annotations
 
@@ -12,12 +17,16 @@ import os
 
 from celery.signals import task_postrun
 
+from tasks.contracts import GPU_STAGES
+from tasks.recording import add_stage_hook
+
 log = logging.getLogger(__name__)
 
 CUDA_ERROR_MARKERS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS",
                       "cuDNN error", "an illegal instruction", "unspecified launch failure")
 POISON_EXIT_CODE = 70
-_poisoned = False
+_replace_reason: str | None = None
+_simulated_poison: str | None = None
 
 
 class SimulatedCudaPoison(RuntimeError):
@@ -32,20 +41,67 @@ def is_cuda_poison(exc: BaseException) -> bool:
     return name in ("AcceleratorError", "CudaError") or any(marker in text for marker in CUDA_ERROR_MARKERS)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+
+
 def handle_gpu_failure(exc: BaseException, ctx) -> None:
-    global _poisoned
+    """Decide whether this process must be replaced; the decision is recorded with the failure."""
+    global _replace_reason, _simulated_poison
     if is_cuda_poison(exc):
+        _replace_reason = f"CUDA context poisoned ({type(exc).__name__})"
+        if isinstance(exc, SimulatedCudaPoison):
+            _simulated_poison = str(exc)
         log.error("job %s stage %s: CUDA context is poisoned (%s); this worker process will be replaced",
                   ctx.job_id, ctx.stage, exc)
-        _poisoned = True
+    elif is_out_of_memory(exc):
+        _replace_reason = "out of device memory (a retry gets a fresh process and allocator)"
+    if _replace_reason is not None:
+        ctx.environment_extra["worker_process"] = {"pid": os.getpid(), "replaced_after_this_failure": True,
+                                                   "reason": _replace_reason}
+
+
+def mark_simulated_poison(reason: str) -> None:
+    """Fault injection on CPU: from now on this process refuses GPU work, as a poisoned one would."""
+    global _simulated_poison
+    _simulated_poison = reason
+
+
+def refuse_if_poisoned() -> None:
+    """A process whose (simulated) context is poisoned must not take more GPU work; raise if so."""
+    if _simulated_poison is not None:
+        raise SimulatedCudaPoison(f"this worker process (pid {os.getpid()}) has a poisoned CUDA context from an "
+                                  f"earlier failure ({_simulated_poison}) and was not replaced")
+
+
+def _guard(ctx, event: str, _info: dict) -> None:
+    if event == "start" and ctx.stage in GPU_STAGES:
+        refuse_if_poisoned()
+
+
+add_stage_hook(_guard)
 
 
 def process_is_poisoned() -> bool:
-    return _poisoned
+    return _replace_reason is not None
+
+
+def _is_pool_child() -> bool:
+    from billiard.process import current_process
+
+    return current_process().name != "MainProcess"
 
 
 @task_postrun.connect
 def _exit_if_poisoned(**_kwargs) -> None:
-    if _poisoned:
-        logging.shutdown()
-        os._exit(POISON_EXIT_CODE)
+    if _replace_reason is None:
+        return
+    if not _is_pool_child():
+        # solo/threads pool: exiting would end the whole worker; keep refusing GPU work instead
+        log.critical("worker process must be replaced (%s) but is not a prefork child: restart this worker",
+                     _replace_reason)
+        mark_simulated_poison(_replace_reason)
+        return
+    log.error("ending worker process %s (%s); the pool starts a fresh one", os.getpid(), _replace_reason)
+    logging.shutdown()
+    os._exit(POISON_EXIT_CODE)

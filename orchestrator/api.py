@@ -11,9 +11,10 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request, sen
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from db.engine import session_scope
+from orchestrator.admission import QueueFull, RateLimited, admitted  # noqa: F401  (QueueFull: web.py imports it here)
 from orchestrator.job_views import audio_artifact, is_job_id, job_view, links
 from orchestrator.request_parsing import RequestInvalid, error, error_body, parse_job_request
-from orchestrator.submission import SubmittedJob, queued_job_count, submit_job
+from orchestrator.submission import SubmittedJob, submit_job
 from tasks.artifact_store import open_store
 from tasks.contracts import JobRequest
 from tasks.settings import Settings
@@ -31,17 +32,10 @@ def errors_response(errors: list[dict[str, str]], status: int) -> tuple[Response
     return jsonify(error_body(errors)), status
 
 
-class QueueFull(Exception):
-    pass
-
-
 def accept_job(job_request: JobRequest, settings: Settings, *, source: str) -> SubmittedJob:
-    """Admission control shared by the API and the form: refuse when the queue is already long."""
-    with session_scope(settings.resolved_database_url) as session:
-        waiting = queued_job_count(session)
-    if waiting >= settings.max_queued_jobs:
-        raise QueueFull(f"{waiting} jobs are queued or running (limit {settings.max_queued_jobs}); try again later")
-    return submit_job(job_request, settings, source=source, client_id=request.remote_addr)
+    """Admission control shared by the API and the form: queue cap and per-client rate (admission.py)."""
+    with admitted(settings, request.remote_addr):
+        return submit_job(job_request, settings, source=source, client_id=request.remote_addr)
 
 
 @bp.post("/jobs")
@@ -57,9 +51,9 @@ def create_job():
         submitted = accept_job(job_request, settings, source="api")
     except RequestInvalid as exc:
         return errors_response(exc.errors, exc.status)
-    except QueueFull as exc:
-        response, status = errors_response([error("body", str(exc))], 503)
-        response.headers["Retry-After"] = "30"
+    except QueueFull as exc:  # RateLimited (429) is a QueueFull too
+        response, status = errors_response([error(exc.field, str(exc))], exc.status)
+        response.headers["Retry-After"] = str(exc.retry_after_s)
         return response, status
     body = {"id": submitted.id, "seed": submitted.seed, "seed_source": submitted.seed_source,
             "status": "queued", "links": links(submitted.id)}

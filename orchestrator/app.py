@@ -38,10 +38,12 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
     from orchestrator.web import register as register_web
     from orchestrator.api import register as register_api
     from orchestrator.admin import register as register_admin
+    from orchestrator.openapi import register as register_openapi
 
     register_web(app)
     register_api(app)
     register_admin(app)
+    register_openapi(app)
     return app
 
 

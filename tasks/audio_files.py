@@ -9,6 +9,7 @@ import functools
 import io
 import shutil
 import subprocess
+import warnings
 import wave
 
 import numpy as np
@@ -48,7 +49,10 @@ def encode(wav: bytes, output_format: str, bitrate: str = "192k") -> bytes:
     """Encode WAV bytes to the requested format (WAV is passed through unchanged)."""
     if output_format == "wav":
         return wav
-    from pydub import AudioSegment
+    with warnings.catch_warnings():
+        # pydub warns at import when no ffmpeg is on PATH; we hand it imageio-ffmpeg's binary below
+        warnings.filterwarnings("ignore", message="Couldn't find ffmpeg", category=RuntimeWarning)
+        from pydub import AudioSegment
 
     AudioSegment.converter = ffmpeg_binary()
     segment = AudioSegment.from_wav(io.BytesIO(wav))

@@ -1,0 +1,289 @@
+"""Plain vs fast path, same run, same card: HeartMuLa-oss-3B tokens and HeartCodec audio, random weights.
+
+    python bench/bench_fast.py                 # GPU: 3B bf16 LM, published-size fp32 codec, cold start
+    python bench/bench_fast.py --quick         # CPU: tiny sizes, a smoke run of the same code
+    python bench/bench_fast.py --only lm       # or codec, or cold
+
+LM rows: ms/frame (median-free: wall time between two device read-backs of the fast loop, or the
+median of per-frame stamps of the plain loop) and achieved GB/s (bytes one frame must read: weights
+once per frame, the decoder once per codebook, plus the filled KV cache of every row) for B songs with
+CFG (2 rows each) and B=1 without CFG; the plain path runs songs one after another, so its B-song
+frame costs B single-song frames. A correctness block compares the tokens of the two paths for the
+same seed (bf16, so a rounding flip may make them diverge after some frames) and a song alone vs inside
+a batch. Codec rows: seconds for a 240 s song (3000 frames, 10 windows), fp32 baseline vs the fast
+precisions, with the waveform SNR against the baseline and the SNR of a single estimator call.
+Cold start: load the 3B weights from fp32 safetensors (warm page cache) into bf16 on the GPU, then
+the first frame (and the second, which includes capturing the CUDA graph).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.bench_lm import (  # noqa: E402
+    AUDIO_EOS_ID,
+    H100_COPY_BANDWIDTH,
+    REAL_GEN_CONFIG,
+    bytes_per_frame,
+    random_model,
+    random_prompt,
+    write_published_layout,
+)
+from bench.table import print_table  # noqa: E402
+from gpu_worker.fast_codec import FastCodec, snr_db  # noqa: E402
+from gpu_worker.fast_generate import generate_fast, release_engines  # noqa: E402
+from gpu_worker.generate import SamplingParams, generate  # noqa: E402
+from gpu_worker.heartcodec import HeartCodecConfig, build_random_heartcodec  # noqa: E402
+from gpu_worker.heartmula import PRESETS  # noqa: E402
+from gpu_worker.heartmula_checkpoint import (  # noqa: E402
+    TINY_CONFIG,
+    TINY_GEN_CONFIG,
+    heartmula_args_from_config,
+    load_heartmula,
+)
+
+REAL_CONFIG = {"model_type": "heartmula", "backbone_flavor": "llama-3B", "decoder_flavor": "llama-300M",
+               "text_vocab_size": 128256, "audio_vocab_size": 8197, "audio_num_codebooks": 8, "muq_dim": 512}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _params(cfg: float, frames: int) -> SamplingParams:
+    return SamplingParams(temperature=1.0, top_k=50, cfg_scale=cfg, max_audio_length_ms=frames * 80)
+
+
+def _plain_no_eos(device):
+    eos = torch.tensor([AUDIO_EOS_ID], device=device)
+    return lambda frame, codebook, logits: logits.index_fill(-1, eos, float("-inf"))
+
+
+def _fast_no_eos(device):
+    eos = torch.tensor([AUDIO_EOS_ID], device=device)
+    return lambda frame_index, codebook, logits: logits.index_fill(-1, eos, float("-inf"))
+
+
+def _setup(device: torch.device, quick: bool):
+    if quick:
+        return heartmula_args_from_config(TINY_CONFIG, Path("tiny config.json")), torch.float32
+    return PRESETS["3B"], torch.bfloat16
+
+
+def _row(setting: str, path: str, songs: int, rows: int, ms: float, model, filled: int) -> dict[str, Any]:
+    weights, kv = bytes_per_frame(model, rows, filled)
+    return {"setting": setting, "path": path, "songs": songs, "ms/frame": ms,
+            "ms/frame/song": ms / songs, "frames/s (all songs)": songs * 1e3 / ms,
+            "GB/frame": (weights + kv) / 1e9, "GB/s": (weights + kv) / (ms * 1e-3) / 1e9,
+            "H100 floor ms": (weights + kv) / H100_COPY_BANDWIDTH * 1e3}
+
+
+def time_plain(model, prompt, cfg: float, frames: int, warmup: int, device) -> float:
+    hook = _plain_no_eos(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    generate(model, prompt, _params(cfg, warmup), generator=generator, logits_hook=hook)
+    stamps: list[float] = []
+    generate(model, prompt, _params(cfg, frames), generator=generator, logits_hook=hook, progress_every=1,
+             progress=lambda done, total: stamps.append(time.perf_counter()))
+    return statistics.median(b - a for a, b in zip(stamps[:-2], stamps[1:-1])) * 1e3
+
+
+def time_fast(model, prompts, cfg: float, frames: int, device, sync_every: int) -> float:
+    """ms per frame step (all songs) between the first and last read-back of a warmed-up run."""
+    hook = _fast_no_eos(device)
+    params = _params(cfg, frames)
+    for attempt in range(2):  # first run: engine, warm-up, graph capture
+        stamps: list[float] = []
+        progress = [lambda done, total: stamps.append(time.perf_counter())] + [None] * (len(prompts) - 1)
+        generate_fast(model, prompts, params, logits_hook=hook, sync_every=sync_every, progress=progress,
+                      generators=[torch.Generator(device=device).manual_seed(i) for i in range(len(prompts))])
+    # stamps: after steps sync_every, 2*sync_every, ... (each after a device read-back), then the final one
+    marks = stamps[:-1]
+    return (marks[-1] - marks[0]) / ((len(marks) - 1) * sync_every) * 1e3
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
+    """(first frame where the two grids differ, or the common length; fraction of equal frames)."""
+    n = min(a.shape[1], b.shape[1])
+    same = (a[:, :n] == b[:, :n]).all(dim=0)
+    first = int((~same).nonzero()[0]) if (~same).any() else n
+    return first, float(same.float().mean())
+
+
+def run_lm_comparison(device: str = "cuda", quick: bool = False, batches=(1, 2, 4, 8), frames: int = 100,
+                      prompt_length: int = 300, check_frames: int = 200, plain: bool = True) -> tuple[list, list]:
+    dev = torch.device(device)
+    args, dtype = _setup(dev, quick)
+    if quick:
+        frames, prompt_length, check_frames = min(frames, 40), min(prompt_length, 30), min(check_frames, 60)
+    sync_every = 10 if quick else 20
+    model = random_model(args, dev, dtype)
+    prompts = [random_prompt(args, prompt_length - 7 * i, seed=i) for i in range(max(4, *batches))]
+    filled = prompt_length + frames // 2
+
+    checks: list[dict[str, Any]] = []
+    hook_p, hook_f = _plain_no_eos(dev), _fast_no_eos(dev)
+    for cfg in (1.5, 1.0):
+        ref = generate(model, prompts[0], _params(cfg, check_frames), logits_hook=hook_p,
+                       generator=torch.Generator(device=dev).manual_seed(123)).frames
+        fast = generate_fast(model, prompts[0], _params(cfg, check_frames), logits_hook=hook_f,
+                             generators=[torch.Generator(device=dev).manual_seed(123)])[0].frames
+        first, rate = _agreement(ref, fast)
+        checks.append({"check": f"plain vs fast, same seed, cfg {cfg}", "frames": check_frames,
+                       "first differing frame": first, "equal frames": rate})
+    solo = generate_fast(model, prompts[1], _params(1.5, check_frames), logits_hook=hook_f,
+                         generators=[torch.Generator(device=dev).manual_seed(7)])[0].frames
+    quad = generate_fast(model, prompts[:4], _params(1.5, check_frames), logits_hook=hook_f,
+                         generators=[torch.Generator(device=dev).manual_seed(s) for s in (1, 7, 2, 3)])[1].frames
+    first, rate = _agreement(solo, quad)
+    checks.append({"check": "fast: song alone vs inside 4 songs", "frames": check_frames,
+                   "first differing frame": first, "equal frames": rate})
+    release_engines()
+
+    rows: list[dict[str, Any]] = []
+    if plain:
+        ms = time_plain(model, prompts[0], 1.5, frames, 10, dev)
+        for songs in batches:
+            rows.append(_row("CFG", "plain (songs in turn)", songs, 2 * songs, ms * songs, model, filled))
+        rows.append(_row("no CFG", "plain", 1, 1, time_plain(model, prompts[0], 1.0, frames, 10, dev), model,
+                         filled))
+    for songs in batches:
+        ms = time_fast(model, prompts[:songs], 1.5, frames, dev, sync_every)
+        rows.append(_row("CFG", "fast", songs, 2 * songs, ms, model, filled))
+        release_engines()
+        _free(dev)
+    rows.append(_row("no CFG", "fast", 1, 1, time_fast(model, prompts[:1], 1.0, frames, dev, sync_every), model,
+                     filled))
+    release_engines()
+    del model
+    _free(dev)
+    return checks, rows
+
+
+def run_codec_comparison(device: str = "cuda", quick: bool = False,
+                         precisions=("tf32", "bf16-mixed", "bf16")) -> list[dict[str, Any]]:
+    dev = torch.device(device)
+    config = HeartCodecConfig.tiny() if quick else HeartCodecConfig.published()
+    codec = build_random_heartcodec(config, device=dev, dtype=torch.float32, seed=0)
+    frames = 700 if quick else 3000
+    codes = torch.randint(0, config.codebook_size, (config.num_quantizers, frames),
+                          generator=torch.Generator().manual_seed(frames))
+    short = codes[:, :372]
+
+    def timed(fn) -> tuple[float, torch.Tensor]:
+        _sync(dev)
+        start = time.perf_counter()
+        out = fn()
+        _sync(dev)
+        return time.perf_counter() - start, out
+
+    def gen() -> torch.Generator:
+        return torch.Generator(device=dev).manual_seed(0)
+
+    codec.decode(short, generator=gen())  # warm-up
+    seconds, reference = timed(lambda: codec.decode(codes, generator=gen()))
+    song = f"{frames * 0.08:.0f} s song"
+    rows = [{"codec": "fp32 (default precision)", "case": song, "seconds": seconds, "SNR dB": float("inf"),
+             "estimator call SNR dB": float("inf")}]
+    # one estimator call on a realistic input, for a precision figure that does not depend on the solver
+    estimator = codec.flow_matching.estimator
+    probe = torch.randn(2, 744, config.in_channels, generator=gen(), device=dev)
+    t = torch.tensor([0.3, 0.3], device=dev)
+    with torch.inference_mode():
+        v_ref = estimator(probe, t)
+    for precision in precisions:
+        fast = FastCodec(codec, precision=precision)
+        fast.decode(short, generator=gen())  # warm-up and graph capture
+        seconds, audio = timed(lambda: fast.decode(codes, generator=gen()))
+        with torch.inference_mode():
+            v = fast._estimate(probe, t).clone()
+        rows.append({"codec": f"fast {precision}", "case": song, "seconds": seconds,
+                     "SNR dB": snr_db(reference, audio), "estimator call SNR dB": snr_db(v_ref, v)})
+        del fast
+        _free(dev)
+    return rows
+
+
+def run_cold_start(device: str = "cuda", quick: bool = False, work_dir: str | None = None) -> list[dict[str, Any]]:
+    """Load the LM from fp32 safetensors (just written: warm page cache) + the fast path's first frames."""
+    dev = torch.device(device)
+    args, dtype = _setup(dev, quick)
+    config, gen_config = (TINY_CONFIG, TINY_GEN_CONFIG) if quick else (REAL_CONFIG, REAL_GEN_CONFIG)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        model = random_model(args, dev, dtype)
+        start = time.perf_counter()
+        write_published_layout(model, Path(tmp), config, gen_config)
+        rows.append({"step": "write fp32 safetensors (4 shards)", "seconds": time.perf_counter() - start})
+        del model
+        _free(dev)
+        _sync(dev)
+        start = time.perf_counter()
+        model = load_heartmula(tmp, device=dev, dtype=dtype).model
+        _sync(dev)
+        loaded = time.perf_counter() - start
+        rows.append({"step": "load_heartmula -> bf16 on the device", "seconds": loaded})
+        prompt = random_prompt(args, 300 if not quick else 30, seed=0)
+        for frames, what in ((1, "+ first frame (engine, warm-up, prefill, frame 0)"),
+                             (2, "+ second frame (graph capture, replay)")):
+            release_engines()
+            _free(dev)
+            start = time.perf_counter()
+            generate_fast(model, prompt, _params(1.5, frames), logits_hook=_fast_no_eos(dev),
+                          generators=[torch.Generator(device=dev).manual_seed(0)])
+            _sync(dev)
+            rows.append({"step": what, "seconds": time.perf_counter() - start,
+                         "cold start total s": loaded + time.perf_counter() - start})
+    release_engines()
+    del model
+    _free(dev)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--only", choices=["lm", "codec", "cold"], action="append")
+    parser.add_argument("--batches", default="1,2,4,8")
+    parser.add_argument("--frames", type=int, default=100)
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain-path timings")
+    parser.add_argument("--precisions", default="tf32,bf16-mixed,bf16")
+    parser.add_argument("--work-dir", default=None)
+    cli = parser.parse_args()
+    device = cli.device or ("cpu" if cli.quick else "cuda")
+    parts = cli.only or ["lm", "codec", "cold"]
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
+    print(f"{name}, torch {torch.__version__}", flush=True)
+    if "lm" in parts:
+        checks, rows = run_lm_comparison(device, cli.quick, tuple(int(b) for b in cli.batches.split(",")),
+                                         cli.frames, plain=not cli.no_plain)
+        print_table("Token agreement (same seeds)", checks)
+        print_table("HeartMuLa token generation, plain vs fast", rows)
+    if "codec" in parts:
+        print_table("HeartCodec decoding, fp32 baseline vs fast",
+                    run_codec_comparison(device, cli.quick, tuple(cli.precisions.split(","))))
+    if "cold" in parts:
+        print_table("Cold start (LM)", run_cold_start(device, cli.quick, cli.work_dir))
+
+
+if __name__ == "__main__":
+    main()

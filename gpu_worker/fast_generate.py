@@ -1,0 +1,559 @@
+"""HeartMuLa token generation, the fast path: same computation as `generate.generate`, fewer launches.
+
+What changes against the plain path (spec §9 levers 1-4), and what does not:
+* B songs share one static batch of B*R rows (R = 2 with CFG: conditional, unconditional). Every op of a
+  frame is row-wise, so a song's tokens do not depend on its batch mates except through GEMM shapes
+  (bf16 rounding differences only).
+* One frame for all songs (backbone token + codebook-0 head + 7 decoder steps + 8 samplings + EOS
+  bookkeeping) is one static-shape function over preallocated buffers. On CUDA it is captured once per
+  key-length bucket as a CUDA graph and replayed; on the CPU the identical function runs eagerly.
+* The backbone attends over a static bucket of `bucket` key slots with a per-row mask (rows sit at
+  different positions); the plain path attends over exactly the filled slots.
+* q/k/v and gate/up projections run as one GEMM each: the model's parameters are rebound to views of
+  fused weights (same values, no extra memory; the plain path keeps working on the same model).
+* Randomness: each song's Exponential(1) draws come from its own generator, outside the graph, in
+  exactly the plain path's shapes and order (8 tensors [1, V] per frame, codebook order), into a static
+  buffer the graph reads. Draws after a song's end are wasted, never used.
+* No host sync inside the loop: EOS / length / error flags live on the device and are read back every
+  `sync_every` frames (progress and cancellation run then); frames after a song's end are discarded.
+Prefill runs eagerly (one song at a time, the plain path's attention call).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import sdpa_kernel
+
+from gpu_worker.generate import (
+    SDPA_BACKENDS,
+    ContextLimitError,
+    EmptySongError,
+    GenerationCancelled,
+    GenerationResult,
+    SamplingParams,
+    _check_prompt,
+    forbidden_ids_mask,
+    top_k_race,
+)
+from gpu_worker.heartmula import HeartMuLa, Transformer, compute_dtype
+from gpu_worker.prompt import Prompt
+from gpu_worker.token_validation import CODEBOOK_SIZE, validate_codes
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+# logits_hook(frame_index [B] long, codebook, guided logits [B, V] fp32) -> logits [B, V]; traced into the
+# CUDA graph, so it must use tensor ops only (tests inject EOS / special ids with it).
+FastLogitsHook = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+NEG_INF = float("-inf")
+
+
+# ------------------------------------------------------------------------------------------------- weights
+
+@dataclass
+class _LayerWeights:
+    wqkv: torch.Tensor
+    wo: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+    sa_scale: torch.Tensor
+    mlp_scale: torch.Tensor
+
+
+@torch.no_grad()
+def fuse_projections_(stack: Transformer) -> list[_LayerWeights]:
+    """q|k|v and w1|w3 as one weight each; the modules' own parameters become views of them (idempotent)."""
+    out = []
+    for layer in stack.layers:
+        attn, mlp = layer.attn, layer.mlp
+        parts = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+        if getattr(attn, "fused_qkv", None) is None or attn.fused_qkv.data_ptr() != parts[0].data_ptr():
+            attn.fused_qkv = torch.cat(parts)
+            sizes = [p.shape[0] for p in parts]
+            for module, view in zip((attn.q_proj, attn.k_proj, attn.v_proj), attn.fused_qkv.split(sizes)):
+                module.weight = nn.Parameter(view, requires_grad=False)
+        gates = [mlp.w1.weight, mlp.w3.weight]
+        if getattr(mlp, "fused_w13", None) is None or mlp.fused_w13.data_ptr() != gates[0].data_ptr():
+            mlp.fused_w13 = torch.cat(gates)
+            for module, view in zip((mlp.w1, mlp.w3), mlp.fused_w13.split([g.shape[0] for g in gates])):
+                module.weight = nn.Parameter(view, requires_grad=False)
+        out.append(_LayerWeights(attn.fused_qkv, attn.output_proj.weight, mlp.fused_w13, mlp.w2.weight,
+                                 layer.sa_norm.scale, layer.mlp_norm.scale))
+    return out
+
+
+def _rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    # exactly heartmula.RMSNorm: statistics in fp32, cast back before the scale multiply
+    return F.rms_norm(x.to(compute_dtype(x.dtype)), (x.shape[-1],), eps=eps).to(x.dtype) * scale
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # exactly heartmula.apply_rotary_emb, with cos/sin broadcastable to x's pairs [N, S, H, hd/2]
+    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).to(x.dtype)
+
+
+def _block(x: torch.Tensor, w: _LayerWeights, stack: Transformer, cos: torch.Tensor, sin: torch.Tensor,
+           write_kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+           mask: torch.Tensor | None) -> torch.Tensor:
+    """One pre-norm block over `x [N, S, D]`; `write_kv(k, v)` stores `[N, KV, S, hd]`, returns the keys to attend."""
+    args = stack.args
+    n, seq, _ = x.shape
+    heads, kv_heads, hd = args.num_heads, args.num_kv_heads, args.head_dim
+    group = heads // kv_heads
+    qkv = F.linear(_rms_norm(x, w.sa_scale, args.norm_eps), w.wqkv)
+    qk = _rope(qkv[..., :(heads + kv_heads) * hd].view(n, seq, heads + kv_heads, hd), cos, sin)
+    v = qkv[..., (heads + kv_heads) * hd:].view(n, seq, kv_heads, hd)
+    keys, values = write_kv(qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2))
+    q = qk[:, :, :heads].transpose(1, 2).reshape(n, kv_heads, group * seq, hd)  # folded GQA, as the plain path
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    h = x + F.linear(out.reshape(n, heads, seq, hd).transpose(1, 2).reshape(n, seq, heads * hd), w.wo)
+    gate_up = F.linear(_rms_norm(h, w.mlp_scale, args.norm_eps), w.w13)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, w.w2)
+
+
+def _causal_fold_mask(seq: int, group: int, device: torch.device) -> torch.Tensor:
+    """The plain path's prefill mask `[group * S, S]` (heartmula.Transformer.attention_mask)."""
+    causal = torch.arange(seq, device=device)[None, :] <= torch.arange(seq, device=device)[:, None]
+    return causal.repeat(group, 1)
+
+
+def _rope_tables(stack: Transformer) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = stack.freqs_cis
+    return freqs[..., 0].contiguous(), freqs[..., 1].contiguous()
+
+
+# -------------------------------------------------------------------------------------------------- engine
+
+class FrameEngine:
+    """Static buffers and the per-frame step for `num_songs` slots of `rows` rows each (see module doc).
+
+    Slot state on the device: `prev` [B, 8] codes fed next, `pos` [B] the position they go to,
+    `count` [B] frames recorded, `limit` [B] frames wanted, `done` / `eos` [B], `error` [B] first
+    frame*8+codebook without an eligible id (-1: none), `frames` [B, max_frames + 1, 8] int32.
+    """
+
+    def __init__(self, model: HeartMuLa, *, num_songs: int, rows: int, cache_len: int, max_frames: int,
+                 cfg_scale: float, temperature: float, top_k: int, audio_eos_id: int,
+                 bucket: int = 512, use_graphs: bool | None = None, logits_hook: FastLogitsHook | None = None):
+        args = model.args
+        if model.backbone.freqs_cis is None or model.decoder.freqs_cis is None:
+            model.setup_caches(rows)  # the RoPE tables live there; the plain path reuses these caches
+        self.model, self.args = model, args
+        self.device, self.dtype = model.device, model.dtype
+        self.num_songs, self.rows, self.num_rows = num_songs, rows, num_songs * rows
+        self.cache_len, self.bucket = cache_len, bucket
+        self.cfg_scale, self.temperature, self.top_k = cfg_scale, temperature, top_k
+        self.audio_eos_id = audio_eos_id
+        self.logits_hook = logits_hook
+        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        self.backbone_w = fuse_projections_(model.backbone)
+        self.decoder_w = fuse_projections_(model.decoder)
+        self.bb_cos, self.bb_sin = _rope_tables(model.backbone)
+        self.dec_cos, self.dec_sin = _rope_tables(model.decoder)
+        dev, n = self.device, self.num_rows
+        bb, dec = args.backbone, args.decoder
+        self.k_cache = [torch.zeros(n, bb.num_kv_heads, cache_len, bb.head_dim, dtype=self.dtype, device=dev)
+                        for _ in range(bb.num_layers)]
+        self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
+        slots = args.audio_num_codebooks
+        self.dk_cache = [torch.zeros(n, dec.num_kv_heads, slots, dec.head_dim, dtype=self.dtype, device=dev)
+                         for _ in range(dec.num_layers)]
+        self.dv_cache = [torch.zeros_like(k) for k in self.dk_cache]
+        group = dec.num_heads // dec.num_kv_heads
+        self.dec_mask2 = _causal_fold_mask(2, group, dev)
+        self.forbidden = forbidden_ids_mask(args.audio_vocab_size, audio_eos_id, device=dev)
+        self.offsets = torch.arange(slots, device=dev) * args.audio_vocab_size
+        self.grid_mask = torch.ones(num_songs, slots + 1, dtype=torch.bool, device=dev)
+        self.grid_mask[:, -1] = False
+
+        b, v = num_songs, args.audio_vocab_size
+        self.noise = torch.ones(b, slots, v, dtype=torch.float32, device=dev)
+        self.last_h = torch.zeros(n, bb.embed_dim, dtype=compute_dtype(self.dtype), device=dev)
+        self.prev = torch.zeros(b, slots, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(b, dtype=torch.long, device=dev)
+        self.count = torch.zeros(b, dtype=torch.long, device=dev)
+        self.limit = torch.zeros(b, dtype=torch.long, device=dev)
+        self.done = torch.ones(b, dtype=torch.bool, device=dev)
+        self.eos = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.error = torch.full((b,), -1, dtype=torch.long, device=dev)
+        self.frames = torch.zeros(b, max_frames + 1, slots, dtype=torch.int32, device=dev)
+        self.all_songs = torch.ones(b, dtype=torch.bool, device=dev)
+        self.max_frames = max_frames
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        if self.use_graphs:
+            self._warm_up()
+
+    # ---- host-side control
+
+    def buckets_for(self, max_position: int) -> int:
+        """Smallest bucket of key slots that covers positions 0..max_position."""
+        return min(self.cache_len, math.ceil((max_position + 1) / self.bucket) * self.bucket)
+
+    def reset_slot(self, song: int) -> None:
+        self.done[song] = True
+        self.eos[song] = False
+        self.error[song] = -1
+        self.count[song] = 0
+
+    @torch.inference_mode()
+    def prefill(self, song: int, prompt: Prompt, limit: int) -> None:
+        """Run the prompt of slot `song` through the backbone (eager) and arm the slot for frame 0."""
+        model, rows, length = self.model, self.rows, prompt.length
+        r0 = song * rows
+        h = model.embed_prompt(prompt.tokens.to(self.device), prompt.mask.to(self.device), prompt.muq_idx, rows)
+        bb = self.args.backbone
+        mask = _causal_fold_mask(length, bb.num_heads // bb.num_kv_heads, self.device)
+        cos = self.bb_cos[:length][None, :, None]
+        sin = self.bb_sin[:length][None, :, None]
+        for layer, w in enumerate(self.backbone_w):
+            kc, vc = self.k_cache[layer][r0:r0 + rows], self.v_cache[layer][r0:r0 + rows]
+
+            def write(k: torch.Tensor, v: torch.Tensor, kc=kc, vc=vc) -> tuple[torch.Tensor, torch.Tensor]:
+                kc[:, :, :length].copy_(k)
+                vc[:, :, :length].copy_(v)
+                return kc[:, :, :length], vc[:, :, :length]
+
+            h = _block(h, w, model.backbone, cos, sin, write, mask)
+        self.last_h[r0:r0 + rows].copy_(_rms_norm(h[:, -1], model.backbone.norm.scale, bb.norm_eps))
+        self.pos[song] = length  # frame 0 goes in at position `length`
+        self.limit[song] = limit
+        self.count[song] = 0
+        self.eos[song] = False
+        self.error[song] = -1
+        self.done[song] = False
+
+    def draw_noise(self, song: int, generator: torch.Generator) -> None:
+        """One frame of the plain path's draws for `song`: 8 x Exponential(1) `[1, V]`, codebook order."""
+        for codebook in range(self.args.audio_num_codebooks):
+            self.noise[song, codebook].exponential_(1.0, generator=generator)
+
+    @torch.inference_mode()
+    def first_frame(self, songs: torch.Tensor) -> None:
+        """Sample and record frame 0 of the slots in the bool mask `songs` from their prefill states (eager)."""
+        with sdpa_kernel(SDPA_BACKENDS):
+            self._sample_and_record(self.last_h, songs)
+
+    @torch.inference_mode()
+    def step(self, max_position: int) -> None:
+        """One frame for every live slot; `max_position` bounds every live slot's next position."""
+        keys = self.buckets_for(max_position)
+        if not self.use_graphs:
+            with sdpa_kernel(SDPA_BACKENDS):
+                self._step(keys)
+            return
+        graph = self.graphs.get(keys)
+        if graph is None:
+            graph = self.graphs[keys] = self._capture(keys)
+        graph.replay()
+
+    def read_state(self) -> dict[str, list]:
+        """The slot flags, read back to the host (the only sync of the loop)."""
+        packed = torch.stack([self.count, self.done.long(), self.eos.long(), self.error]).cpu()
+        count, done, eos, error = packed.tolist()
+        return {"count": count, "done": [bool(d) for d in done], "eos": [bool(e) for e in eos], "error": error}
+
+    # ---- CUDA graphs
+
+    def _warm_up(self) -> None:
+        # One eager run on scratch state initialises cuBLAS / attention kernels before any capture; the
+        # slot state is reset afterwards.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), torch.inference_mode(), sdpa_kernel(SDPA_BACKENDS):
+            self.done.fill_(False)
+            self.limit.fill_(1)
+            self._step(self.buckets_for(0))
+            self.done.fill_(True)
+            self.count.zero_()
+            self.pos.zero_()
+            self.eos.fill_(False)
+            self.error.fill_(-1)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+
+    def _capture(self, keys: int) -> torch.cuda.CUDAGraph:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), sdpa_kernel(SDPA_BACKENDS), \
+                torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._step(keys)
+        return graph
+
+    # ---- the frame (static shapes: traced into the graphs)
+
+    def _step(self, keys: int) -> None:
+        model, args = self.model, self.args
+        bb = args.backbone
+        tokens = torch.cat([self.prev, self.prev.new_zeros(self.num_songs, 1)], dim=1)  # grid rows, text = empty
+        embeds = model.embed_grid(tokens, self.grid_mask, 1)[0]  # [B, D], the plain path's masked sum
+        h = embeds.repeat_interleave(self.rows, dim=0)[:, None]  # [N, 1, D]
+        pos = self.pos.repeat_interleave(self.rows)  # [N] where this token goes
+        cos = self.bb_cos[pos][:, None, None]
+        sin = self.bb_sin[pos][:, None, None]
+        mask = (torch.arange(keys, device=self.device)[None, :] <= pos[:, None])[:, None, None]  # [N,1,1,keys]
+        rows = torch.arange(self.num_rows, device=self.device)
+        for layer, w in enumerate(self.backbone_w):
+            kc, vc = self.k_cache[layer], self.v_cache[layer]
+
+            def write(k: torch.Tensor, v: torch.Tensor, kc=kc, vc=vc) -> tuple[torch.Tensor, torch.Tensor]:
+                kc[rows, :, pos] = k[:, :, 0]
+                vc[rows, :, pos] = v[:, :, 0]
+                return kc[:, :, :keys], vc[:, :, :keys]
+
+            h = _block(h, w, model.backbone, cos, sin, write, mask)
+        last_h = _rms_norm(h[:, -1], model.backbone.norm.scale, bb.norm_eps).to(compute_dtype(h.dtype))
+        self.pos.add_((~self.done).long())
+        self._sample_and_record(last_h, self.all_songs)
+
+    def _decoder(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Decoder over `x [N, S, d]` at positions start..start+S-1 (cache reset = writing from 0)."""
+        dec = self.args.decoder
+        seq = x.shape[1]
+        end = start + seq
+        cos = self.dec_cos[start:end][None, :, None]
+        sin = self.dec_sin[start:end][None, :, None]
+        mask = self.dec_mask2 if seq == 2 else None
+        h = x
+        for layer, w in enumerate(self.decoder_w):
+            kc, vc = self.dk_cache[layer], self.dv_cache[layer]
+
+            def write(k: torch.Tensor, v: torch.Tensor, kc=kc, vc=vc) -> tuple[torch.Tensor, torch.Tensor]:
+                kc[:, :, start:end].copy_(k)
+                vc[:, :, start:end].copy_(v)
+                return kc[:, :, :end], vc[:, :, :end]
+
+            h = _block(h, w, self.model.decoder, cos, sin, write, mask)
+        return _rms_norm(h[:, -1], self.model.decoder.norm.scale, dec.norm_eps).to(compute_dtype(h.dtype))
+
+    def _guided(self, logits: torch.Tensor) -> torch.Tensor:
+        """generate.cfg_mix per song: `[N, V]` raw logits -> `[B, V]` fp32."""
+        if self.rows == 1:
+            return logits
+        pairs = logits.view(self.num_songs, 2, -1)
+        cond, uncond = pairs[:, 0].float(), pairs[:, 1].float()
+        return uncond + self.cfg_scale * (cond - uncond)
+
+    def _sample(self, logits: torch.Tensor, codebook: int, frame_index: torch.Tensor) -> torch.Tensor:
+        guided = self._guided(logits)
+        if self.logits_hook is not None:
+            guided = self.logits_hook(frame_index, codebook, guided)
+        return top_k_race(guided, self.noise[:, codebook], temperature=self.temperature, top_k=self.top_k,
+                          forbidden=self.forbidden)
+
+    def _rows(self, per_song: torch.Tensor) -> torch.Tensor:
+        return per_song.repeat_interleave(self.rows, dim=0)
+
+    def _sample_and_record(self, last_h: torch.Tensor, songs: torch.Tensor) -> None:
+        model, args = self.model, self.args
+        vocab, dtype = args.audio_vocab_size, self.dtype
+        frame_index = self.count
+        codes = [self._sample(model.codebook0_logits(last_h), 0, frame_index)]
+        e0 = F.embedding(codes[0].clamp_min(0), model.audio_embeddings.weight)  # a -1 frame is discarded anyway
+        x = model.projection(torch.stack([last_h.to(dtype), self._rows(e0)], dim=1))
+        h = self._decoder(x, 0)
+        codes.append(self._sample(model._audio_logits(h, codebook=1), 1, frame_index))
+        for codebook in range(2, args.audio_num_codebooks):
+            prev_row = codes[-1].clamp_min(0) + (codebook - 1) * vocab
+            x = model.projection(F.embedding(prev_row, model.audio_embeddings.weight))
+            h = self._decoder(self._rows(x)[:, None], codebook)
+            codes.append(self._sample(model._audio_logits(h, codebook=codebook), codebook, frame_index))
+        self._record(torch.stack(codes, dim=1), songs)
+
+    def _record(self, codes: torch.Tensor, songs: torch.Tensor) -> None:
+        """Device-side bookkeeping of one frame `codes [B, 8]` int32 for the slots in `songs` (no host sync)."""
+        live = songs & ~self.done
+        invalid = codes < 0
+        bad = invalid.any(dim=1)
+        is_eos = (codes == self.audio_eos_id).any(dim=1)
+        first_bad = self.count * codes.shape[1] + invalid.int().argmax(dim=1)
+        self.error.copy_(torch.where(live & bad, first_bad, self.error))
+        keep = live & ~bad & ~is_eos
+        self.eos.copy_(self.eos | (live & ~bad & is_eos))
+        songs_idx = torch.arange(self.num_songs, device=self.device)
+        current = self.frames[songs_idx, self.count]
+        self.frames[songs_idx, self.count] = torch.where(keep[:, None], codes, current)
+        self.count.add_(keep.long())
+        self.prev.copy_(torch.where(keep[:, None], codes.long(), self.prev))
+        self.done.copy_(self.done | (live & (bad | is_eos)) | (self.count >= self.limit))
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+@dataclass
+class _EngineKey:
+    model_id: int
+    num_songs: int
+    rows: int
+    cache_len: int
+    max_frames: int
+    sampling: tuple
+    eos: int
+    bucket: int
+    use_graphs: bool
+
+
+_ENGINES: dict[int, tuple[_EngineKey, FrameEngine]] = {}
+
+
+def _engine_for(model: HeartMuLa, key: _EngineKey, build: Callable[[], FrameEngine]) -> FrameEngine:
+    """One cached engine (buffers + captured graphs) per model; a different shape replaces it."""
+    cached = _ENGINES.get(id(model))
+    if cached is not None and cached[0] == key and cached[1].model is model:
+        return cached[1]
+    _ENGINES.pop(id(model), None)
+    if model.device.type == "cuda":
+        del cached
+        torch.cuda.empty_cache()
+    engine = build()
+    _ENGINES[id(model)] = (key, engine)
+    return engine
+
+
+def release_engines() -> None:
+    """Drop cached engines (their KV caches and graphs)."""
+    _ENGINES.clear()
+
+
+def _per_song(value, count: int, name: str) -> list:
+    if value is None or callable(value):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"{name}: expected {count} entries (one per song), got {len(values)}")
+    return values
+
+
+@torch.inference_mode()
+def generate_fast(model: HeartMuLa, prompts: Sequence[Prompt] | Prompt,
+                  params: SamplingParams | Sequence[SamplingParams], *, generators: Sequence[torch.Generator],
+                  progress: ProgressFn | Sequence[ProgressFn | None] | None = None,
+                  should_cancel: CancelFn | Sequence[CancelFn | None] | None = None,
+                  sync_every: int = 25, logits_hook: FastLogitsHook | None = None,
+                  return_exceptions: bool = False, bucket: int | None = None,
+                  use_graphs: bool | None = None) -> list[GenerationResult | Exception]:
+    """Generate B songs together; song i uses `generators[i]` only and gets the plain path's result.
+
+    `params` is one SamplingParams, or one per song; temperature, top_k and cfg_scale must agree across
+    the batch (they are baked into the captured frame), max_audio_length_ms may differ. Every
+    `sync_every` frames the device flags are read back: `progress[i](done, total)` and
+    `should_cancel[i]()` run then (a bare callable serves every song), and `progress` once more at the
+    end. Errors (GenerationCancelled, EmptySongError, no eligible id) are raised for the first failing
+    song after all songs finish, or returned in that song's place with `return_exceptions=True`.
+    """
+    prompt_list = [prompts] if isinstance(prompts, Prompt) else list(prompts)
+    count = len(prompt_list)
+    if count == 0:
+        raise ValueError("no prompts")
+    param_list = _per_song(params if isinstance(params, Sequence) else [params] * count, count, "params")
+    first = param_list[0]
+    for p in param_list[1:]:
+        if (p.temperature, p.top_k, p.cfg_scale) != (first.temperature, first.top_k, first.cfg_scale):
+            raise ValueError("temperature, top_k and cfg_scale must be the same for every song of a batch")
+    generator_list = _per_song(generators, count, "generators")
+    progress_list = _per_song(progress, count, "progress")
+    cancel_list = _per_song(should_cancel, count, "should_cancel")
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+    args, device = model.args, model.device
+    eos_ids = {p.audio_eos_id for p in prompt_list}
+    if len(eos_ids) != 1:
+        raise ValueError(f"all prompts must share one audio_eos_id, got {sorted(eos_ids)}")
+    limit = args.backbone.max_seq_len
+    totals = [p.max_frames for p in param_list]
+    for prompt, total, generator in zip(prompt_list, totals, generator_list):
+        if prompt.length + total > limit:
+            raise ContextLimitError(
+                f"prompt length L={prompt.length} + max frames N={total} = {prompt.length + total} exceeds the "
+                f"context limit {limit} (max_seq_len); shorten the lyrics or max_audio_length_ms")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device}, the model on {device}")
+        _check_prompt(model, prompt)
+    if first.top_k > args.audio_vocab_size:
+        raise ValueError(f"top_k must be in 1..{args.audio_vocab_size}, got {first.top_k}")
+
+    graphs = (device.type == "cuda") if use_graphs is None else use_graphs
+    bucket = bucket or (512 if graphs else 64)
+    need = max(p.length + t for p, t in zip(prompt_list, totals))
+    cache_len = min(limit, math.ceil(need / bucket) * bucket)
+    rows = 2 if first.uses_cfg else 1
+    max_frames = max(totals)
+    key = _EngineKey(id(model), count, rows, cache_len, max_frames,
+                     (first.temperature, first.top_k, first.cfg_scale), eos_ids.pop(), bucket, graphs)
+    engine = _engine_for(model, key, lambda: FrameEngine(
+        model, num_songs=count, rows=rows, cache_len=cache_len, max_frames=max_frames,
+        cfg_scale=first.cfg_scale, temperature=first.temperature, top_k=first.top_k,
+        audio_eos_id=key.eos, bucket=bucket, use_graphs=graphs, logits_hook=logits_hook))
+    if engine.logits_hook is not logits_hook:
+        engine.logits_hook = logits_hook
+        engine.graphs.clear()  # a different hook means a different frame: capture again
+
+    for song, (prompt, total) in enumerate(zip(prompt_list, totals)):
+        engine.prefill(song, prompt, total)
+    for song, generator in enumerate(generator_list):
+        engine.draw_noise(song, generator)
+    engine.first_frame(engine.all_songs)
+
+    errors: list[Exception | None] = [None] * count
+    live = [True] * count
+    step = 0
+    max_steps = max(totals) - 1
+    while True:
+        if step == max_steps or (step > 0 and step % sync_every == 0) or step == 0:
+            state = engine.read_state()
+            for song in range(count):
+                if not live[song]:
+                    continue
+                done = state["count"][song]
+                if state["done"][song]:
+                    live[song] = False
+                    continue
+                if step > 0 and cancel_list[song] is not None and cancel_list[song]():
+                    errors[song] = GenerationCancelled(f"cancelled after {done} of {totals[song]} frames")
+                    engine.done[song] = True
+                    live[song] = False
+                    continue
+                if step > 0 and progress_list[song] is not None:
+                    progress_list[song](done, totals[song])
+            if not any(live) or step == max_steps:
+                break
+        for song in range(count):
+            if live[song]:
+                engine.draw_noise(song, generator_list[song])
+        step += 1
+        engine.step(max(p.length - 1 + step for p, alive in zip(prompt_list, live) if alive))
+
+    state = engine.read_state()
+    frames_all = engine.frames.cpu()
+    results: list[GenerationResult | Exception] = []
+    for song, prompt in enumerate(prompt_list):
+        if errors[song] is None and state["error"][song] >= 0:
+            frame, codebook = divmod(state["error"][song], args.audio_num_codebooks)
+            errors[song] = RuntimeError(f"no eligible id at frame {frame}, codebook {codebook}: "
+                                        "every logit was NaN or -inf")
+        done = state["count"][song]
+        if errors[song] is None and done == 0:
+            errors[song] = EmptySongError("EOS at frame 0: the model ended the song before its first frame")
+        if errors[song] is not None:
+            results.append(errors[song])
+            continue
+        if progress_list[song] is not None:
+            progress_list[song](done, totals[song])
+        grid = frames_all[song, :done].T.contiguous()
+        validate_codes(grid, num_quantizers=args.audio_num_codebooks, codebook_size=CODEBOOK_SIZE)
+        results.append(GenerationResult(frames=grid, stop_reason="eos" if state["eos"][song] else "max_length",
+                                        prompt_length=prompt.length))
+    if not return_exceptions:
+        for item in results:
+            if isinstance(item, Exception):
+                raise item
+    return results

@@ -1,0 +1,147 @@
+"""Fault injection for the GPU stages: off by default, refused in production, triggered per job.
+
+The switch: `SONGPIPE_FAULT_INJECTION=1` (Settings.fault_injection) on the GPU worker. With
+`SONGPIPE_MODE=production` the switch is refused: faults are never honoured and the worker logs why.
+
+The trigger: a job asks for a fault with a tag `songpipe-fault-<kind>` in its request (tags are
+validated and stored verbatim with the job, so the fault is on record; with the switch off such a
+tag is just an unknown tag). Kinds:
+
+- `cuda-assert`        token stage: a REAL device-side assert on a CUDA device (an out-of-range
+                       index into a CUDA tensor through an embedding lookup, synchronised - the
+                       seed story's failure); on CPU a SimulatedCudaPoison, after which this process
+                       refuses every GPU task until it is replaced.
+- `cuda-assert-decode` the same in the codec stage.
+- `oom-once`           token stage, attempt 1 only: torch.OutOfMemoryError (transient: one retry).
+- `oom-always`         token stage, every attempt: the retry fails too and the job fails.
+- `slow-<ms>`          GPU stages take <ms> extra per frame (per codec window in decoding), in
+                       slices that honour cancellation: long stages for crash and cancel tests.
+
+Registration: the GPU worker imports this module (gpu_worker/celery_worker.py). Faults fire at the
+stage's first progress report, i.e. inside the model loop, after the stage's
+inputs are recorded and the model is loaded - where a real fault would strike.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from gpu_worker import cuda_health
+from tasks.contracts import GPU_STAGES
+from tasks.recording import JobCancelled, StageContext, add_stage_hook
+from tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = "songpipe-fault-"
+KINDS = ("cuda-assert", "cuda-assert-decode", "oom-once", "oom-always", "slow")
+SLEEP_SLICE_S = 0.2
+
+
+class FaultInjectionRefused(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    stage: str
+    ms_per_step: int = 0
+
+
+def switch_on(settings: Settings) -> bool:
+    """Whether this process honours fault tags; production mode refuses the switch."""
+    if not settings.fault_injection:
+        return False
+    if settings.mode == "production":
+        log.error("SONGPIPE_FAULT_INJECTION is set but SONGPIPE_MODE=production: fault injection refused")
+        return False
+    return True
+
+
+def check_allowed(settings: Settings) -> None:
+    """For entry points that must fail loudly instead of ignoring the switch."""
+    if settings.fault_injection and settings.mode == "production":
+        raise FaultInjectionRefused("fault injection cannot be enabled in production mode")
+
+
+def faults_in(tags: list[str] | None) -> list[Fault]:
+    """The faults a request asks for, from its tags (unknown fault kinds are ignored)."""
+    found: list[Fault] = []
+    for tag in tags or []:
+        if not tag.startswith(TAG_PREFIX):
+            continue
+        spec = tag[len(TAG_PREFIX):]
+        if spec == "cuda-assert":
+            found.append(Fault("cuda-assert", "generate_tokens"))
+        elif spec == "cuda-assert-decode":
+            found.append(Fault("cuda-assert", "decode_audio"))
+        elif spec in ("oom-once", "oom-always"):
+            found.append(Fault(spec, "generate_tokens"))
+        elif spec.startswith("slow-") and spec[5:].isdigit():
+            ms = int(spec[5:])
+            found.extend([Fault("slow", "generate_tokens", ms), Fault("slow", "decode_audio", ms)])
+    return found
+
+
+def trigger_device_assert(device) -> None:
+    """A real device-side assert: an embedding lookup past the table's end, then a synchronise."""
+    import torch
+
+    table = torch.zeros(8192, 4, device=device)  # one codebook's rows, like the codec's
+    bad = torch.tensor([8192], device=device)  # the id of the seed story: one past the last row
+    torch.nn.functional.embedding(bad, table).sum().item()
+    torch.cuda.synchronize(device)
+    raise RuntimeError("the out-of-range lookup did not assert (is the device really CUDA?)")
+
+
+def _inject(fault: Fault, ctx: StageContext, info: dict) -> None:
+    import torch
+
+    from gpu_worker.device import resolve_device
+
+    if fault.kind == "cuda-assert":
+        device = resolve_device(ctx.settings)
+        if device.type == "cuda":
+            trigger_device_assert(device)
+        reason = f"injected fault {TAG_PREFIX}cuda-assert in {ctx.stage} of job {ctx.job_id}"
+        cuda_health.mark_simulated_poison(reason)
+        raise cuda_health.SimulatedCudaPoison(
+            f"CUDA error: device-side assert triggered (simulated on {device.type}: {reason}; "
+            "index 8192 is out of bounds for a codebook of 8192 rows)")
+    if fault.kind == "oom-once" and ctx.attempt == 1 or fault.kind == "oom-always":
+        raise torch.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate 2.00 GiB (injected fault {TAG_PREFIX}{fault.kind}, "
+            f"attempt {ctx.attempt})")
+
+
+def _slow_down(fault: Fault, ctx: StageContext, info: dict, state: dict) -> None:
+    done = int(info.get("done") or 0)
+    steps = max(done - state.get("done", 0), 0)
+    state["done"] = done
+    deadline = time.monotonic() + steps * fault.ms_per_step / 1000
+    while time.monotonic() < deadline:
+        time.sleep(min(SLEEP_SLICE_S, max(deadline - time.monotonic(), 0)))
+        if ctx.should_cancel():
+            raise JobCancelled(f"job {ctx.job_id} cancelled during {ctx.stage}")
+
+
+def stage_hook(ctx: StageContext, event: str, info: dict) -> None:
+    """Registered with the stage wrapper: fires the faults a job asks for, when the switch is on."""
+    if ctx.stage not in GPU_STAGES or event != "progress" or not switch_on(ctx.settings):
+        return
+    faults = [f for f in faults_in(ctx.job_request.get("tags")) if f.stage == ctx.stage]
+    if not faults:
+        return
+    ctx.environment_extra["injected_faults"] = [f.kind for f in faults]  # on record with the attempt
+    state = ctx.__dict__.setdefault("_fault_state", {})
+    for fault in faults:
+        if fault.kind == "slow":
+            _slow_down(fault, ctx, info, state)
+        elif not state.get("fired"):
+            state["fired"] = fault.kind
+            _inject(fault, ctx, info)
+
+
+add_stage_hook(stage_hook)

@@ -1,0 +1,240 @@
+"""The fast generation path computes what the plain path computes (tiny checkpoint, CPU, fp32).
+
+On the CPU the fast path runs its static-shape frame eagerly: the same function that CUDA graphs capture.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from gpu_worker.fast_generate import generate_fast
+from gpu_worker.generate import (
+    ContextLimitError,
+    EmptySongError,
+    GenerationCancelled,
+    SamplingParams,
+    generate,
+)
+from gpu_worker.heartmula import HeartMuLa
+from gpu_worker.heartmula_checkpoint import (
+    TINY_CONFIG,
+    heartmula_args_from_config,
+    load_heartmula,
+    random_state_dict,
+    write_tiny_heartmula,
+)
+from gpu_worker.prompt import build_prompt
+
+VOCAB = 8197
+EOS = 8193
+PARAMS = SamplingParams(temperature=1.0, top_k=50, cfg_scale=1.5, max_audio_length_ms=50 * 80)
+LYRICS = ["[verse]\nla la la", "[verse]\nyeah yeah yeah oh\n[chorus]\nna na na", "[intro]\nhm"]
+TAGS = ["pop,piano", "rock,guitar,loud", "ambient"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    write_tiny_heartmula(root, seed=2)
+    return load_heartmula(root)
+
+
+@pytest.fixture(scope="module")
+def prompts(lm):
+    return [build_prompt(lm.tokenizer, lm.gen_config, tags, lyrics) for tags, lyrics in zip(TAGS, LYRICS)]
+
+
+def gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def no_eos(frame, codebook, logits):
+    return logits.index_fill(-1, torch.tensor([EOS]), float("-inf"))
+
+
+def fast_force(token, at_frame=None, at_codebook=None, song=None):
+    """Graph-safe hook (tensor ops only): make `token` win where frame/codebook/song match."""
+    def hook(frame_index, codebook, logits):
+        logits = no_eos(frame_index, codebook, logits)
+        if at_codebook is not None and codebook != at_codebook:
+            return logits
+        rows = torch.ones_like(frame_index, dtype=torch.bool)
+        if at_frame is not None:
+            rows = rows & (frame_index == at_frame)
+        if song is not None:
+            rows = rows & (torch.arange(len(frame_index)) == song)
+        hit = torch.zeros_like(logits, dtype=torch.bool)
+        hit[:, token] = True
+        return torch.where(hit & rows[:, None], torch.full_like(logits, 1e4), logits)
+    return hook
+
+
+def plain_force(token, at_frame=None, at_codebook=None):
+    def hook(frame, codebook, logits):
+        logits = no_eos(frame, codebook, logits)
+        if (at_frame is None or frame == at_frame) and (at_codebook is None or codebook == at_codebook):
+            logits = logits.clone()
+            logits[..., token] = 1e4
+        return logits
+    return hook
+
+
+class LogitsRecorder:
+    """Collects the guided logits each path samples from, keyed by (song, frame, codebook)."""
+
+    def __init__(self):
+        self.seen: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def plain(self, frame, codebook, logits):
+        self.seen[(0, frame, codebook)] = logits[0].clone()
+        return no_eos(frame, codebook, logits)
+
+    def fast(self, frame_index, codebook, logits):
+        for song, frame in enumerate(frame_index.tolist()):
+            self.seen.setdefault((song, frame, codebook), logits[song].clone())
+        return no_eos(frame_index, codebook, logits)
+
+
+# ---- same tokens, same logits ----
+
+@pytest.mark.parametrize("cfg_scale", [1.5, 1.0])
+def test_a_50_frame_song_gives_identical_tokens_on_both_paths(lm, prompts, cfg_scale):
+    params = dataclasses.replace(PARAMS, cfg_scale=cfg_scale)
+    plain = generate(lm.model, prompts[0], params, generator=gens(7)[0], logits_hook=no_eos)
+    fast = generate_fast(lm.model, prompts[0], params, generators=gens(7), logits_hook=no_eos)[0]
+    assert fast.frames.shape == (8, 50)
+    assert torch.equal(fast.frames, plain.frames)
+    assert (fast.stop_reason, fast.prompt_length) == (plain.stop_reason, plain.prompt_length)
+
+
+def test_teacher_forced_logits_match_the_plain_path(lm, prompts):
+    params = dataclasses.replace(PARAMS, max_audio_length_ms=12 * 80)
+    plain, fast = LogitsRecorder(), LogitsRecorder()
+    a = generate(lm.model, prompts[1], params, generator=gens(3)[0], logits_hook=plain.plain)
+    b = generate_fast(lm.model, prompts[1], params, generators=gens(3), logits_hook=fast.fast)[0]
+    assert torch.equal(a.frames, b.frames)  # same tokens fed back: the logits are teacher-forced alike
+    assert plain.seen.keys() == fast.seen.keys() and len(plain.seen) == 12 * 8
+    for key, logits in plain.seen.items():
+        torch.testing.assert_close(fast.seen[key], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_song_alone_and_inside_a_batch_of_3_gets_the_same_logits_and_tokens(lm, prompts):
+    alone, batched = LogitsRecorder(), LogitsRecorder()
+    solo = generate_fast(lm.model, prompts[1], PARAMS, generators=gens(11), logits_hook=alone.fast)[0]
+    trio = generate_fast(lm.model, [prompts[0], prompts[1], prompts[2]], PARAMS, generators=gens(5, 11, 9),
+                         logits_hook=batched.fast)
+    assert torch.equal(trio[1].frames, solo.frames)
+    for (song, frame, codebook), logits in alone.seen.items():
+        torch.testing.assert_close(batched.seen[(1, frame, codebook)], logits, rtol=1e-5, atol=1e-5)
+    for index, seed in ((0, 5), (2, 9)):  # the batch mates get their own plain-path results
+        plain = generate(lm.model, prompts[index], PARAMS, generator=gens(seed)[0], logits_hook=no_eos)
+        assert torch.equal(trio[index].frames, plain.frames)
+
+
+def test_songs_of_different_lengths_share_a_batch(lm, prompts):
+    short = dataclasses.replace(PARAMS, max_audio_length_ms=7 * 80)
+    results = generate_fast(lm.model, prompts[:2], [short, PARAMS], generators=gens(1, 2), logits_hook=no_eos)
+    assert [r.frames.shape[1] for r in results] == [7, 50]
+    assert torch.equal(results[0].frames,
+                       generate(lm.model, prompts[0], short, generator=gens(1)[0], logits_hook=no_eos).frames)
+
+
+def test_each_frame_draws_8_exponentials_of_the_vocab_size_from_the_songs_generator(lm, prompts):
+    generator = gens(5)[0]
+    result = generate_fast(lm.model, prompts[0], PARAMS, generators=[generator], logits_hook=no_eos)[0]
+    replay = gens(5)[0]
+    for _ in range(8 * result.frames.shape[1]):
+        torch.empty(1, VOCAB).exponential_(1.0, generator=replay)
+    assert torch.equal(generator.get_state(), replay.get_state())
+
+
+def test_free_running_agreement_alone_vs_batched_over_500_frames(lm):
+    """Report how often a song's frames agree when it runs alone and inside a batch of 3, over 500 frames."""
+    config = dict(TINY_CONFIG, flavors={**TINY_CONFIG["flavors"],
+                                        "tiny-backbone": {**TINY_CONFIG["flavors"]["tiny-backbone"],
+                                                          "max_seq_len": 1024}})
+    args = heartmula_args_from_config(config, "custom tiny config.json")
+    model = HeartMuLa(args)
+    model.load_state_dict(random_state_dict(args, seed=4), strict=True)
+    model.requires_grad_(False).eval()
+    prompts = [build_prompt(lm.tokenizer, lm.gen_config, tags, lyrics) for tags, lyrics in zip(TAGS, LYRICS)]
+    params = dataclasses.replace(PARAMS, max_audio_length_ms=500 * 80)
+    solo = generate_fast(model, prompts[1], params, generators=gens(21), logits_hook=no_eos)[0].frames
+    trio = generate_fast(model, prompts, params, generators=gens(1, 21, 2), logits_hook=no_eos)[1].frames
+    agreement = (solo == trio).all(dim=0).float().mean().item()
+    print(f"free-running frame agreement, alone vs batch of 3, 500 frames, CPU fp32: {agreement:.4f}")
+    assert solo.shape == trio.shape == (8, 500)
+    assert agreement == 1.0
+
+
+# ---- EOS, specials, errors: as the plain path ----
+
+def test_eos_in_a_nonzero_codebook_of_frame_5_stops_and_drops_that_frame_like_the_plain_path(lm, prompts):
+    plain = generate(lm.model, prompts[0], PARAMS, generator=gens(3)[0], logits_hook=plain_force(EOS, 5, 3))
+    fast = generate_fast(lm.model, prompts[0], PARAMS, generators=gens(3), logits_hook=fast_force(EOS, 5, 3))[0]
+    assert fast.stop_reason == plain.stop_reason == "eos"
+    assert fast.frames.shape == (8, 5)
+    assert torch.equal(fast.frames, plain.frames)
+
+
+def test_eos_of_one_song_does_not_stop_its_batch_mates(lm, prompts):
+    results = generate_fast(lm.model, prompts, PARAMS, generators=gens(1, 2, 3),
+                            logits_hook=fast_force(EOS, at_frame=4, at_codebook=0, song=1))
+    assert [r.frames.shape[1] for r in results] == [50, 4, 50]
+    assert [r.stop_reason for r in results] == ["max_length", "eos", "max_length"]
+
+
+def test_eos_in_frame_0_raises_empty_song_error(lm, prompts):
+    with pytest.raises(EmptySongError, match="EOS at frame 0"):
+        generate_fast(lm.model, prompts[0], PARAMS, generators=gens(0), logits_hook=fast_force(EOS, 0, 7))
+
+
+def test_errors_can_be_returned_in_place_for_the_failing_song_only(lm, prompts):
+    results = generate_fast(lm.model, prompts[:2], PARAMS, generators=gens(0, 1), return_exceptions=True,
+                            logits_hook=fast_force(EOS, at_frame=0, song=0))
+    assert isinstance(results[0], EmptySongError)
+    assert results[1].frames.shape == (8, 50)
+
+
+@pytest.mark.parametrize("special", [8192, 8194, 8195, 8196])
+def test_non_eos_specials_are_never_sampled_even_as_the_max_logit(lm, prompts, special):
+    result = generate_fast(lm.model, prompts[0], PARAMS, generators=gens(0), logits_hook=fast_force(special))[0]
+    assert result.frames.shape == (8, 50)
+    assert int(result.frames.max()) <= 8191
+
+
+def test_nan_logits_fail_loudly_naming_frame_and_codebook(lm, prompts):
+    def nan_at_frame_1_codebook_2(frame_index, codebook, logits):
+        if codebook != 2:
+            return logits
+        return torch.where((frame_index == 1)[:, None], torch.full_like(logits, float("nan")), logits)
+    with pytest.raises(RuntimeError, match="frame 1, codebook 2"):
+        generate_fast(lm.model, prompts[0], PARAMS, generators=gens(0), logits_hook=nan_at_frame_1_codebook_2)
+
+
+def test_should_cancel_stops_generation(lm, prompts):
+    with pytest.raises(GenerationCancelled):
+        generate_fast(lm.model, prompts[0], PARAMS, generators=gens(0), should_cancel=lambda: True,
+                      sync_every=2, logits_hook=no_eos)
+
+
+def test_progress_is_reported_per_song_and_at_the_end(lm, prompts):
+    calls: list[tuple[int, int]] = []
+    params = dataclasses.replace(PARAMS, max_audio_length_ms=7 * 80)
+    generate_fast(lm.model, prompts[0], params, generators=gens(0), sync_every=3, logits_hook=no_eos,
+                  progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(4, 7), (7, 7)]  # read back after frames 0..3 (3 steps), then at the end
+
+
+def test_context_limit_error_names_prompt_length_frames_and_limit(lm, prompts):
+    frames = 256 - prompts[0].length + 1
+    params = dataclasses.replace(PARAMS, max_audio_length_ms=frames * 80)
+    with pytest.raises(ContextLimitError, match=rf"L={prompts[0].length}.*N={frames}.*256"):
+        generate_fast(lm.model, prompts[0], params, generators=gens(0))
+
+
+def test_batch_mates_must_share_temperature_top_k_and_cfg(lm, prompts):
+    with pytest.raises(ValueError, match="temperature, top_k and cfg_scale"):
+        generate_fast(lm.model, prompts[:2], [PARAMS, dataclasses.replace(PARAMS, top_k=5)], generators=gens(0, 1))
