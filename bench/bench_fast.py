@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -273,17 +274,22 @@ def main() -> None:
     parts = cli.only or ["lm", "codec", "cold"]
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
     print(f"{name}, torch {torch.__version__}", flush=True)
-    if "lm" in parts:
-        checks, rows = run_lm_comparison(device, cli.quick, tuple(int(b) for b in cli.batches.split(",")),
-                                         cli.frames, plain=not cli.no_plain)
-        print_table("Token agreement (same seeds)", checks)
-        print_table("HeartMuLa token generation, plain vs fast", rows)
-    if "codec" in parts:
-        print_table("HeartCodec decoding, fp32 baseline vs fast",
-                    run_codec_comparison(device, cli.quick, tuple(cli.precisions.split(","))))
-    if "cold" in parts:
-        print_table("Cold start (LM)", run_cold_start(device, cli.quick, cli.work_dir))
-
+    for part in parts:
+        try:
+            if part == "lm":
+                checks, rows = run_lm_comparison(device, cli.quick, tuple(int(b) for b in cli.batches.split(",")),
+                                                 cli.frames, plain=not cli.no_plain)
+                print_table("Token agreement (same seeds)", checks)
+                print_table("HeartMuLa token generation, plain vs fast", rows)
+            elif part == "codec":
+                print_table("HeartCodec decoding, fp32 baseline vs fast",
+                            run_codec_comparison(device, cli.quick, tuple(cli.precisions.split(","))))
+            else:
+                print_table("Cold start (LM)", run_cold_start(device, cli.quick, cli.work_dir))
+        except Exception:  # one failing part must not hide the others' numbers
+            traceback.print_exc()
+            release_engines()
+            _free(torch.device(device))
 
 if __name__ == "__main__":
     main()
