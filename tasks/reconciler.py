@@ -272,7 +272,7 @@ def reconcile_once(settings: Settings, *, broker_view: BrokerView | None = None,
         if not settings.redis_url:
             raise RuntimeError("the reconciler needs REDIS_URL to look into the broker")
         broker_view = lambda: redis_broker_view(settings.redis_url)  # noqa: E731
-    sender = sender or _default_sender
+    sender = _default_sender if sender is None else sender
     now = now or utcnow()
     with session_scope(url) as session:
         candidates, finished = find_candidates(session, settings, now)
