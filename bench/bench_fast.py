@@ -263,7 +263,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--only", choices=["lm", "codec", "cold"], action="append")
+    parser.add_argument("--only", choices=["lm", "codec", "cold", "checks", "variants", "codec-variants"],
+                        action="append")
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--no-plain", action="store_true", help="skip the plain-path timings")
@@ -284,12 +285,179 @@ def main() -> None:
             elif part == "codec":
                 print_table("HeartCodec decoding, fp32 baseline vs fast",
                             run_codec_comparison(device, cli.quick, tuple(cli.precisions.split(","))))
-            else:
+            elif part == "cold":
                 print_table("Cold start (LM)", run_cold_start(device, cli.quick, cli.work_dir))
+            elif part == "checks":
+                print_table("Fast path checks on the device", run_gpu_checks(device, cli.quick, cli.frames))
+            elif part == "variants":
+                print_table("Fast path variants", run_variant_timings(device, cli.quick, cli.frames))
+            else:
+                print_table("Codec variants", run_codec_variants(device, cli.quick))
         except Exception:  # one failing part must not hide the others' numbers
             traceback.print_exc()
             release_engines()
             _free(torch.device(device))
+
+
+def run_gpu_checks(device: str = "cuda", quick: bool = False, frames: int = 100) -> list[dict[str, Any]]:
+    """Correctness of the fast path on the device: RNG draws, graph vs eager, teacher-forced logits."""
+    import copy
+
+    from gpu_worker.fast_generate import FrameEngine
+
+    dev = torch.device(device)
+    args, dtype = _setup(dev, quick)
+    model = random_model(args, dev, dtype)
+    prompts = [random_prompt(args, (30 if quick else 300) - 7 * i, seed=i) for i in range(3)]
+    rows: list[dict[str, Any]] = []
+
+    # 1. the engine's draws into its noise buffer equal the plain path's fresh [1, V] draws
+    engine = FrameEngine(model, num_songs=3, rows=2, cache_len=512, max_frames=4, cfg_scale=1.5, temperature=1.0,
+                         top_k=50, audio_eos_id=AUDIO_EOS_ID, use_graphs=False)
+    same = True
+    for song in range(3):
+        a, b = torch.Generator(device=dev).manual_seed(song), torch.Generator(device=dev).manual_seed(song)
+        for _ in range(3):
+            engine.draw_noise(song, a)
+            fresh = torch.stack([torch.empty(1, args.audio_vocab_size, device=dev).exponential_(1.0, generator=b)[0]
+                                 for _ in range(8)])
+            same &= torch.equal(engine.noise[song], fresh)
+    rows.append({"check": "noise buffer draws == plain path draws (3 songs x 3 frames)", "result": same})
+    del engine
+    release_engines()
+
+    # 2. CUDA graph replay gives the eager static-shape step's tokens
+    hook = _fast_no_eos(dev)
+    for songs in (1, 3):
+        out = {}
+        for graphs in (False, dev.type == "cuda"):
+            out[graphs] = generate_fast(model, prompts[:songs], _params(1.5, frames), logits_hook=hook,
+                                        use_graphs=graphs, generators=[torch.Generator(device=dev).manual_seed(s)
+                                                                       for s in range(songs)])
+            release_engines()
+        rows.append({"check": f"graph == eager tokens, {songs} song(s), {frames} frames",
+                     "result": all(torch.equal(a.frames, b.frames) for a, b in zip(out[False], out.get(True, out[False])))})
+
+    # 3. teacher-forced guided logits (same token history): fast vs plain in bf16, against bf16 vs fp32
+    forced_frames = 16
+    plain_seen: dict = {}
+
+    def plain_record(frame, codebook, logits):
+        plain_seen[(frame, codebook)] = logits[0].float().clone()
+        return hook(None, codebook, logits)
+
+    ref = generate(model, prompts[0], _params(1.5, forced_frames), logits_hook=plain_record,
+                   generator=torch.Generator(device=dev).manual_seed(5)).frames
+
+    def force(seen: dict):
+        def fast_hook(frame_index, codebook, logits):
+            frame = int(frame_index[0])
+            seen[(frame, codebook)] = logits[0].float().clone()
+            forced = torch.full_like(logits, float("-inf"))
+            forced[:, int(ref[codebook, frame])] = 0.0
+            return forced
+
+        def plain_hook(frame, codebook, logits):
+            return fast_hook(torch.tensor([frame]), codebook, logits)
+        return fast_hook, plain_hook
+
+    fast_seen: dict = {}
+    generate_fast(model, prompts[0], _params(1.5, forced_frames), logits_hook=force(fast_seen)[0], use_graphs=False,
+                  generators=[torch.Generator(device=dev).manual_seed(5)])
+    release_engines()
+    fp32_seen: dict = {}
+    reference = copy.deepcopy(model).float()
+    generate(reference, prompts[0], _params(1.5, forced_frames), logits_hook=force(fp32_seen)[1],
+             generator=torch.Generator(device=dev).manual_seed(5))
+    del reference
+    _free(dev)
+
+    def rel(a: dict, b: dict) -> float:
+        keys = sorted(b)
+        x, y = torch.stack([a[k] for k in keys]), torch.stack([b[k] for k in keys])
+        return float((x - y).norm() / y.norm())
+
+    def max_abs(a: dict, b: dict) -> float:
+        return max(float((a[k] - b[k]).abs().max()) for k in b)
+
+    rows.append({"check": f"teacher-forced logits {forced_frames} frames x 8: |fast-plain|/|plain| (bf16)",
+                 "result": rel(fast_seen, plain_seen), "max abs": max_abs(fast_seen, plain_seen)})
+    rows.append({"check": "  model tolerance: |plain bf16 - plain fp32|/|fp32| (same weights)",
+                 "result": rel(plain_seen, fp32_seen), "max abs": max_abs(plain_seen, fp32_seen)})
+    rows.append({"check": "  |fast bf16 - plain fp32|/|fp32|",
+                 "result": rel(fast_seen, fp32_seen), "max abs": max_abs(fast_seen, fp32_seen)})
+    del model
+    _free(dev)
+    return rows
+
+
+def run_variant_timings(device: str = "cuda", quick: bool = False, frames: int = 100) -> list[dict[str, Any]]:
+    """Fast-path variants on the same card: complex vs pair RoPE; plain B=1 CFG as the baseline."""
+    dev = torch.device(device)
+    args, dtype = _setup(dev, quick)
+    model = random_model(args, dev, dtype)
+    prompt_length = 30 if quick else 300
+    prompts = [random_prompt(args, prompt_length - 3 * i, seed=i) for i in range(8)]
+    filled = prompt_length + frames // 2
+    sync_every = 10 if quick else 20
+    rows = [_row("CFG", "plain", 1, 2, time_plain(model, prompts[0], 1.5, frames, 10, dev), model, filled)]
+    for complex_rope in (False, True):
+        import functools
+
+        import gpu_worker.fast_generate as fg
+        original = fg.generate_fast
+        fg_generate = functools.partial(original, complex_rope=complex_rope)
+        for songs, cfg in ((1, 1.5), (8, 1.5), (1, 1.0)):
+            globals()["generate_fast"] = fg_generate
+            try:
+                ms = time_fast(model, prompts[:songs], cfg, frames, dev, sync_every)
+            finally:
+                globals()["generate_fast"] = original
+            rows.append(_row("CFG" if cfg > 1 else "no CFG", f"fast, {'complex' if complex_rope else 'pair'} RoPE",
+                             songs, 2 * songs if cfg > 1 else songs, ms, model, filled))
+            release_engines()
+            _free(dev)
+    del model
+    _free(dev)
+    return rows
+
+
+def run_codec_variants(device: str = "cuda", quick: bool = False) -> list[dict[str, Any]]:
+    """bf16 estimator with the SQ decoder in fp32 vs bf16: 240 s song seconds, SNR, per-window split."""
+    dev = torch.device(device)
+    config = HeartCodecConfig.tiny() if quick else HeartCodecConfig.published()
+    codec = build_random_heartcodec(config, device=dev, dtype=torch.float32, seed=0)
+    frames = 700 if quick else 3000
+    codes = torch.randint(0, config.codebook_size, (config.num_quantizers, frames),
+                          generator=torch.Generator().manual_seed(frames))
+    gen = lambda: torch.Generator(device=dev).manual_seed(0)  # noqa: E731
+
+    def timed(fn):
+        _sync(dev)
+        start = time.perf_counter()
+        out = fn()
+        _sync(dev)
+        return time.perf_counter() - start, out
+
+    codec.decode(codes[:, :372], generator=gen())
+    base_s, reference = timed(lambda: codec.decode(codes, generator=gen()))
+    rows = [{"codec": "fp32 baseline", "seconds": base_s, "SNR dB": float("inf")}]
+    window = codes[:, :372].to(dev)
+    for precision, sq in (("bf16", None), ("bf16", torch.bfloat16), ("bf16-mixed", torch.bfloat16)):
+        fast = FastCodec(codec, precision=precision, sq_dtype=sq)
+        fast.decode(codes[:, :372], generator=gen())
+        seconds, audio = timed(lambda: fast.decode(codes, generator=gen()))
+        with torch.inference_mode():
+            mu = codec.flow_matching.conditioning(window)
+            solve_s, latents = timed(lambda: fast.solve(mu, None, gen()))
+            sq_s, _ = timed(lambda: fast.scalar_model.decode(latents.to(fast.sq_dtype)))
+        rows.append({"codec": f"fast {precision}, SQ {str(fast.sq_dtype).removeprefix('torch.')}",
+                     "seconds": seconds, "SNR dB": snr_db(reference, audio),
+                     "solve s/window": solve_s, "SQ s/window": sq_s})
+        del fast
+        _free(dev)
+    return rows
+
 
 if __name__ == "__main__":
     main()

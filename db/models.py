@@ -16,7 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-STAGE_STATUSES = ("pending", "queued", "running", "succeeded", "failed", "cancelled", "reused")
+STAGE_STATUSES = ("pending", "queued", "running", "succeeded", "failed", "cancelled", "reused", "lost")
 
 
 def utcnow() -> dt.datetime:

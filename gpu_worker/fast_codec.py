@@ -9,6 +9,7 @@ The flow-matching estimator is ~95 % of the codec's work (44 TFLOP per window, 1
     and RoPE stay fp32 while the GEMMs, convolutions and attention run in bf16;
   - "bf16": the whole estimator in bf16 (activations too; RoPE tables stay fp32);
   - "fp32": no precision change (graphs only);
+* optionally with the SQ decoder in bf16 (`sq_dtype`), also only behind the SNR check;
 * as one CUDA graph per estimator call (static [2, 744, 1024] input: every window has 744 latents),
   replayed 10 times per window.
 Everything else is the plain path: the same windows, the same `randn [1, 744, 256]` per window from the
@@ -37,7 +38,8 @@ PRECISIONS = ("fp32", "tf32", "bf16-mixed", "bf16")
 
 
 class FastCodec:
-    def __init__(self, codec: HeartCodec, *, precision: str = "bf16-mixed", use_graphs: bool | None = None):
+    def __init__(self, codec: HeartCodec, *, precision: str = "bf16-mixed", use_graphs: bool | None = None,
+                 sq_dtype: torch.dtype | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.codec = codec
@@ -49,6 +51,11 @@ class FastCodec:
             estimator = copy.deepcopy(estimator).to(torch.bfloat16)
         self.estimator = estimator
         self.input_dtype = torch.bfloat16 if precision == "bf16" else codec.dtype
+        # the SQ decoder in another dtype (a copy), or the codec's own in the codec's dtype
+        self.scalar_model = codec.scalar_model
+        if sq_dtype is not None and sq_dtype != codec.dtype:
+            self.scalar_model = copy.deepcopy(codec.scalar_model).to(sq_dtype)
+        self.sq_dtype = sq_dtype or codec.dtype
         self._graph: torch.cuda.CUDAGraph | None = None
         self._inputs: torch.Tensor | None = None
         self._timestep: torch.Tensor | None = None
@@ -132,7 +139,7 @@ class FastCodec:
         for w in range(plan.num_windows):
             prefix = None if latents is None else latents[-PREFIX_LATENTS:]
             latents = self.solve(codec.flow_matching.conditioning(padded[:, plan.window(w)]), prefix, generator)
-            overlap_add(out, codec.scalar_model.decode(latents).float(), w)
+            overlap_add(out, self.scalar_model.decode(latents.to(self.sq_dtype)).float(), w)
             if progress is not None:
                 progress(w + 1, plan.num_windows)
         return out[:, :plan.cropped_samples].cpu()

@@ -56,7 +56,7 @@ def create_job():
         response.headers["Retry-After"] = str(exc.retry_after_s)
         return response, status
     body = {"id": submitted.id, "seed": submitted.seed, "seed_source": submitted.seed_source,
-            "status": "queued", "links": links(submitted.id)}
+            "status": "queued", "dispatched": submitted.dispatched, "links": links(submitted.id)}
     return jsonify(body), 201, {"Location": f"/api/jobs/{submitted.id}"}
 
 

@@ -462,8 +462,10 @@ def _register_commands() -> None:
     # imported here so `songpipe --help` stays fast and the web-only modules load on demand
     from orchestrator.admin.auth import hash_password_command
     from orchestrator.replay_cli import replay_command
+    from tasks.reconciler_cli import reconcile
 
     main.add_command(replay_command)
+    main.add_command(reconcile)
     admin.add_command(hash_password_command)
 
 

@@ -31,7 +31,7 @@ STAGE_RUN = {
     "type": "object", "required": ["stage", "attempt", "status", "queue"],
     "properties": {
         "stage": {"type": "string"}, "attempt": {"type": "integer", "minimum": 1},
-        "status": {"type": "string", "enum": [*STAGE_STATUSES, "lost"]}, "queue": {"type": "string"},
+        "status": {"type": "string", "enum": list(STAGE_STATUSES)}, "queue": {"type": "string"},
         "inputs": {"type": "object", "nullable": True}, "outputs": {"type": "object", "nullable": True},
         "error_type": {"type": "string", "nullable": True}, "error_message": {"type": "string", "nullable": True},
         "progress": {"type": "object", "nullable": True}, "deliveries": {"type": "integer"},
@@ -51,7 +51,9 @@ JOB = {
 CREATED = {
     "type": "object", "required": ["id", "seed", "seed_source", "status", "links"],
     "properties": {"id": JOB_ID, "seed": {"type": "integer"}, "seed_source": {"type": "string"},
-                   "status": {"type": "string", "enum": ["queued"]}, "links": LINKS},
+                   "status": {"type": "string", "enum": ["queued"]}, "links": LINKS,
+                   "dispatched": {"type": "boolean",
+                                  "description": "false: stored, broker unavailable; the reconciler sends it"}},
 }
 
 

@@ -129,7 +129,7 @@ def _default_from_stage(session: Session, job: Job) -> str:
 
 def retry(job_id: str, from_stage: str | None = None, *, settings: Settings | None = None,
           requested_by: str | None = None, send: bool = True,
-          sender: Callable[[str, dict[str, int]], None] | None = None) -> ReplayResult:
+          sender: Callable[[str, dict[str, int], int | None], None] | None = None) -> ReplayResult:
     settings = settings or get_settings()
     if from_stage is not None:
         _check_stage(from_stage)
@@ -196,7 +196,7 @@ def validate_overrides(original_request: dict[str, Any], overrides: dict[str, An
 
 def rerun_as_new(job_id: str, from_stage: str = "refine_lyrics", overrides: dict[str, Any] | None = None, *,
                  settings: Settings | None = None, requested_by: str | None = None, send: bool = True,
-                 sender: Callable[[str, dict[str, int]], None] | None = None) -> ReplayResult:
+                 sender: Callable[[str, dict[str, int], int | None], None] | None = None) -> ReplayResult:
     settings = settings or get_settings()
     _check_stage(from_stage)
     overrides = dict(overrides or {})
@@ -232,12 +232,14 @@ def _who(verb: str, requested_by: str | None) -> str:
     return f"{verb}:{requested_by}" if requested_by else verb
 
 
-def _send(result: ReplayResult, settings: Settings, sender: Callable[[str, dict[str, int]], None] | None) -> None:
+def _send(result: ReplayResult, settings: Settings, sender: Callable[[str, dict[str, int], int | None], None] | None) -> None:
     """Send the chain; if the broker refuses, record that on the new rows instead of leaving them queued."""
     if sender is None:
         from orchestrator.chain import send_chain as sender
     try:
-        sender(result.job_id, result.attempts)
+        with session_scope(settings.resolved_database_url) as session:
+            length = session.get(Job, result.job_id).request.get("max_audio_length_ms")
+        sender(result.job_id, result.attempts, length)
     except Exception as exc:
         message = f"could not send the replay to the broker: {type(exc).__name__}: {exc}"
         with session_scope(settings.resolved_database_url) as session:

@@ -29,6 +29,7 @@ DEFAULT_PROCFILE = """\
 web: songpipe web --host ${SONGPIPE_WEB_HOST:-127.0.0.1} --port ${PORT:-5000}
 cpu: songpipe worker cpu
 gpu: songpipe worker gpu
+reconcile: songpipe reconcile
 """
 MAX_UNIX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
 DEMO_REQUEST: dict[str, Any] = {

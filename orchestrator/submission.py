@@ -5,11 +5,15 @@ visible as queued and can be re-sent), while a validation error stores nothing a
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import secrets
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -21,6 +25,8 @@ from tasks.environment import code_version
 from tasks.settings import Settings
 from tasks.stage_inputs import refine_lyrics_input
 
+log = logging.getLogger(__name__)
+
 SEED_DRAW_BOUND = 2**31  # drawn seeds stay within 31 bits so every client can show them exactly
 
 
@@ -29,6 +35,7 @@ class SubmittedJob:
     id: str
     seed: int
     seed_source: str
+    dispatched: bool = True  # False: stored, but the broker refused; the reconciler sends it later
 
 
 def resolve_defaults(request: JobRequest, settings: Settings) -> JobRequest:
@@ -82,7 +89,13 @@ def submit_job(request: JobRequest, settings: Settings, *, source: str = "api",
     with session_scope(settings.resolved_database_url) as session:
         job = new_job_rows(session, request, settings, source=source, client_id=client_id)
         submitted = SubmittedJob(job.id, job.seed, job.seed_source)
-    send_chain(submitted.id, {stage: 1 for stage in STAGES})
+    try:
+        send_chain(submitted.id, {stage: 1 for stage in STAGES}, request.max_audio_length_ms)
+    except (KombuOperationalError, RedisError, OSError) as exc:
+        # The job is committed: answering an error would make a client resubmit a duplicate.
+        # The reconciler finds queued rows whose message is missing and sends them.
+        log.warning("job %s stored but not sent (%s); the reconciler will send it", submitted.id, exc)
+        return dataclasses.replace(submitted, dispatched=False)
     return submitted
 
 

@@ -156,7 +156,7 @@ def test_valid_request_is_accepted_with_id_seed_and_links(tiny_checkpoint_dir, t
     from tasks.settings import Settings
 
     sent: list[tuple] = []
-    monkeypatch.setattr("orchestrator.chain.send_chain", lambda job_id, attempts: sent.append((job_id, attempts)))
+    monkeypatch.setattr("orchestrator.chain.send_chain", lambda job_id, attempts, *_: sent.append((job_id, attempts)))
     settings = Settings(data_dir=tmp_path, checkpoint_dir=tiny_checkpoint_dir)
     upgrade(settings.resolved_database_url)
     response = post(create_app(settings).test_client(), {**VALID, "seed": 7})
@@ -165,6 +165,25 @@ def test_valid_request_is_accepted_with_id_seed_and_links(tiny_checkpoint_dir, t
     assert body["seed"] == 7 and body["status"] == "queued" and len(body["id"]) == 32
     assert body["links"]["audio"] == f"/api/jobs/{body['id']}/audio"
     assert sent and sent[0][0] == body["id"]
+    assert count_rows(settings.resolved_database_url)["stage_runs"] == 5
+
+
+def test_broker_down_after_commit_still_answers_201_and_leaves_the_job_for_the_reconciler(
+        tiny_checkpoint_dir, tmp_path, monkeypatch):
+    from kombu.exceptions import OperationalError
+
+    from db.schema import upgrade
+    from tasks.settings import Settings
+
+    def refuse(*_args):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr("orchestrator.chain.send_chain", refuse)
+    settings = Settings(data_dir=tmp_path, checkpoint_dir=tiny_checkpoint_dir)
+    upgrade(settings.resolved_database_url)
+    response = post(create_app(settings).test_client(), VALID)
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["dispatched"] is False  # a retrying client would only duplicate the job
     assert count_rows(settings.resolved_database_url)["stage_runs"] == 5
 
 

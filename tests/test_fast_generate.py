@@ -99,11 +99,12 @@ class LogitsRecorder:
 
 # ---- same tokens, same logits ----
 
-@pytest.mark.parametrize("cfg_scale", [1.5, 1.0])
-def test_a_50_frame_song_gives_identical_tokens_on_both_paths(lm, prompts, cfg_scale):
+@pytest.mark.parametrize("cfg_scale, complex_rope", [(1.5, True), (1.0, True), (1.5, False)])
+def test_a_50_frame_song_gives_identical_tokens_on_both_paths(lm, prompts, cfg_scale, complex_rope):
     params = dataclasses.replace(PARAMS, cfg_scale=cfg_scale)
     plain = generate(lm.model, prompts[0], params, generator=gens(7)[0], logits_hook=no_eos)
-    fast = generate_fast(lm.model, prompts[0], params, generators=gens(7), logits_hook=no_eos)[0]
+    fast = generate_fast(lm.model, prompts[0], params, generators=gens(7), logits_hook=no_eos,
+                         complex_rope=complex_rope)[0]
     assert fast.frames.shape == (8, 50)
     assert torch.equal(fast.frames, plain.frames)
     assert (fast.stop_reason, fast.prompt_length) == (plain.stop_reason, plain.prompt_length)

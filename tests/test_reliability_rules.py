@@ -314,25 +314,29 @@ def test_submissions_beyond_the_per_client_rate_get_429_with_retry_after(app_set
     app = create_app(app_settings.model_copy(update={"submissions_per_minute": 3}))
     client = app.test_client()
     body = {"lyrics": "la la la", "tags": "ska", "max_audio_length_ms": 1000}
+    from tests.stack_fixtures import count_rows
+
+    before = count_rows(app_settings.resolved_database_url)["jobs"]
     answers = [client.post("/api/jobs", json=body) for _ in range(5)]
     assert [a.status_code for a in answers] == [201, 201, 201, 429, 429]
     assert 0 < int(answers[-1].headers["Retry-After"]) <= 60
     assert answers[-1].get_json()["errors"][0]["field"] == "client"
-    from tests.stack_fixtures import count_rows
-    assert count_rows(app_settings.resolved_database_url)["jobs"] == 3
+    assert count_rows(app_settings.resolved_database_url)["jobs"] == before + 3
 
 
 def test_the_queue_cap_refuses_with_503_and_stores_nothing(app_settings, monkeypatch):
     from orchestrator.app import create_app
 
+    from tests.stack_fixtures import count_rows
+
     monkeypatch.setattr("orchestrator.chain.send_chain", lambda *args: None)
-    app = create_app(app_settings.model_copy(update={"max_queued_jobs": 2}))
+    queued = count_rows(app_settings.resolved_database_url)["jobs"]  # the module's database is shared
+    app = create_app(app_settings.model_copy(update={"max_queued_jobs": queued + 2}))
     client = app.test_client()
     body = {"lyrics": "la la la", "tags": "ska", "max_audio_length_ms": 1000}
     answers = [client.post("/api/jobs", json=body) for _ in range(3)]
     assert [a.status_code for a in answers] == [201, 201, 503] and int(answers[-1].headers["Retry-After"]) > 0
-    from tests.stack_fixtures import count_rows
-    assert count_rows(app_settings.resolved_database_url)["jobs"] == 2
+    assert count_rows(app_settings.resolved_database_url)["jobs"] == queued + 2
 
 
 def test_time_limits_grow_with_the_song_and_stay_under_the_visibility_timeout(settings):

@@ -79,7 +79,7 @@ def table_sizes(settings: Settings) -> tuple[int, int]:
 
 
 class Sent(list):
-    def __call__(self, job_id: str, attempts: dict[str, int]) -> None:
+    def __call__(self, job_id: str, attempts: dict[str, int], max_audio_length_ms: int | None = None) -> None:
         self.append((job_id, dict(attempts)))
 
 
@@ -237,7 +237,7 @@ def test_override_values_are_validated_by_the_request_model(settings, succeeded)
 
 
 def test_a_refused_send_marks_the_new_attempts_failed_instead_of_leaving_them_queued(settings, succeeded):
-    def broken(job_id, attempts):
+    def broken(job_id, attempts, *_):
         raise ConnectionError("broker down")
 
     with pytest.raises(replay.ReplayError, match="broker down"):
