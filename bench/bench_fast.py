@@ -2,7 +2,8 @@
 
     python bench/bench_fast.py                 # GPU: 3B bf16 LM, published-size fp32 codec, cold start
     python bench/bench_fast.py --quick         # CPU: tiny sizes, a smoke run of the same code
-    python bench/bench_fast.py --only lm       # or codec, or cold
+    python bench/bench_fast.py --only lm       # or codec, cold; repeatable
+    python bench/bench_fast.py --only checks --only variants --only codec-variants   # fast-path validation
 
 LM rows: ms/frame (median-free: wall time between two device read-backs of the fast loop, or the
 median of per-frame stamps of the plain loop) and achieved GB/s (bytes one frame must read: weights
@@ -107,14 +108,14 @@ def time_plain(model, prompt, cfg: float, frames: int, warmup: int, device) -> f
     return statistics.median(b - a for a, b in zip(stamps[:-2], stamps[1:-1])) * 1e3
 
 
-def time_fast(model, prompts, cfg: float, frames: int, device, sync_every: int) -> float:
+def time_fast(model, prompts, cfg: float, frames: int, device, sync_every: int, **options) -> float:
     """ms per frame step (all songs) between the first and last read-back of a warmed-up run."""
     hook = _fast_no_eos(device)
     params = _params(cfg, frames)
     for attempt in range(2):  # first run: engine, warm-up, graph capture
         stamps: list[float] = []
         progress = [lambda done, total: stamps.append(time.perf_counter())] + [None] * (len(prompts) - 1)
-        generate_fast(model, prompts, params, logits_hook=hook, sync_every=sync_every, progress=progress,
+        generate_fast(model, prompts, params, logits_hook=hook, sync_every=sync_every, progress=progress, **options,
                       generators=[torch.Generator(device=device).manual_seed(i) for i in range(len(prompts))])
     # stamps: after steps sync_every, 2*sync_every, ... (each after a device read-back), then the final one
     marks = stamps[:-1]
@@ -336,7 +337,8 @@ def run_gpu_checks(device: str = "cuda", quick: bool = False, frames: int = 100)
                                                                        for s in range(songs)])
             release_engines()
         rows.append({"check": f"graph == eager tokens, {songs} song(s), {frames} frames",
-                     "result": all(torch.equal(a.frames, b.frames) for a, b in zip(out[False], out.get(True, out[False])))})
+                     "result": all(torch.equal(a.frames, b.frames)
+                                   for a, b in zip(out[False], out.get(True, out[False])))})
 
     # 3. teacher-forced guided logits (same token history): fast vs plain in bf16, against bf16 vs fp32
     forced_frames = 16
@@ -402,17 +404,8 @@ def run_variant_timings(device: str = "cuda", quick: bool = False, frames: int =
     sync_every = 10 if quick else 20
     rows = [_row("CFG", "plain", 1, 2, time_plain(model, prompts[0], 1.5, frames, 10, dev), model, filled)]
     for complex_rope in (False, True):
-        import functools
-
-        import gpu_worker.fast_generate as fg
-        original = fg.generate_fast
-        fg_generate = functools.partial(original, complex_rope=complex_rope)
         for songs, cfg in ((1, 1.5), (8, 1.5), (1, 1.0)):
-            globals()["generate_fast"] = fg_generate
-            try:
-                ms = time_fast(model, prompts[:songs], cfg, frames, dev, sync_every)
-            finally:
-                globals()["generate_fast"] = original
+            ms = time_fast(model, prompts[:songs], cfg, frames, dev, sync_every, complex_rope=complex_rope)
             rows.append(_row("CFG" if cfg > 1 else "no CFG", f"fast, {'complex' if complex_rope else 'pair'} RoPE",
                              songs, 2 * songs if cfg > 1 else songs, ms, model, filled))
             release_engines()

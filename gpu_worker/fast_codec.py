@@ -38,7 +38,7 @@ PRECISIONS = ("fp32", "tf32", "bf16-mixed", "bf16")
 
 
 class FastCodec:
-    def __init__(self, codec: HeartCodec, *, precision: str = "bf16-mixed", use_graphs: bool | None = None,
+    def __init__(self, codec: HeartCodec, *, precision: str = "bf16", use_graphs: bool | None = None,
                  sq_dtype: torch.dtype | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

@@ -11,6 +11,8 @@ What changes against the plain path (spec §9 levers 1-4), and what does not:
   different positions); the plain path attends over exactly the filled slots.
 * q/k/v and gate/up projections run as one GEMM each: the model's parameters are rebound to views of
   fused weights (same values, no extra memory; the plain path keeps working on the same model).
+* RoPE is one complex multiply (the same products and sums; fp32 FMA contraction may differ in the
+  last bit), and the backbone's additive attention mask is built once per frame, not per layer.
 * Randomness: each song's Exponential(1) draws come from its own generator, outside the graph, in
   exactly the plain path's shapes and order (8 tensors [1, V] per frame, codebook order), into a static
   buffer the graph reads. Draws after a song's end are wasted, never used.
