@@ -92,7 +92,7 @@ def main() -> int:
     print(f"1. process {poisoned.get('pid')}: embedding(8192) on an 8192-row table -> "
           f"{assert_error.get('type')}: {assert_error.get('message', '').splitlines()[0] if assert_error else '-'}"
           f" ({poisoned.get('assert_s')} s)")
-    print(f"2. same process, valid x @ x: " + ("works" if after.get("ok") else
+    print("2. same process, valid x @ x: " + ("works" if after.get("ok") else
           f"{after.get('type')}: {after.get('message', '').splitlines()[0] if after.get('message') else ''}"))
     print(f"3. fresh process {fresh.get('pid')}, valid x @ x: {fresh.get('value')} (expected {poisoned.get('before')})")
     for name, ok in checks.items():

@@ -13,7 +13,6 @@ per stage, p50 / p95 of:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time

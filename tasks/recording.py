@@ -21,7 +21,6 @@ Crash safety (design.md section 4, tasks/reconciler.py):
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import socket
