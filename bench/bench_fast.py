@@ -138,7 +138,7 @@ def run_lm_comparison(device: str = "cuda", quick: bool = False, batches=(1, 2, 
         frames, prompt_length, check_frames = min(frames, 40), min(prompt_length, 30), min(check_frames, 60)
     sync_every = 10 if quick else 20
     model = random_model(args, dev, dtype)
-    prompts = [random_prompt(args, prompt_length - 7 * i, seed=i) for i in range(max(4, *batches))]
+    prompts = [random_prompt(args, max(prompt_length - 7 * i, 12), seed=i) for i in range(max(4, *batches))]
     filled = prompt_length + frames // 2
 
     checks: list[dict[str, Any]] = []

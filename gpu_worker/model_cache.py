@@ -27,6 +27,13 @@ def get_codec(ckpt_root: Path, device: torch.device, dtype: torch.dtype):
                 lambda: load_heartcodec(ckpt_root, device=device, dtype=dtype))
 
 
+def get_fast_codec(codec_model):
+    """The bf16 estimator copy (about 3 GB at the real size), made once per codec."""
+    from gpu_worker.fast_codec import FastCodec
+
+    return _get(("fast_codec", str(id(codec_model)), "", "bf16"), lambda: FastCodec(codec_model, precision="bf16"))
+
+
 def _get(key: tuple, load) -> Any:
     with _lock:
         if key not in _models:

@@ -50,10 +50,19 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
     params = SamplingParams(temperature=inp.params.temperature, top_k=inp.params.top_k,
                             cfg_scale=inp.params.cfg_scale, max_audio_length_ms=inp.params.max_audio_length_ms)
     generator = torch.Generator(device=device).manual_seed(inp.seed)
+    report = lambda done, total: ctx.progress(done, total, "frames")  # noqa: E731
     try:
-        result = generate(lm.model, prompt, params, generator=generator,
-                          progress=lambda done, total: ctx.progress(done, total, "frames"),
-                          should_cancel=ctx.should_cancel)
+        if device.type == "cuda":
+            # the CUDA-graph frame step; same draws as the plain path, bf16 logits within tolerance
+            from gpu_worker.fast_generate import generate_fast
+
+            ctx.environment_extra.update(generation_path="fast", bucket=512, complex_rope=True)
+            result = generate_fast(lm.model, prompt, params, generators=[generator], progress=report,
+                                   should_cancel=ctx.should_cancel)[0]
+        else:
+            ctx.environment_extra.update(generation_path="plain")
+            result = generate(lm.model, prompt, params, generator=generator, progress=report,
+                              should_cancel=ctx.should_cancel)
     except GenerationCancelled as exc:
         raise JobCancelled(f"job {ctx.job_id} cancelled during token generation") from exc
     validate_codes(result.frames)  # defence in depth: the codec validates again
@@ -73,11 +82,13 @@ def decode_audio(inp: DecodeAudioInput, ctx: StageContext) -> DecodeAudioOutput:
         raise ValueError(f"token artifact holds {codes.shape[1]} frames, the record says {inp.frames}")
     device = resolve_device(ctx.settings)
     dtype = codec_dtype(ctx.settings)
-    codec = model_cache.get_codec(_checkpoint(inp.checkpoint, ctx), device, dtype)
+    # weights stay fp32; SONGPIPE_CODEC_DTYPE=bfloat16 runs the estimator in bf16 (measured SNR in bench/RESULTS.md)
+    codec = model_cache.get_codec(_checkpoint(inp.checkpoint, ctx), device, torch.float32)
     ctx.environment_extra.update(model_checksums=codec.checksums, device=str(device), codec_dtype=str(dtype),
                                  tiny_checkpoint=is_tiny_checkpoint(Path(inp.checkpoint)))
     generator = torch.Generator(device=device).manual_seed(inp.seed)
-    audio = codec.model.decode(torch.from_numpy(codes.astype(np.int64)), generator=generator,
+    decoder = model_cache.get_fast_codec(codec.model) if dtype == torch.bfloat16 else codec.model
+    audio = decoder.decode(torch.from_numpy(codes.astype(np.int64)), generator=generator,
                                progress=lambda done, total: ctx.progress(done, total, "windows"))
     data, clipped = wav_bytes(audio.float().numpy())
     ref = ctx.put_artifact(data, "wav")
