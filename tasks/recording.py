@@ -93,8 +93,11 @@ def add_stage_hook(hook: StageHook) -> None:
         _stage_hooks.append(hook)
 
 
+WORKER_NAME: str | None = None  # the Celery node name (e.g. gpu1@host), set when a worker starts
+
+
 def _holder() -> tuple[str, int]:
-    return socket.gethostname(), os.getpid()
+    return WORKER_NAME or socket.gethostname(), os.getpid()
 
 
 @dataclass
