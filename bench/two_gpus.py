@@ -21,7 +21,7 @@ from tests.stack_fixtures import (_spawn, _workers_answer, database, redis_serve
                                   tiny_checkpoint, wait_until)
 
 SONG = {"lyrics": "de doo doo doo\nde blaa blaa blaa\nis all i want to sing to you", "tags": "ska",
-        "max_audio_length_ms": 10000}
+        "max_audio_length_ms": 10000, "output_format": "wav"}  # the GPU host has no ffmpeg
 
 
 def main() -> None:
