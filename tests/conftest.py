@@ -11,6 +11,7 @@ Fixtures (see tests/stack_fixtures.py for the machinery):
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +25,10 @@ DATABASE_KINDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgre
 
 def _skip_if_no_postgres(kind: str) -> None:
     if kind == "postgresql" and not stack_fixtures.postgres_reachable():
-        pytest.skip(f"PostgreSQL is not reachable at {stack_fixtures.POSTGRES_ADMIN_URL}")
+        message = f"PostgreSQL is not reachable at {stack_fixtures.POSTGRES_ADMIN_URL}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI must run the PostgreSQL half of the suite (.ci/run starts the server)")
+        pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
