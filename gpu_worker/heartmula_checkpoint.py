@@ -249,13 +249,27 @@ def random_state_dict(args: HeartMuLaArgs, *, seed: int) -> dict[str, torch.Tens
     return state
 
 
+def tiny_state_dict(args: HeartMuLaArgs, *, seed: int) -> dict[str, torch.Tensor]:
+    """The tiny checkpoint's weights: random, except zero head rows for end-of-audio.
+
+    Its logit is then exactly 0, far below the top-k cut of the random logits, so a tiny model never
+    ends a demo or test song early by chance. EOS handling itself is tested with injected logits
+    (tests/test_generate.py), not by luck.
+    """
+    state = random_state_dict(args, seed=seed)
+    eos = TINY_GEN_CONFIG["audio_eos_id"]
+    state["codebook0_head.weight"][eos] = 0.0
+    state["audio_head"][:, :, eos] = 0.0
+    return state
+
+
 def write_tiny_heartmula(ckpt_root: Path | str, *, seed: int = 0) -> None:
     root = Path(ckpt_root)
     folder = root / TINY_LM_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_text(json.dumps(TINY_CONFIG, indent=2))
     args = heartmula_args_from_config(TINY_CONFIG, folder / CONFIG_NAME)
-    write_state_dict(folder, random_state_dict(args, seed=seed), shards=2)
+    write_state_dict(folder, tiny_state_dict(args, seed=seed), shards=2)
     write_synthetic_tokenizer(root / TOKENIZER_NAME)
     (root / GEN_CONFIG_NAME).write_text(json.dumps(TINY_GEN_CONFIG))
 

@@ -19,6 +19,7 @@ from gpu_worker.heartmula_checkpoint import (
     heartmula_args_from_config,
     load_heartmula,
     random_state_dict,
+    tiny_state_dict,
     write_broken_heartmula_variants,
     write_tiny_heartmula,
 )
@@ -90,7 +91,7 @@ def test_tiny_init_uses_unit_norm_scales_and_small_matrices(tiny_root):
 
 def test_round_trip_loads_every_tensor_exactly_as_written(tiny_root):
     loaded = load_heartmula(tiny_root)
-    written = random_state_dict(heartmula_args_from_config(TINY_CONFIG, lm_config(tiny_root)), seed=0)
+    written = tiny_state_dict(heartmula_args_from_config(TINY_CONFIG, lm_config(tiny_root)), seed=0)
     state = loaded.model.state_dict()
     assert state.keys() == written.keys()
     for name, tensor in written.items():
@@ -219,3 +220,8 @@ def test_audio_eos_id_must_be_a_special_audio_id(editable_root):
     edit_json(editable_root / "gen_config.json", lambda g: g.update(audio_eos_id=100))
     with pytest.raises(CheckpointError, match="audio_eos_id = 100"):
         load_heartmula(editable_root)
+
+
+def test_tiny_checkpoint_cannot_end_a_song_by_chance(tiny_root):
+    state = load_heartmula(tiny_root).model.state_dict()
+    assert not state["codebook0_head.weight"][8193].any() and not state["audio_head"][:, :, 8193].any()
