@@ -36,8 +36,7 @@ DEMO_REQUEST: dict[str, Any] = {
     "lyrics": "de doo doo doo\nde blaa blaa blaa\nis all I want to sing to you",
     "tags": "ska",
     "max_audio_length_ms": 4000,
-    # a fixed seed: with the tiny random checkpoint some seeds sample end-of-audio early, and the
-    # demo should show a song of exactly the requested length (50 frames = 4.0 s)
+    # a fixed seed: the demo is reproducible (replay it from the dashboard and get the same tokens)
     "seed": 1,
 }
 TERMINAL = ("succeeded", "failed", "cancelled")
