@@ -52,7 +52,16 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
     generator = torch.Generator(device=device).manual_seed(inp.seed)
     report = lambda done, total: ctx.progress(done, total, "frames")  # noqa: E731
     try:
-        if device.type == "cuda":
+        if ctx.settings.gpu_batching:
+            # continuous batching: the process's engine runs this song in a slot beside others
+            from gpu_worker.generation_engine import get_engine, run_in_engine
+
+            engine = get_engine(lm.model)
+            ctx.environment_extra.update(generation_path="batched", engine_slots=engine.max_songs,
+                                         bucket=engine.bucket, complex_rope=engine.complex_rope)
+            result = run_in_engine(lm.model, prompt, params, inp.seed, ctx, engine=engine)
+            ctx.environment_extra.update(batch_size=result.batch_size, queued_s=round(result.queued_s, 3))
+        elif device.type == "cuda":
             # the CUDA-graph frame step; same draws as the plain path, bf16 logits within tolerance
             from gpu_worker.fast_generate import generate_fast
 
@@ -72,7 +81,7 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
     return GenerateTokensOutput(tokens=ref, frames=frames, stop_reason=result.stop_reason,
                                 prompt_length=result.prompt_length, tags_text=prompt.tags_text,
                                 lyrics_text=prompt.lyrics_text, device=str(device), dtype=str(dtype),
-                                batch_size=1)
+                                batch_size=getattr(result, "batch_size", 1))
 
 
 def decode_audio(inp: DecodeAudioInput, ctx: StageContext) -> DecodeAudioOutput:

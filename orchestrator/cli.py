@@ -116,25 +116,40 @@ WORKERS = {
 }
 
 
-def worker_argv(kind: str, concurrency: int | None, loglevel: str) -> list[str]:
+def worker_argv(kind: str, concurrency: int | None, loglevel: str, *, gpu_batching: bool = False) -> list[str]:
     module, queue, default_concurrency, pool = WORKERS[kind]
     device = os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(",", "-") if kind == "gpu" else ""
+    extra: list[str] = []
+    if kind == "gpu" and gpu_batching:
+        # SONGPIPE_GPU_BATCHING=1: one process per GPU still, but a threads pool with one thread per
+        # engine slot, so every token task of the process shares one engine, model and CUDA context.
+        # After a CUDA poison the whole process exits (warm, after in-flight tasks recorded their
+        # failure; gpu_worker/generation_engine.py) and the supervisor (systemd, a restart loop) must
+        # start it again - there is no prefork child to replace.
+        from gpu_worker.generation_engine import DEFAULT_MAX_SONGS
+
+        pool, default_concurrency = "threads", DEFAULT_MAX_SONGS
+        extra = ["--include", "gpu_worker.generation_engine"]
     return [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", queue,
-            "--concurrency", str(concurrency or default_concurrency), "--pool", pool,
+            "--concurrency", str(concurrency or default_concurrency), "--pool", pool, *extra,
             "--hostname", f"{kind}{device}@%h", "--loglevel", loglevel]
 
 
 @main.command()
 @click.argument("kind", type=click.Choice(sorted(WORKERS)))
-@click.option("--concurrency", "-c", type=int, default=None, help="cpu: 2; gpu: always 1 per GPU")
+@click.option("--concurrency", "-c", type=int, default=None, help="cpu: 2; gpu: always 1 per GPU (SONGPIPE_GPU_BATCHING=1: one thread per engine slot)")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 def worker(kind: str, concurrency: int | None, loglevel: str) -> None:
     """Exec a Celery worker for the cpu or gpu queue (for the gpu: one per GPU, CUDA_VISIBLE_DEVICES)."""
-    if kind == "gpu" and concurrency not in (None, 1):
+    batching = kind == "gpu" and _settings().gpu_batching
+    if kind == "gpu" and not batching and concurrency not in (None, 1):
         raise click.BadParameter("the GPU worker runs one process per GPU; start one worker per device",
                                  param_hint="--concurrency")
+    if batching and concurrency is not None:
+        raise click.BadParameter("with SONGPIPE_GPU_BATCHING=1 the GPU worker runs one thread per engine slot "
+                                 "(gpu_worker.generation_engine.DEFAULT_MAX_SONGS)", param_hint="--concurrency")
     _broker_settings()  # exports REDIS_URL of a running embedded broker for the exec'd worker
-    argv = worker_argv(kind, concurrency, loglevel)
+    argv = worker_argv(kind, concurrency, loglevel, gpu_batching=batching)
     os.execv(argv[0], argv)
 
 

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     device: str = "auto"  # "auto" -> cuda when available, else cpu
     lm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     codec_dtype: Literal["float32", "bfloat16"] = "float32"
+    # continuous batching of token generation (gpu_worker/generation_engine.py): one engine per GPU worker
+    # process serves up to 8 songs at once; `songpipe worker gpu` then runs Celery's threads pool
+    gpu_batching: bool = False
 
     default_lyrics_backend: Literal["rules", "llm", "off"] = "rules"
     default_tags_backend: Literal["embedding", "llm", "given"] = "embedding"

@@ -1,0 +1,280 @@
+"""Continuous batching (gpu_worker/generation_engine.py) on the CPU, fp32, tiny checkpoint.
+
+A song's tokens must not depend on which songs share the engine with it, nor on when it joins: each
+must equal `generate_fast` alone with the same seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gpu_worker import generation_engine as ge
+from gpu_worker.fast_generate import generate_fast
+from gpu_worker.generate import (
+    ContextLimitError,
+    EmptySongError,
+    GenerationCancelled,
+    SamplingParams,
+)
+from gpu_worker.generation_engine import (
+    BatchedGenerationResult,
+    EngineBroken,
+    EngineClosed,
+    GenerationEngine,
+)
+from gpu_worker.heartmula_checkpoint import load_heartmula, write_tiny_heartmula
+from gpu_worker.prompt import build_prompt
+
+EOS = 8193
+PARAMS = SamplingParams(temperature=1.0, top_k=50, cfg_scale=1.5, max_audio_length_ms=40 * 80)
+LYRICS = ["[verse]\nla la la", "[verse]\nyeah yeah yeah oh\n[chorus]\nna na na", "[intro]\nhm", "[outro]\nbye"]
+TAGS = ["pop,piano", "rock,guitar,loud", "ambient", "jazz"]
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    write_tiny_heartmula(root, seed=2)
+    return load_heartmula(root)
+
+
+@pytest.fixture(scope="module")
+def prompts(lm):
+    return [build_prompt(lm.tokenizer, lm.gen_config, tags, lyrics) for tags, lyrics in zip(TAGS, LYRICS)]
+
+
+def no_eos(frame_index, codebook, logits):
+    return logits.index_fill(-1, torch.tensor([EOS]), float("-inf"))
+
+
+def eos_at_frame_0_in_slot(slot):
+    def hook(frame_index, codebook, logits):
+        logits = no_eos(frame_index, codebook, logits)
+        rows = (frame_index == 0) & (torch.arange(len(frame_index)) == slot)
+        hit = torch.zeros_like(logits, dtype=torch.bool)
+        hit[:, EOS] = True
+        return torch.where(hit & rows[:, None], torch.full_like(logits, 1e4), logits)
+    return hook
+
+
+def solo(lm, prompt, params, seed):
+    return generate_fast(lm.model, prompt, params, generators=[torch.Generator().manual_seed(seed)],
+                         logits_hook=no_eos)[0].frames
+
+
+@pytest.fixture
+def engine_factory(lm):
+    made = []
+
+    def make(**kwargs):
+        kwargs.setdefault("logits_hook", no_eos)
+        kwargs.setdefault("sync_every", 4)
+        engine = GenerationEngine(lm.model, **kwargs)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.shutdown(timeout=TIMEOUT)
+
+
+def test_three_songs_one_joining_mid_way_each_match_generate_fast_alone(lm, prompts, engine_factory):
+    engine = engine_factory(max_songs=4)
+    joined: list = []
+    seen_at_join: list[int] = []
+
+    def progress_0(done, total):  # runs on the engine thread at a read-back: song 2 joins mid-way
+        if done >= 12 and not joined:
+            seen_at_join.append(engine.live_count())
+            joined.append(engine.submit(prompts[2], PARAMS, 33))
+
+    f0 = engine.submit(prompts[0], PARAMS, 11, progress=progress_0)
+    f1 = engine.submit(prompts[1], PARAMS, 22)
+    r0, r1 = f0.result(TIMEOUT), f1.result(TIMEOUT)
+    r2 = joined[0].result(TIMEOUT)
+    assert seen_at_join == [2]  # both first songs were live when the third was submitted
+    for result, prompt, seed in ((r0, prompts[0], 11), (r1, prompts[1], 22), (r2, prompts[2], 33)):
+        assert isinstance(result, BatchedGenerationResult)
+        assert result.frames.shape == (8, 40) and result.stop_reason == "max_length"
+        assert torch.equal(result.frames, solo(lm, prompt, PARAMS, seed))
+        assert result.prompt_length == prompt.length and result.slots == 4
+    assert (r0.batch_size, r1.batch_size, r2.batch_size) == (3, 3, 3)
+    assert engine.stats["songs_done"] == 3 and engine.stats["max_live"] == 3
+    assert engine.stats["frames_stepped"] > 39  # the join made the batch run past one song's length
+
+
+def test_a_song_alone_reports_batch_size_1_and_eos_songs_stop_early(lm, prompts, engine_factory):
+    engine = engine_factory(max_songs=2, logits_hook=None)
+    short = dataclasses.replace(PARAMS, max_audio_length_ms=6 * 80)
+    result = engine.submit(prompts[3], short, 5).result(TIMEOUT)
+    expected = generate_fast(lm.model, prompts[3], short, generators=[torch.Generator().manual_seed(5)])[0]
+    assert result.batch_size == 1
+    assert torch.equal(result.frames, expected.frames) and result.stop_reason == expected.stop_reason
+
+
+def test_a_cancelled_song_frees_its_slot_for_a_waiting_song_and_the_others_finish(lm, prompts, engine_factory):
+    engine = engine_factory(max_songs=2)
+    stop = threading.Event()
+    long = dataclasses.replace(PARAMS, max_audio_length_ms=200 * 80)
+
+    def progress(done, total):
+        if done >= 8:
+            stop.set()
+
+    cancelled = engine.submit(prompts[0], long, 1, progress=progress, should_cancel=stop.is_set)
+    other = engine.submit(prompts[1], PARAMS, 2)
+    waiting = engine.submit(prompts[2], PARAMS, 3)  # no free slot until the cancel
+    dropped = engine.submit(prompts[3], PARAMS, 4)
+    assert engine.cancel(dropped)
+    with pytest.raises(GenerationCancelled):
+        cancelled.result(TIMEOUT)
+    with pytest.raises(GenerationCancelled):
+        dropped.result(TIMEOUT)
+    assert torch.equal(other.result(TIMEOUT).frames, solo(lm, prompts[1], PARAMS, 2))
+    assert torch.equal(waiting.result(TIMEOUT).frames, solo(lm, prompts[2], PARAMS, 3))
+    assert engine.live_count() == 0 and engine.waiting_count() == 0
+
+
+def test_empty_song_error_fails_only_its_future(lm, prompts, engine_factory):
+    engine = engine_factory(max_songs=2, logits_hook=eos_at_frame_0_in_slot(1))  # lowest free slot first
+    first = engine.submit(prompts[0], PARAMS, 7)
+    empty = engine.submit(prompts[1], PARAMS, 8)
+    with pytest.raises(EmptySongError, match="EOS at frame 0"):
+        empty.result(TIMEOUT)
+    assert torch.equal(first.result(TIMEOUT).frames, solo(lm, prompts[0], PARAMS, 7))
+    assert not engine.broken
+
+
+def test_song_level_validation_and_callback_errors_fail_only_that_song(lm, prompts, engine_factory):
+    engine = engine_factory(max_songs=2)
+    too_long = dataclasses.replace(PARAMS, max_audio_length_ms=(256 - prompts[0].length + 1) * 80)
+    with pytest.raises(ContextLimitError, match="context limit 256"):
+        engine.submit(prompts[0], too_long, 1).result(TIMEOUT)
+
+    def bad_progress(done, total):
+        raise KeyError("progress callback bug")
+
+    bad = engine.submit(prompts[0], PARAMS, 1, progress=bad_progress)
+    good = engine.submit(prompts[1], PARAMS, 2)
+    with pytest.raises(KeyError):
+        bad.result(TIMEOUT)
+    assert torch.equal(good.result(TIMEOUT).frames, solo(lm, prompts[1], PARAMS, 2))
+    assert not engine.broken
+
+
+def test_an_engine_error_fails_every_song_and_later_submissions(lm, prompts, engine_factory):
+    def explode(frame_index, codebook, logits):
+        if int(frame_index.max()) >= 6:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+        return no_eos(frame_index, codebook, logits)
+
+    engine = engine_factory(max_songs=2, logits_hook=explode)
+    futures = [engine.submit(prompts[i], PARAMS, i) for i in range(3)]  # the third one is still waiting
+    for future in futures:
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            future.result(TIMEOUT)
+    assert engine.broken
+    with pytest.raises(EngineBroken, match="illegal memory access") as caught:
+        engine.submit(prompts[0], PARAMS, 0)
+    from gpu_worker.cuda_health import is_cuda_poison
+
+    assert is_cuda_poison(caught.value)  # so the stage's failure handler replaces the process
+
+
+def test_songs_with_different_sampling_parameters_are_served_in_turn(lm, prompts, engine_factory):
+    engine = engine_factory(max_songs=4)
+    cold = dataclasses.replace(PARAMS, temperature=0.7, top_k=20, max_audio_length_ms=20 * 80)
+    plain = dataclasses.replace(PARAMS, cfg_scale=1.0, max_audio_length_ms=20 * 80)  # no CFG: other buffers
+    requests = [(prompts[0], PARAMS, 1), (prompts[1], cold, 2), (prompts[2], PARAMS, 3), (prompts[3], plain, 4)]
+    futures = [engine.submit(prompt, params, seed) for prompt, params, seed in requests]
+    for future, (prompt, params, seed) in zip(futures, requests):
+        assert torch.equal(future.result(TIMEOUT).frames, solo(lm, prompt, params, seed))
+    # strict FIFO: song 2 (same set as song 0) does not overtake song 1, so the set switches 3 times
+    assert engine.stats["param_switches"] == 3
+    assert [f.result().batch_size for f in futures] == [1, 1, 1, 1]
+
+
+def test_shutdown_cancels_live_songs_and_refuses_new_ones(lm, prompts, engine_factory):
+    engine = engine_factory(max_songs=2)
+    started = threading.Event()
+    long = dataclasses.replace(PARAMS, max_audio_length_ms=200 * 80)
+    live = engine.submit(prompts[0], long, 1, progress=lambda done, total: started.set())
+    assert started.wait(TIMEOUT)
+    engine.shutdown(timeout=TIMEOUT)
+    with pytest.raises(GenerationCancelled):
+        live.result(TIMEOUT)
+    with pytest.raises(EngineClosed):
+        engine.submit(prompts[0], PARAMS, 1)
+
+
+def test_run_in_engine_reports_progress_on_the_callers_thread_and_maps_a_cancel(lm, prompts, engine_factory):
+    from tasks.recording import JobCancelled
+
+    engine = engine_factory(max_songs=2, sync_every=2)
+    long = dataclasses.replace(PARAMS, max_audio_length_ms=200 * 80)
+    caller = threading.current_thread()
+
+    class Ctx:
+        def __init__(self, cancel_after):
+            self.calls, self.cancel_after = [], cancel_after
+
+        def progress(self, done, total, unit="frames", force=False):
+            assert threading.current_thread() is caller
+            self.calls.append((done, total))
+            if self.cancel_after is not None and done >= self.cancel_after:
+                raise JobCancelled("cancelled")
+
+        def should_cancel(self):
+            return False
+
+    ctx = Ctx(cancel_after=None)
+    result = ge.run_in_engine(lm.model, prompts[1], PARAMS, 2, ctx, engine=engine, poll_s=0.01)
+    assert torch.equal(result.frames, solo(lm, prompts[1], PARAMS, 2))
+    ctx = Ctx(cancel_after=4)
+    with pytest.raises(JobCancelled):
+        ge.run_in_engine(lm.model, prompts[0], long, 1, ctx, engine=engine, poll_s=0.01)
+    deadline = threading.Event()
+    for _ in range(200):  # the slot is freed at the engine's next read-back
+        if engine.live_count() == 0:
+            break
+        deadline.wait(0.05)
+    assert engine.live_count() == 0 and not engine.broken
+
+
+def test_threads_mode_poison_stops_the_worker_warm_and_serialises_the_codec(monkeypatch):
+    from celery.worker import state as worker_state
+
+    from gpu_worker import cuda_health
+
+    exits: list[tuple[int, float]] = []
+    monkeypatch.setattr(ge, "_start_watchdog", lambda code, grace: exits.append((code, grace)))
+    monkeypatch.setattr(ge, "_threads_mode", lambda: True)
+    monkeypatch.setattr(ge, "_exit_requested", False)
+    monkeypatch.setattr(worker_state, "should_stop", None)
+    decode = SimpleNamespace(name="songpipe.decode_audio")
+    ge._task_prerun(task=decode)
+    assert ge._codec_lock.locked()
+    ge._task_postrun(task=decode)
+    assert not ge._codec_lock.locked() and worker_state.should_stop is None and not exits
+
+    monkeypatch.setattr(cuda_health, "_replace_reason", "CUDA context poisoned (AcceleratorError)")
+    ge._task_postrun(task=SimpleNamespace(name="songpipe.generate_tokens"))
+    assert worker_state.should_stop == cuda_health.POISON_EXIT_CODE  # warm shutdown, then exit 70
+    assert exits == [(cuda_health.POISON_EXIT_CODE, ge.POISON_EXIT_GRACE_S)]
+
+
+def test_the_gpu_worker_command_uses_threads_only_when_batching_is_on():
+    from orchestrator.cli import worker_argv
+
+    default = worker_argv("gpu", None, "INFO")
+    assert default[default.index("--pool") + 1] == "prefork" and default[default.index("--concurrency") + 1] == "1"
+    assert "--include" not in default
+    batched = worker_argv("gpu", None, "INFO", gpu_batching=True)
+    assert batched[batched.index("--pool") + 1] == "threads"
+    assert batched[batched.index("--concurrency") + 1] == str(ge.DEFAULT_MAX_SONGS)
+    assert batched[batched.index("--include") + 1] == "gpu_worker.generation_engine"
