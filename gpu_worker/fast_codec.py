@@ -25,8 +25,6 @@ from typing import Callable
 import torch
 
 from gpu_worker.heartcodec import (
-    GUIDANCE_SCALE,
-    NUM_STEPS,
     PREFIX_LATENTS,
     HeartCodec,
     overlap_add,
@@ -96,30 +94,7 @@ class FastCodec:
 
     def solve(self, mu: torch.Tensor, prefix: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
         """FlowMatching.solve with the estimator replaced; the same draws and the same fp32 Euler update."""
-        estimator = self.codec.flow_matching.estimator
-        seq, channels = mu.shape[0], estimator.proj_out.ffn_2.out_features
-        z = torch.randn((1, seq, channels), generator=generator, device=mu.device, dtype=mu.dtype)[0]
-        n = 0 if prefix is None else prefix.shape[0]
-        in_context = torch.zeros_like(z)
-        if n:
-            in_context[:n] = prefix
-        cond = torch.stack([torch.zeros_like(mu), mu])
-        x = z.clone()
-        t_span = torch.linspace(0, 1, NUM_STEPS + 1, dtype=torch.float32)
-        t, dt = t_span[0], t_span[1] - t_span[0]
-        for step in range(1, NUM_STEPS + 1):
-            if n:
-                x[:n] = float(1 - (1 - 1e-6) * t) * z[:n] + float(t) * prefix
-            inputs = torch.cat([x.expand(2, -1, -1), in_context.expand(2, -1, -1), cond], dim=-1)
-            timestep = torch.full((2,), float(t), device=mu.device, dtype=torch.float32)
-            v_uncond, v_cond = self._estimate(inputs, timestep).unbind(0)
-            x = x + float(dt) * (v_uncond + GUIDANCE_SCALE * (v_cond - v_uncond))
-            t = t + dt
-            if step < NUM_STEPS:
-                dt = t_span[step + 1] - t
-        if n:
-            x[:n] = prefix
-        return x
+        return self.codec.flow_matching.solve(mu, prefix, generator, estimate=self._estimate)
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor, *, generator: torch.Generator,

@@ -416,8 +416,14 @@ class FlowMatching(nn.Module):
         features = self.cond_feature_emb(self.vq_embed.lookup(codes))
         return features.repeat_interleave(LATENTS_PER_FRAME, dim=0)
 
-    def solve(self, mu: torch.Tensor, prefix: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-        """Euler solve of one window (§7.3): mu [S, dim], prefix [n, C] or None -> latents [S, C]."""
+    def solve(self, mu: torch.Tensor, prefix: torch.Tensor | None, generator: torch.Generator,
+              estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Euler solve of one window (§7.3): mu [S, dim], prefix [n, C] or None -> latents [S, C].
+
+        `estimate` replaces the estimator call (the fast codec runs it in bf16 / as a CUDA graph);
+        the draws and the fp32 Euler update stay the same.
+        """
+        estimate = estimate or self.estimator
         seq, channels = mu.shape[0], self.estimator.proj_out.ffn_2.out_features
         z = torch.randn((1, seq, channels), generator=generator, device=mu.device, dtype=mu.dtype)[0]
         n = 0 if prefix is None else prefix.shape[0]
@@ -436,7 +442,7 @@ class FlowMatching(nn.Module):
                 x[:n] = float(1 - (1 - 1e-6) * t) * z[:n] + float(t) * prefix
             inputs = torch.cat([x.expand(2, -1, -1), in_context.expand(2, -1, -1), cond], dim=-1)
             timestep = torch.full((2,), float(t), device=mu.device, dtype=torch.float32)
-            v_uncond, v_cond = self.estimator(inputs, timestep).unbind(0)
+            v_uncond, v_cond = estimate(inputs, timestep).unbind(0)
             x = x + float(dt) * (v_uncond + GUIDANCE_SCALE * (v_cond - v_uncond))
             t = t + dt
             if step < NUM_STEPS:
