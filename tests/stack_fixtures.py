@@ -335,8 +335,13 @@ def stack_environment(workdir: Path, database_url: str, redis_url: str, checkpoi
 
 @contextlib.contextmanager
 def running_stack(name: str, workdir: Path, database_url: str, redis_url: str, checkpoint: Path,
-                  extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
-    """CPU worker, GPU worker and web server as subprocesses; torn down (process groups) on exit."""
+                  extra_env: dict[str, str] | None = None, gpu_pool: tuple[str, int] = ("prefork", 1),
+                  gpu_extra_args: tuple[str, ...] = ()) -> Iterator[Stack]:
+    """CPU worker, GPU worker and web server as subprocesses; torn down (process groups) on exit.
+
+    `gpu_pool` / `gpu_extra_args`: the GPU worker's pool and concurrency, e.g. ("threads", 8) with
+    ("--include", "gpu_worker.generation_engine") for the continuous-batching mode.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     stack = Stack(name, workdir, stack_environment(workdir, database_url, redis_url, checkpoint, extra_env),
                   database_url, redis_url, checkpoint)
@@ -344,9 +349,11 @@ def running_stack(name: str, workdir: Path, database_url: str, redis_url: str, c
     workers = {"cpu": ("tasks.cpu_worker", f"cpu-{tag}@test"), "gpu": ("gpu_worker.celery_worker", f"gpu-{tag}@test")}
     try:
         for kind, (module, hostname) in workers.items():
+            pool, concurrency = gpu_pool if kind == "gpu" else ("prefork", 1)
+            extra = list(gpu_extra_args) if kind == "gpu" else []
             _spawn(stack, f"{kind}-worker", [
-                sys.executable, "-m", "celery", "-A", module, "worker", "-Q", kind, "-c", "1", "-P", "prefork",
-                "-n", hostname, "--without-gossip", "--without-mingle", "-l", "INFO"])
+                sys.executable, "-m", "celery", "-A", module, "worker", "-Q", kind, "-c", str(concurrency),
+                "-P", pool, *extra, "-n", hostname, "--without-gossip", "--without-mingle", "-l", "INFO"])
         port = free_port()
         stack.base_url = f"http://127.0.0.1:{port}"
         _spawn(stack, "web", [sys.executable, "-m", "orchestrator.cli", "web", "--host", "127.0.0.1",
