@@ -25,12 +25,8 @@ from typing import Callable
 import torch
 
 from gpu_worker.heartcodec import (
-    PREFIX_LATENTS,
     HeartCodec,
-    overlap_add,
-    plan_windows,
 )
-from gpu_worker.token_validation import validate_codes
 
 PRECISIONS = ("fp32", "tf32", "bf16-mixed", "bf16")
 
@@ -96,31 +92,18 @@ class FastCodec:
         """FlowMatching.solve with the estimator replaced; the same draws and the same fp32 Euler update."""
         return self.codec.flow_matching.solve(mu, prefix, generator, estimate=self._estimate)
 
-    @torch.inference_mode()
+    def decode_window(self, codes: torch.Tensor, prefix: torch.Tensor | None,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """HeartCodec.decode_window with the fast estimator and the SQ decoder in `sq_dtype`."""
+        latents = self.solve(self.codec.flow_matching.conditioning(codes), prefix, generator)
+        return latents, self.scalar_model.decode(latents.to(self.sq_dtype))
+
     def decode(self, codes: torch.Tensor, *, generator: torch.Generator,
                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """HeartCodec.decode's contract: codes [8, T] -> float32 [2, T*3840] on the CPU."""
-        codec = self.codec
-        validate_codes(codes, codebook_size=codec.config.codebook_size, num_quantizers=codec.config.num_quantizers)
-        device = self.device
-        if torch.device(generator.device).type != device.type:
-            raise ValueError(f"generator is on {generator.device}, the codec on {device}; "
-                             "pass a generator created on the codec's device")
-        plan = plan_windows(codes.shape[1])
-        wrapped = torch.arange(plan.padded_frames) % plan.frames
-        padded = codes.detach().to("cpu", torch.long)[:, wrapped].to(device)
-        out = torch.empty(2, plan.output_samples, dtype=torch.float32, device=device)
-        latents = None
-        for w in range(plan.num_windows):
-            prefix = None if latents is None else latents[-PREFIX_LATENTS:]
-            latents = self.solve(codec.flow_matching.conditioning(padded[:, plan.window(w)]), prefix, generator)
-            overlap_add(out, self.scalar_model.decode(latents.to(self.sq_dtype)).float(), w)
-            if progress is not None:
-                progress(w + 1, plan.num_windows)
-        return out[:, :plan.cropped_samples].cpu()
+        return self.codec.decode(codes, generator=generator, progress=progress, window_decoder=self.decode_window)
 
 
-@contextlib.contextmanager
 def _matmul_tf32():
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True

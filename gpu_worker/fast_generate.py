@@ -38,7 +38,7 @@ from gpu_worker.generate import (
     GenerationCancelled,
     GenerationResult,
     SamplingParams,
-    _check_prompt,
+    check_prompt,
     forbidden_ids_mask,
     top_k_race,
 )
@@ -498,7 +498,7 @@ def generate_fast(model: HeartMuLa, prompts: Sequence[Prompt] | Prompt,
                 f"context limit {limit} (max_seq_len); shorten the lyrics or max_audio_length_ms")
         if generator.device.type != device.type:
             raise ValueError(f"generator is on {generator.device}, the model on {device}")
-        _check_prompt(model, prompt)
+        check_prompt(model, prompt)
     if first.top_k > args.audio_vocab_size:
         raise ValueError(f"top_k must be in 1..{args.audio_vocab_size}, got {first.top_k}")
 

@@ -148,7 +148,7 @@ class _FrameSampler:
         return torch.cat(codes)
 
 
-def _check_prompt(model: HeartMuLa, prompt: Prompt) -> None:
+def check_prompt(model: HeartMuLa, prompt: Prompt) -> None:
     """Out-of-range ids must fail here, on the host, not as a device-side assert in an embedding."""
     args = model.args
     text = prompt.tokens[:, -1][prompt.mask[:, -1]]
@@ -190,7 +190,7 @@ def generate(model: HeartMuLa, prompt: Prompt, params: SamplingParams, *, genera
         raise ValueError(f"generator is on {generator.device}, the model on {device}")
     if progress_every < 1:
         raise ValueError(f"progress_every must be >= 1, got {progress_every}")
-    _check_prompt(model, prompt)
+    check_prompt(model, prompt)
 
     forbidden = forbidden_ids_mask(args.audio_vocab_size, prompt.audio_eos_id, device=device)
     sampler = _FrameSampler(model, params, forbidden, generator, logits_hook)

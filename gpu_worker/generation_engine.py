@@ -81,7 +81,7 @@ from gpu_worker.generate import (
     GenerationCancelled,
     GenerationResult,
     SamplingParams,
-    _check_prompt,
+    check_prompt,
 )
 from gpu_worker.heartmula import HeartMuLa
 from gpu_worker.prompt import Prompt
@@ -271,7 +271,7 @@ class GenerationEngine:
             raise ValueError(f"top_k must be in 1..{model.args.audio_vocab_size}, got {params.top_k}")
         if request.generator.device.type != self.device.type:
             raise ValueError(f"generator is on {request.generator.device}, the model on {self.device}")
-        _check_prompt(model, prompt)
+        check_prompt(model, prompt)
 
     def _frame_engine(self, key: tuple) -> FrameEngine:
         """Slot buffers for the parameter set `key`; called only while no song is live."""

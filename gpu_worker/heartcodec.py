@@ -626,12 +626,15 @@ class HeartCodec(nn.Module):
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor, *, generator: torch.Generator,
-               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+               progress: Callable[[int, int], None] | None = None,
+               window_decoder: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """codes [8, T] (any integer dtype, any device) -> float32 [2, T*3840] on the CPU, 48 kHz.
 
         Validation runs on the host before anything reaches the lookup. `generator` lives on the codec's
-        device and gives one randn [1, 744, 256] per window, in window order.
+        device and gives one randn [1, 744, 256] per window, in window order. `window_decoder` replaces
+        `decode_window` (the fast codec's bf16 estimator); windows, prefixes and cross-fades stay here.
         """
+        window_decoder = window_decoder or self.decode_window
         validate_codes(codes, codebook_size=self.config.codebook_size, num_quantizers=self.config.num_quantizers)
         device = self.device
         if torch.device(generator.device).type != device.type:
@@ -644,7 +647,7 @@ class HeartCodec(nn.Module):
         latents = None
         for w in range(plan.num_windows):
             prefix = None if latents is None else latents[-PREFIX_LATENTS:]
-            latents, audio = self.decode_window(padded[:, plan.window(w)], prefix, generator)
+            latents, audio = window_decoder(padded[:, plan.window(w)], prefix, generator)
             overlap_add(out, audio.float(), w)
             if progress is not None:
                 progress(w + 1, plan.num_windows)
