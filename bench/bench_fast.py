@@ -180,14 +180,20 @@ def run_lm_comparison(device: str = "cuda", quick: bool = False, batches=(1, 2, 
     return checks, rows
 
 
-def run_codec_comparison(device: str = "cuda", quick: bool = False,
-                         precisions=("tf32", "bf16-mixed", "bf16")) -> list[dict[str, Any]]:
-    dev = torch.device(device)
+def _random_codec_and_song(dev: torch.device, quick: bool) -> tuple:
+    """A random fp32 codec (tiny or published sizes) and a seeded random song (700 or 3000 frames)."""
     config = HeartCodecConfig.tiny() if quick else HeartCodecConfig.published()
     codec = build_random_heartcodec(config, device=dev, dtype=torch.float32, seed=0)
     frames = 700 if quick else 3000
     codes = torch.randint(0, config.codebook_size, (config.num_quantizers, frames),
                           generator=torch.Generator().manual_seed(frames))
+    return codec, codes
+
+
+def run_codec_comparison(device: str = "cuda", quick: bool = False,
+                         precisions=("tf32", "bf16-mixed", "bf16")) -> list[dict[str, Any]]:
+    dev = torch.device(device)
+    codec, codes = _random_codec_and_song(dev, quick)
     short = codes[:, :372]
 
     def timed(fn) -> tuple[float, torch.Tensor]:
@@ -202,12 +208,12 @@ def run_codec_comparison(device: str = "cuda", quick: bool = False,
 
     codec.decode(short, generator=gen())  # warm-up
     seconds, reference = timed(lambda: codec.decode(codes, generator=gen()))
-    song = f"{frames * 0.08:.0f} s song"
+    song = f"{codes.shape[1] * 0.08:.0f} s song"
     rows = [{"codec": "fp32 (default precision)", "case": song, "seconds": seconds, "SNR dB": float("inf"),
              "estimator call SNR dB": float("inf")}]
     # one estimator call on a realistic input, for a precision figure that does not depend on the solver
     estimator = codec.flow_matching.estimator
-    probe = torch.randn(2, 744, config.in_channels, generator=gen(), device=dev)
+    probe = torch.randn(2, 744, codec.config.in_channels, generator=gen(), device=dev)
     t = torch.tensor([0.3, 0.3], device=dev)
     with torch.inference_mode():
         v_ref = estimator(probe, t)
@@ -418,11 +424,7 @@ def run_variant_timings(device: str = "cuda", quick: bool = False, frames: int =
 def run_codec_variants(device: str = "cuda", quick: bool = False) -> list[dict[str, Any]]:
     """bf16 estimator with the SQ decoder in fp32 vs bf16: 240 s song seconds, SNR, per-window split."""
     dev = torch.device(device)
-    config = HeartCodecConfig.tiny() if quick else HeartCodecConfig.published()
-    codec = build_random_heartcodec(config, device=dev, dtype=torch.float32, seed=0)
-    frames = 700 if quick else 3000
-    codes = torch.randint(0, config.codebook_size, (config.num_quantizers, frames),
-                          generator=torch.Generator().manual_seed(frames))
+    codec, codes = _random_codec_and_song(dev, quick)
     gen = lambda: torch.Generator(device=dev).manual_seed(0)  # noqa: E731
 
     def timed(fn):

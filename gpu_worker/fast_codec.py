@@ -104,6 +104,7 @@ class FastCodec:
         return self.codec.decode(codes, generator=generator, progress=progress, window_decoder=self.decode_window)
 
 
+@contextlib.contextmanager
 def _matmul_tf32():
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -74,7 +74,6 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
                               should_cancel=ctx.should_cancel)
     except GenerationCancelled as exc:
         raise JobCancelled(f"job {ctx.job_id} cancelled during token generation") from exc
-    validate_codes(result.frames)  # defence in depth: the codec validates again
     frames = int(result.frames.shape[1])
     ctx.progress(frames, frames, "frames", force=True)
     ref = ctx.put_artifact(tokens_to_bytes(result.frames), "tokens")

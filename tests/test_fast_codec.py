@@ -30,6 +30,13 @@ def test_fp32_fast_codec_is_bitwise_the_plain_decode(codec, codes, reference):
     assert torch.equal(out, reference)
 
 
+def test_tf32_fast_codec_restores_the_matmul_setting_and_matches_fp32_on_cpu(codec, codes, reference):
+    before = torch.backends.cuda.matmul.allow_tf32
+    out = FastCodec(codec, precision="tf32").decode(codes, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, reference)  # TF32 only changes CUDA matmuls
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
 @pytest.mark.parametrize("precision, sq_dtype", [("bf16", None), ("bf16-mixed", None), ("bf16", torch.bfloat16)])
 def test_bf16_variants_keep_shape_and_stay_above_30_db(codec, codes, reference, precision, sq_dtype):
     out = FastCodec(codec, precision=precision, sq_dtype=sq_dtype).decode(
