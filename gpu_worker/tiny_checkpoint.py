@@ -6,10 +6,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from gpu_worker.checkpoint_marker import MARKER
 from gpu_worker.heartcodec_checkpoint import write_tiny_heartcodec
 from gpu_worker.heartmula_checkpoint import write_tiny_heartmula
-
-MARKER = "TINY_RANDOM_CHECKPOINT.txt"
 
 
 def make_tiny_checkpoint(out: Path, *, seed: int = 0, codec_layout: str = "sharded") -> Path:

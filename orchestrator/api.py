@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from db.engine import session_scope
 from orchestrator.admission import QueueFull, RateLimited, admitted  # noqa: F401  (QueueFull: web.py imports it here)
-from orchestrator.job_views import audio_artifact, is_job_id, job_view, links
+from orchestrator.job_views import audio_artifact, job_exists, links, load_job_view
 from orchestrator.request_parsing import RequestInvalid, error, error_body, parse_job_request
 from orchestrator.submission import SubmittedJob, submit_job
 from tasks.artifact_store import open_store
@@ -66,9 +66,7 @@ def _unknown_job(job_id: str) -> tuple[Response, int]:
 
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str):
-    settings = _settings()
-    with session_scope(settings.resolved_database_url) as session:
-        view = job_view(session, job_id, settings)
+    view = load_job_view(_settings(), job_id)
     if view is None:
         return _unknown_job(job_id)
     return jsonify(view)
@@ -78,10 +76,8 @@ def get_job(job_id: str):
 def get_audio(job_id: str):
     # The path comes from SQL (job id -> stage output sha256 -> store key), never from the client.
     settings = _settings()
-    if not is_job_id(job_id):
-        return _unknown_job(job_id)
     with session_scope(settings.resolved_database_url) as session:
-        if job_view(session, job_id, settings) is None:
+        if not job_exists(session, job_id):
             return _unknown_job(job_id)
         artifact = audio_artifact(session, job_id)
     if artifact is None:

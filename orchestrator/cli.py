@@ -191,11 +191,9 @@ def _read_lyrics(lyrics: str | None, lyrics_file: str | None) -> str | None:
 
 
 def _job_view(settings: Settings, job_id: str) -> dict[str, Any] | None:
-    from db.engine import session_scope
-    from orchestrator.job_views import job_view
+    from orchestrator.job_views import load_job_view
 
-    with session_scope(settings.resolved_database_url) as session:
-        return job_view(session, job_id, settings)
+    return load_job_view(settings, job_id)
 
 
 def _wait(settings: Settings, job_id: str, timeout_s: float, quiet: bool) -> dict[str, Any]:

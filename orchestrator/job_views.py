@@ -13,14 +13,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db.engine import session_scope
 from db.models import Artifact, Job, StageRun
+from gpu_worker.checkpoint_marker import MARKER as TINY_CHECKPOINT_MARKER
 from tasks.contracts import STAGES
 from tasks.settings import Settings
 
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-# Same file name as gpu_worker.tiny_checkpoint.MARKER; read here without importing torch into the web tier.
-TINY_CHECKPOINT_MARKER = "TINY_RANDOM_CHECKPOINT.txt"
 TINY_CHECKPOINT_NOTICE = "random weights: noise, not music (tiny test checkpoint in use)"
 
 
@@ -119,6 +119,16 @@ def job_view(session: Session, job_id: str, settings: Settings) -> dict[str, Any
         "links": links(job.id),
         "stages": [stage_view(row) for row in rows],
     }
+
+
+def load_job_view(settings: Settings, job_id: str) -> dict[str, Any] | None:
+    """`job_view` in a session of its own: what the API, the job page and `songpipe show` read."""
+    with session_scope(settings.resolved_database_url) as session:
+        return job_view(session, job_id, settings)
+
+
+def job_exists(session: Session, job_id: str) -> bool:
+    return is_job_id(job_id) and session.get(Job, job_id) is not None
 
 
 def audio_artifact(session: Session, job_id: str) -> Artifact | None:

@@ -76,10 +76,9 @@ class ReplayResult:
                 "attempts": self.attempts, "reused": self.reused}
 
 
-def _check_stage(stage: str, what: str = "from_stage") -> str:
+def _check_stage(stage: str) -> None:
     if stage not in STAGES:
-        raise ReplayError(f"{what} {stage!r} is not a stage; stages are {', '.join(STAGES)}")
-    return stage
+        raise ReplayError(f"from_stage {stage!r} is not a stage; stages are {', '.join(STAGES)}")
 
 
 def latest_done_runs(session: Session, job_id: str) -> dict[str, StageRun]:
@@ -87,7 +86,6 @@ def latest_done_runs(session: Session, job_id: str) -> dict[str, StageRun]:
     runs = session.scalars(select(StageRun).where(StageRun.job_id == job_id, StageRun.status.in_(DONE_STATUSES))
                            .order_by(StageRun.attempt))
     return {run.stage: run for run in runs}
-
 
 
 def verify_reused_outputs(runs: list[StageRun], settings: Settings) -> None:

@@ -11,9 +11,8 @@ from flask import Blueprint, Flask, abort, current_app, redirect, render_templat
 from flask_wtf.csrf import generate_csrf, validate_csrf
 from wtforms import ValidationError as CsrfInvalid
 
-from db.engine import session_scope
 from orchestrator.api import QueueFull, accept_job
-from orchestrator.job_views import TINY_CHECKPOINT_NOTICE, checkpoint_is_tiny, job_view
+from orchestrator.job_views import TINY_CHECKPOINT_NOTICE, checkpoint_is_tiny, load_job_view
 from orchestrator.request_parsing import RequestInvalid, error, max_audio_length_limit_ms, parse_job_request
 from tasks.contracts import JobRequest
 from tasks.settings import Settings
@@ -110,9 +109,7 @@ def submit():
 
 @bp.get("/jobs/<job_id>")
 def job_page(job_id: str):
-    settings = _settings()
-    with session_scope(settings.resolved_database_url) as session:
-        view = job_view(session, job_id, settings)
+    view = load_job_view(_settings(), job_id)
     if view is None:
         abort(404, description=f"no job with id {job_id}")
     return render_template("job.html", job=view, tiny_notice=TINY_CHECKPOINT_NOTICE)

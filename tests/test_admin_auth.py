@@ -164,6 +164,21 @@ def test_admin_with_a_token_can_cancel(app, settings, queued_job):
     assert job_state(settings, queued_job)[1] is True
 
 
+def test_bad_json_bodies_are_refused_naming_the_field_and_write_nothing(app, settings, failed_job, queued_job):
+    client = app.test_client()
+    log_in(client, "admin", ADMIN_PASSWORD)
+    headers = {"X-CSRFToken": csrf_of(client)}
+    before = job_state(settings, failed_job), job_state(settings, queued_job)
+    for url, body, field in [(f"/admin/api/jobs/{queued_job}/cancel", {"reason": {"why": "x"}}, "reason"),
+                             (f"/admin/api/jobs/{failed_job}/retry", {"from_stage": 3}, "from_stage"),
+                             (f"/admin/api/jobs/{failed_job}/retry", {"stage": "x"}, "stage"),
+                             (f"/admin/api/jobs/{failed_job}/rerun", {"overrides": [1]}, "overrides"),
+                             (f"/admin/api/jobs/{failed_job}/rerun", {"overrides": {"seed": "3"}}, "seed")]:
+        response = client.post(url, json=body, headers=headers)
+        assert response.status_code == 400 and field in response.get_json()["error"], (url, body)
+    assert (job_state(settings, failed_job), job_state(settings, queued_job)) == before
+
+
 def test_logout_needs_csrf_and_ends_the_session(app):
     client = app.test_client()
     log_in(client, "admin", ADMIN_PASSWORD)

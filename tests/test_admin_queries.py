@@ -145,7 +145,10 @@ def test_date_range_filter(settings, seeded):
 
 def test_bad_filters_are_refused_with_the_reason(settings):
     for args, message in (({"status": "lost"}, "status"), ({"sort": "random"}, "sort"), ({"limit": "7"}, "limit"),
-                          ({"from": "yesterday"}, "from"), ({"cursor": "@@"}, "cursor")):
+                          ({"from": "yesterday"}, "from"), ({"cursor": "@@"}, "cursor"),
+                          ({"limit": "many"}, "^limit must be a whole number"),
+                          ({"page": "two"}, "^page must be a whole number"),
+                          ({"page": "9" * 30}, "^page must be at most"), ({"to": "2026-13-01"}, "^to must")):
         with pytest.raises(queries.BadFilter, match=message):
             with session_scope(settings.resolved_database_url) as session:
                 page(session, **args)

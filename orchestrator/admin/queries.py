@@ -10,7 +10,7 @@ import base64
 import heapq
 import datetime as dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
@@ -22,6 +22,7 @@ from tasks.contracts import STAGES
 
 PAGE_SIZES = (25, 50, 100, 200)
 DEFAULT_PAGE_SIZE = 50
+MAX_PAGE = 1_000_000
 SORTS = {
     "created_desc": (Job.created_at, True),
     "created_asc": (Job.created_at, False),
@@ -63,13 +64,12 @@ class JobFilters:
             raise BadFilter(f"stage must be one of {', '.join(STAGES)}")
         if sort not in SORTS:
             raise BadFilter(f"sort must be one of {', '.join(SORTS)}")
-        try:
-            limit = int(args.get("limit") or DEFAULT_PAGE_SIZE)
-            page = max(1, int(args.get("page") or 1))
-        except ValueError as exc:
-            raise BadFilter("limit and page must be whole numbers") from exc
+        limit = _whole_number(args, "limit", DEFAULT_PAGE_SIZE)
         if limit not in PAGE_SIZES:
             raise BadFilter(f"limit must be one of {', '.join(map(str, PAGE_SIZES))}")
+        page = max(1, _whole_number(args, "page", 1))
+        if page > MAX_PAGE:  # the SQL offset must stay a 64-bit integer
+            raise BadFilter(f"page must be at most {MAX_PAGE}")
         return cls(status=status, failed_stage=stage, error_type=text("error_type"),
                    created_from=_parse_date(text("from"), "from"), created_to=_parse_date(text("to"), "to", end=True),
                    text=text("q"), sort=sort, limit=limit, cursor=text("cursor"), page=page)
@@ -83,6 +83,14 @@ class JobFilters:
                   "limit": self.limit if self.limit != DEFAULT_PAGE_SIZE else None}
         values.update(changes)
         return {k: v for k, v in values.items() if v not in (None, "")}
+
+
+def _whole_number(args, name: str, default: int) -> int:
+    raw = (args.get(name) or "").strip()
+    try:
+        return int(raw) if raw else default
+    except ValueError as exc:
+        raise BadFilter(f"{name} must be a whole number, got {raw!r}") from exc
 
 
 def _parse_date(value: str | None, name: str, *, end: bool = False) -> dt.datetime | None:
@@ -142,7 +150,6 @@ class JobPage:
     total: int
     next_cursor: str | None = None
     next_page: int | None = None
-    error_types: list[str] = field(default_factory=list)
 
 
 TEXT_SCAN_MAX_MATCHES = 5000
@@ -254,7 +261,6 @@ class JobRecord:
     replays: list[dict[str, Any]]
     original: dict[str, Any] | None
     reused_sources: dict[int, dict[str, Any]]  # stage_run id -> {job_id, stage, attempt}
-
 
 
 def job_record(session: Session, job_id: str) -> JobRecord | None:

@@ -321,10 +321,10 @@ def _overrides_from_form(form) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for name in replay.OVERRIDABLE:
         raw = form.get(name, "")
-        if name != "lyrics":
-            raw = raw.strip()
         if not raw.strip():
             continue
+        if name != "lyrics":  # lyrics keep their whitespace as typed
+            raw = raw.strip()
         if name in parsers:
             try:
                 overrides[name] = parsers[name](raw)
@@ -377,47 +377,51 @@ def cancel_job(job_id: str):
     return redirect(url_for("admin.job_detail", job_id=job_id))
 
 
-def _json_body() -> dict[str, Any]:
+def _json_body(fields: tuple[str, ...] | None = None, usage: str = "") -> dict[str, Any]:
+    """The JSON object of the request ({} without one); with `fields`, any other key is refused."""
     body = request.get_json(silent=True)
     if body is None:
         body = {}
     if not isinstance(body, dict):
         raise replay.ReplayError("the request body must be a JSON object")
+    unknown = set(body) - set(fields) if fields is not None else set()
+    if unknown:
+        raise replay.ReplayError(f"unknown field(s) {', '.join(sorted(unknown))}; {usage}")
+    for name in ("from_stage", "reason"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise replay.ReplayError(f"{name} must be a string, got {type(body[name]).__name__}")
     return body
+
+
+def _api_replay(fields: tuple[str, ...], usage: str, start) -> tuple[Response, int]:
+    """A JSON replay verb: check the body, call `start(body)`, answer 202 with the result (or the error)."""
+    try:
+        result = start(_json_body(fields, usage))
+    except (replay.ReplayError, ArtifactIntegrityError) as exc:
+        return _api_error(exc)
+    return jsonify(result.as_dict()), 202
 
 
 @bp.route("/api/jobs/<job_id>/retry", methods=["POST"])
 @auth.require_admin
 def api_retry(job_id: str):
-    try:
-        body = _json_body()
-        unknown = set(body) - {"from_stage"}
-        if unknown:
-            raise replay.ReplayError(f"unknown field(s) {', '.join(sorted(unknown))}; retry takes from_stage")
-        result = replay.retry(job_id, body.get("from_stage"), settings=settings(),
-                              requested_by=auth.current_user().name)
-    except (replay.ReplayError, ArtifactIntegrityError) as exc:
-        return _api_error(exc)
-    return jsonify(result.as_dict()), 202
+    return _api_replay(("from_stage",), "retry takes from_stage", lambda body: replay.retry(
+        job_id, body.get("from_stage"), settings=settings(), requested_by=auth.current_user().name))
+
+
+def _rerun(job_id: str, body: dict[str, Any]) -> replay.ReplayResult:
+    overrides = body.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise replay.OverrideError("overrides must be a JSON object", errors={"overrides": "not an object"})
+    return replay.rerun_as_new(job_id, body.get("from_stage") or "refine_lyrics", overrides,
+                               settings=settings(), requested_by=auth.current_user().name)
 
 
 @bp.route("/api/jobs/<job_id>/rerun", methods=["POST"])
 @auth.require_admin
 def api_rerun(job_id: str):
-    try:
-        body = _json_body()
-        unknown = set(body) - {"from_stage", "overrides"}
-        if unknown:
-            raise replay.ReplayError(f"unknown field(s) {', '.join(sorted(unknown))}; "
-                                     f"re-run takes from_stage and overrides")
-        overrides = body.get("overrides") or {}
-        if not isinstance(overrides, dict):
-            raise replay.OverrideError("overrides must be a JSON object", errors={"overrides": "not an object"})
-        result = replay.rerun_as_new(job_id, body.get("from_stage") or "refine_lyrics", overrides,
-                                     settings=settings(), requested_by=auth.current_user().name)
-    except (replay.ReplayError, ArtifactIntegrityError) as exc:
-        return _api_error(exc)
-    return jsonify(result.as_dict()), 202
+    return _api_replay(("from_stage", "overrides"), "re-run takes from_stage and overrides",
+                       lambda body: _rerun(job_id, body))
 
 
 @bp.route("/api/jobs/<job_id>/cancel", methods=["POST"])
