@@ -125,6 +125,15 @@ def test_viewer_cannot_retry_rerun_or_cancel(app, settings, failed_job, queued_j
     assert (job_state(settings, failed_job), job_state(settings, queued_job)) == before
 
 
+@pytest.mark.parametrize("hours", ["week", "0", "-5", "100000"])
+def test_a_bad_stats_window_is_refused_naming_hours(app, hours):
+    client = app.test_client()
+    log_in(client, "admin", ADMIN_PASSWORD)
+    for url in ("/admin/stats", "/admin/api/stats"):
+        response = client.get(url, query_string={"hours": hours})
+        assert response.status_code == 400 and "hours" in response.get_data(as_text=True), url
+
+
 def test_viewer_sees_no_action_buttons(app, failed_job):
     client = app.test_client()
     log_in(client, "viewer", VIEWER_PASSWORD)

@@ -483,12 +483,17 @@ def api_workers():
     return Response(json.dumps(overview, default=_json_default), mimetype="application/json")
 
 
+MAX_WINDOW_HOURS = 24 * 90
+
+
 def _window_hours() -> int:
-    try:
-        hours = int(request.args.get("hours") or 24 * 7)
-    except ValueError:
-        hours = 24 * 7
-    return min(max(hours, 1), 24 * 90)
+    """The stats window; a bad `hours` is a 400 naming it, never a silent week."""
+    raw = request.args.get("hours")
+    if raw is None or raw == "":
+        return 24 * 7
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_WINDOW_HOURS:
+        abort(400, description=f"hours must be a whole number from 1 to {MAX_WINDOW_HOURS}, got {raw!r}")
+    return int(raw)
 
 
 @bp.route("/stats")
