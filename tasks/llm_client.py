@@ -31,6 +31,14 @@ class LlmError(RuntimeError):
         self.exchanges = exchanges
 
 
+class LlmStageError(ValueError):
+    """A text stage's failure that carries its LLM exchanges, so the stage wrapper records them too."""
+
+    def __init__(self, message: str, llm_exchanges: list[LlmExchange] | None = None) -> None:
+        super().__init__(message)
+        self.llm_exchanges = llm_exchanges or []
+
+
 @dataclass(frozen=True)
 class ChatAnswer:
     content: str  # the assistant message's text, exactly as sent

@@ -61,8 +61,9 @@ def validate(answer: str, source: str) -> str:
     if not sung:
         raise InvalidAnswer("answer has markers but no sung lines")
 
-    source_keys = {_key(ln) for ln in normalise_text(source).split("\n") if _key(ln)}
-    source_joined = " ".join(_key(ln) for ln in normalise_text(source).split("\n"))
+    source_line_keys = [_key(ln) for ln in normalise_text(source).split("\n")]
+    source_keys = {k for k in source_line_keys if k}
+    source_joined = " ".join(source_line_keys)
     invented = [ln for ln in sung if _key(ln) and not _found(_key(ln), source_keys, source_joined)]
     if invented:
         raise InvalidAnswer(f"answer has {len(invented)} line(s) that are not in the input, "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tasks import lyrics_llm, lyrics_rules
 from tasks.contracts import LlmExchange, RefineLyricsInput, RefineLyricsOutput
-from tasks.llm_client import InvalidAnswer, LlmError, chat
+from tasks.llm_client import InvalidAnswer, LlmError, LlmStageError, chat
 from tasks.settings import Settings
 
 CONTEXT_TOKENS = 8192  # HeartMuLa's RoPE table and KV cache: prompt + frames must fit (model-spec §4)
@@ -18,12 +18,8 @@ TEXT_SPECIALS = 2  # BOS + EOS around the lyrics
 TAG_PROMPT_RESERVE = 256
 
 
-class LyricsError(ValueError):
-    """Carries the LLM exchanges of a failed `llm` run so the stage wrapper can record them too."""
-
-    def __init__(self, message: str, llm_exchanges: list[LlmExchange] | None = None) -> None:
-        super().__init__(message)
-        self.llm_exchanges = llm_exchanges or []
+class LyricsError(LlmStageError):
+    """Stage 1 failed; carries the LLM exchanges of a failed `llm` run."""
 
 
 def estimate_prompt_tokens(lyrics: str) -> int:

@@ -42,7 +42,7 @@ from db.engine import session_scope
 from db.models import Job, StageRun, utcnow
 from tasks.celery_app import CPU_QUEUE, GPU_QUEUE, queue_for, task_name
 from tasks.contracts import STAGES
-from tasks.recording import DONE_STATUSES, lease_s
+from tasks.recording import ACTIVE_JOB_STATUSES, DONE_STATUSES, end_job, lease_s
 from tasks.settings import Settings
 from tasks.time_limits import stage_limits
 
@@ -54,7 +54,7 @@ MAX_WORKER_LOSSES = 3  # the third loss of the same stage fails the job instead 
 MAX_MESSAGE_LOSSES = 5
 TIME_LIMIT_SLACK_S = 5.0
 CONFIRM_DELAY_S = 1.0
-ACTIVE = ("queued", "running")
+ACTIVE = ACTIVE_JOB_STATUSES
 PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")  # kombu's Redis priority lists
 UNACKED_KEY = "unacked"
 
@@ -205,15 +205,6 @@ def _losses(session: Session, job_id: str, stage: str, error_type: str) -> int:
         StageRun.error_type == error_type)) or 0
 
 
-def _end_job(job: Job, row_status: str, stage: str, error_type: str, message: str, now: dt.datetime) -> None:
-    job.status = row_status
-    job.finished_at = now
-    if row_status == "failed":
-        job.failed_stage, job.error_type, job.error_message = stage, error_type, message
-    else:
-        job.cancel_reason = job.cancel_reason or message
-
-
 def _settle(session: Session, settings: Settings, cand: _Candidate, now: dt.datetime) -> Decision | None:
     """Apply the rule to one candidate inside one transaction; None when the row moved meanwhile."""
     job = session.get(Job, cand.job_id)
@@ -258,7 +249,7 @@ def _settle(session: Session, settings: Settings, cand: _Candidate, now: dt.date
     if not changed:
         return None  # a worker claimed it, or its heartbeat came back: nothing is stuck
     if status != LOST:
-        _end_job(job, status, row.stage, error_type, message, now)
+        end_job(job, status, row.stage, error_type, message, now)
         return Decision(job.id, row.stage, row.attempt, action, message)
     attempts = add_attempts(session, job, row.stage, requested_by=f"reconciler:{error_type}")
     return Decision(job.id, row.stage, row.attempt, action, message, attempts)

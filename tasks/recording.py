@@ -41,8 +41,9 @@ from db.models import Artifact, Job, StageRun, utcnow
 from tasks.artifact_store import LocalDirectoryStore, artifact_shas, open_store
 from tasks.celery_app import app, queue_for, task_name
 from tasks.contracts import STAGE_CONTRACTS, STAGES, ArtifactRef
-from tasks.environment import environment_snapshot
+from tasks.environment import environment_snapshot, torch_snapshot
 from tasks.settings import Settings, get_settings
+from tasks.stage_inputs import DONE_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ LEASE_HEARTBEATS = 12  # a running row is lost after this many missed heartbeats
 TRANSIENT_RETRIES = 1  # transient failures get exactly one new attempt
 TRANSIENT_RETRY_REQUESTER = "retry:transient"
 ACTIVE_JOB_STATUSES = ("queued", "running")
-DONE_STATUSES = ("succeeded", "reused")
 MAX_NOTED_DUPLICATES = 20
 
 
@@ -115,6 +115,7 @@ class StageContext:
     _last_cancel_check: float = 0.0
     _cancelled: bool = False
     _superseded: bool = False
+    _environment_recorded: bool = False  # the full snapshot is on the row (written with the inputs)
     _started: float = field(default_factory=time.monotonic)
 
     @property
@@ -226,6 +227,25 @@ def _upsert_artifact(session: Session, ref: ArtifactRef, location: str) -> None:
         session.flush()
 
 
+def _end_environment(row: StageRun, ctx: StageContext) -> dict[str, Any]:
+    """The row's environment at the end of an attempt: what the start recorded, refreshed where it can change.
+
+    Host, versions and code do not change within a process, so once the start snapshot is on the row only
+    the torch facts (GPU memory; torch may have been loaded by the stage) and the stage's extras are merged.
+    """
+    fresh = torch_snapshot() if ctx._environment_recorded else environment_snapshot(queue=row.queue)
+    return {**(row.environment or {}), **fresh, **ctx.environment_extra}
+
+
+def end_job(job: Job, status: str, stage: str, error_type: str | None, message: str, finished_at: Any) -> None:
+    """End a job because `stage` failed or was cancelled (the stage wrapper and the reconciler)."""
+    job.status = status
+    job.finished_at = finished_at
+    if status == "failed":
+        job.failed_stage, job.error_type, job.error_message = stage, error_type, message
+    else:
+        job.cancel_reason = job.cancel_reason or message
+
 
 def describe_error(exc: BaseException) -> tuple[str, str]:
     kind = type(exc)
@@ -279,6 +299,7 @@ class StageRunner:
                         .execution_options(synchronize_session=False)).rowcount
                     if not written:
                         raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")
+                ctx._environment_recorded = True  # committed
                 recording += time.monotonic() - t0
                 ctx.run_hooks("start")
                 result = self.compute(inputs, ctx)
@@ -380,7 +401,7 @@ class StageRunner:
         with session_scope(url) as session:
             row = self._held_row(session, ctx)
             finished = utcnow()
-            environment = {**(row.environment or {}), **environment_snapshot(queue=row.queue), **ctx.environment_extra}
+            environment = _end_environment(row, ctx)
             written = session.execute(update(StageRun).where(*ctx._held()).values(
                 status="succeeded", outputs=payload, artifacts=artifact_shas(payload), finished_at=finished,
                 heartbeat_at=finished, duration_s=time.monotonic() - started, environment=environment,
@@ -413,8 +434,7 @@ class StageRunner:
             values: dict[str, Any] = dict(
                 status=status, error_type=error_type, error_message=message, traceback=trace, finished_at=utcnow(),
                 duration_s=time.monotonic() - started,
-                environment={**(row.environment or {}), **environment_snapshot(queue=row.queue),
-                             **ctx.environment_extra})
+                environment=_end_environment(row, ctx))
             exchanges = getattr(exc, "llm_exchanges", None)
             if exchanges:  # a failed LLM backend's raw requests and answers are evidence too
                 values["outputs"] = {"llm_exchanges": [e.model_dump(mode="json") if hasattr(e, "model_dump") else e
@@ -426,12 +446,7 @@ class StageRunner:
                 raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")
             if retry is not None:
                 return retry  # the job goes on with the new attempt
-            job.status = status
-            job.finished_at = values["finished_at"]
-            if status == "failed":
-                job.failed_stage, job.error_type, job.error_message = self.stage, error_type, message
-            else:
-                job.cancel_reason = job.cancel_reason or message
+            end_job(job, status, self.stage, error_type, message, values["finished_at"])
         return retry
 
     def _schedule_transient_retry(self, session: Session, job: Job) -> ScheduledRetry | None:

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 from tasks import embedding_tagger, tags_llm
 from tasks.contracts import MAX_TAGS, GenerateTagsInput, GenerateTagsOutput, LlmExchange, parse_tags
-from tasks.llm_client import InvalidAnswer, LlmError, chat
+from tasks.llm_client import InvalidAnswer, LlmError, LlmStageError, chat
 from tasks.settings import Settings
 from tasks.tag_vocabulary import ScoredTag, get_vocabulary
 
 _EXCLUSIVE = ("genre", "gender")  # categories where a user tag leaves no room for a generated one
 
 
-class TagsError(ValueError):
-    """Carries the LLM exchanges of a failed `llm` run so the stage wrapper can record them too."""
-
-    def __init__(self, message: str, llm_exchanges: list[LlmExchange] | None = None) -> None:
-        super().__init__(message)
-        self.llm_exchanges = llm_exchanges or []
+class TagsError(LlmStageError):
+    """Stage 2 failed; carries the LLM exchanges of a failed `llm` run."""
 
 
 def _normalised(field: str, values: list[str] | None) -> list[str]:

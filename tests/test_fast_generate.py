@@ -14,44 +14,30 @@ from gpu_worker.generate import (
     ContextLimitError,
     EmptySongError,
     GenerationCancelled,
-    SamplingParams,
     generate,
 )
 from gpu_worker.heartmula import HeartMuLa
 from gpu_worker.heartmula_checkpoint import (
     TINY_CONFIG,
     heartmula_args_from_config,
-    load_heartmula,
     random_state_dict,
-    write_tiny_heartmula,
 )
-from gpu_worker.prompt import build_prompt
+from tests import model_fixtures
+from tests.model_fixtures import EOS, VOCAB, no_eos, tiny_params, tiny_prompts
 
-VOCAB = 8197
-EOS = 8193
-PARAMS = SamplingParams(temperature=1.0, top_k=50, cfg_scale=1.5, max_audio_length_ms=50 * 80)
-LYRICS = ["[verse]\nla la la", "[verse]\nyeah yeah yeah oh\n[chorus]\nna na na", "[intro]\nhm"]
-TAGS = ["pop,piano", "rock,guitar,loud", "ambient"]
+lm = model_fixtures.lm  # the tiny checkpoint (a module-scoped fixture)
 
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    write_tiny_heartmula(root, seed=2)
-    return load_heartmula(root)
+PARAMS = tiny_params(50)
+SONGS = 3
 
 
 @pytest.fixture(scope="module")
 def prompts(lm):
-    return [build_prompt(lm.tokenizer, lm.gen_config, tags, lyrics) for tags, lyrics in zip(TAGS, LYRICS)]
+    return tiny_prompts(lm, SONGS)
 
 
 def gens(*seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
-
-
-def no_eos(frame, codebook, logits):
-    return logits.index_fill(-1, torch.tensor([EOS]), float("-inf"))
 
 
 def fast_force(token, at_frame=None, at_codebook=None, song=None):
@@ -160,7 +146,7 @@ def test_free_running_agreement_alone_vs_batched_over_500_frames(lm):
     model = HeartMuLa(args)
     model.load_state_dict(random_state_dict(args, seed=4), strict=True)
     model.requires_grad_(False).eval()
-    prompts = [build_prompt(lm.tokenizer, lm.gen_config, tags, lyrics) for tags, lyrics in zip(TAGS, LYRICS)]
+    prompts = tiny_prompts(lm, SONGS)
     params = dataclasses.replace(PARAMS, max_audio_length_ms=500 * 80)
     solo = generate_fast(model, prompts[1], params, generators=gens(21), logits_hook=no_eos)[0].frames
     trio = generate_fast(model, prompts, params, generators=gens(1, 21, 2), logits_hook=no_eos)[1].frames

@@ -10,39 +10,26 @@ from gpu_worker.generate import (
     ContextLimitError,
     EmptySongError,
     GenerationCancelled,
-    SamplingParams,
     cfg_mix,
     forbidden_ids_mask,
     generate,
     sample_top_k,
 )
-from gpu_worker.heartmula_checkpoint import load_heartmula, write_tiny_heartmula
-from gpu_worker.prompt import build_prompt
+from tests import model_fixtures
+from tests.model_fixtures import EOS, VOCAB, no_eos, tiny_params, tiny_prompts
 
-VOCAB = 8197
-EOS = 8193
-PARAMS = SamplingParams(temperature=1.0, top_k=50, cfg_scale=1.5, max_audio_length_ms=8 * 80)
+lm = model_fixtures.lm  # the tiny checkpoint (a module-scoped fixture)
 
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    write_tiny_heartmula(root, seed=2)
-    return load_heartmula(root)
+PARAMS = tiny_params(8)
 
 
 @pytest.fixture(scope="module")
 def prompt(lm):
-    return build_prompt(lm.tokenizer, lm.gen_config, "pop,piano", "[verse]\nla la la")
+    return tiny_prompts(lm, 1)[0]
 
 
 def run(lm, prompt, params=PARAMS, seed=0, **kwargs):
     return generate(lm.model, prompt, params, generator=torch.Generator().manual_seed(seed), **kwargs)
-
-
-def no_eos(frame, codebook, logits):
-    """Keep a random model from ending early where a test needs the full length."""
-    return logits.index_fill(-1, torch.tensor([EOS]), float("-inf"))
 
 
 def force(token, at_frame=None, at_codebook=None):

@@ -18,7 +18,6 @@ from gpu_worker.generate import (
     ContextLimitError,
     EmptySongError,
     GenerationCancelled,
-    SamplingParams,
 )
 from gpu_worker.generation_engine import (
     BatchedGenerationResult,
@@ -26,30 +25,18 @@ from gpu_worker.generation_engine import (
     EngineClosed,
     GenerationEngine,
 )
-from gpu_worker.heartmula_checkpoint import load_heartmula, write_tiny_heartmula
-from gpu_worker.prompt import build_prompt
+from tests import model_fixtures
+from tests.model_fixtures import EOS, no_eos, tiny_params, tiny_prompts
 
-EOS = 8193
-PARAMS = SamplingParams(temperature=1.0, top_k=50, cfg_scale=1.5, max_audio_length_ms=40 * 80)
-LYRICS = ["[verse]\nla la la", "[verse]\nyeah yeah yeah oh\n[chorus]\nna na na", "[intro]\nhm", "[outro]\nbye"]
-TAGS = ["pop,piano", "rock,guitar,loud", "ambient", "jazz"]
+lm = model_fixtures.lm  # the tiny checkpoint (a module-scoped fixture)
+
+PARAMS = tiny_params(40)
 TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    write_tiny_heartmula(root, seed=2)
-    return load_heartmula(root)
-
-
-@pytest.fixture(scope="module")
 def prompts(lm):
-    return [build_prompt(lm.tokenizer, lm.gen_config, tags, lyrics) for tags, lyrics in zip(TAGS, LYRICS)]
-
-
-def no_eos(frame_index, codebook, logits):
-    return logits.index_fill(-1, torch.tensor([EOS]), float("-inf"))
+    return tiny_prompts(lm, 4)
 
 
 def eos_at_frame_0_in_slot(slot):

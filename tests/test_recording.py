@@ -15,6 +15,7 @@ from tasks.contracts import JobRequest, RefineLyricsOutput
 from tasks.recording import StageRunner
 from tasks.settings import Settings
 from tasks.stage_inputs import RESOLVERS
+from tests.model_fixtures import echo_lyrics, run_stage
 
 
 @pytest.fixture()
@@ -37,14 +38,9 @@ def _row(settings: Settings, job_id: str, stage: str, attempt: int = 1) -> Stage
                                                      StageRun.attempt == attempt))
 
 
-def _echo(inp, ctx) -> RefineLyricsOutput:
-    return RefineLyricsOutput(lyrics=inp.lyrics.upper(), backend_used=inp.backend)
-
-
 def test_success_records_inputs_outputs_environment_and_timings(settings):
     job_id = _job(settings)
-    StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], _echo).run(job_id, 1, celery_task_id="t-1",
-                                                                       settings=settings)
+    run_stage(settings, job_id, echo_lyrics, celery_task_id="t-1")
     row = _row(settings, job_id, "refine_lyrics")
     assert row.status == "succeeded"
     assert row.inputs == {"lyrics": "la la la", "backend": "rules", "allow_fallback": False, "max_frames": 3000}
@@ -61,7 +57,7 @@ def test_failure_records_type_message_traceback_and_fails_the_job(settings):
         raise ValueError("lyrics exploded")
 
     with pytest.raises(ValueError):
-        StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], explode).run(job_id, 1, settings=settings)
+        run_stage(settings, job_id, explode)
     row = _row(settings, job_id, "refine_lyrics")
     assert (row.status, row.error_type, row.error_message) == ("failed", "ValueError", "lyrics exploded")
     assert "Traceback" in row.traceback and "explode" in row.traceback
@@ -77,7 +73,7 @@ def test_output_that_breaks_the_contract_is_a_recorded_failure(settings):
         return RefineLyricsOutput.model_construct(lyrics="   ", backend_used="rules")
 
     with pytest.raises(Exception):
-        StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], empty).run(job_id, 1, settings=settings)
+        run_stage(settings, job_id, empty)
     row = _row(settings, job_id, "refine_lyrics")
     assert row.status == "failed" and "lyrics" in row.error_message
 
@@ -85,7 +81,7 @@ def test_output_that_breaks_the_contract_is_a_recorded_failure(settings):
 def test_missing_upstream_output_fails_at_the_boundary_naming_the_stage(settings):
     job_id = _job(settings)
     with pytest.raises(LookupError, match="refine_lyrics"):
-        StageRunner("generate_tags", RESOLVERS["generate_tags"], _echo).run(job_id, 1, settings=settings)
+        run_stage(settings, job_id, echo_lyrics, stage="generate_tags")
     assert _row(settings, job_id, "generate_tags").status == "failed"
 
 
@@ -95,7 +91,7 @@ def test_redelivery_of_a_succeeded_attempt_computes_nothing(settings):
 
     def counting(inp, ctx):
         calls.append(1)
-        return _echo(inp, ctx)
+        return echo_lyrics(inp, ctx)
 
     runner = StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], counting)
     runner.run(job_id, 1, settings=settings)
@@ -109,7 +105,7 @@ def test_second_delivery_while_running_with_fresh_heartbeat_backs_off(settings):
         row = session.scalar(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == "refine_lyrics"))
         row.status, row.heartbeat_at = "running", dt.datetime.now(dt.timezone.utc)
     with pytest.raises(Ignore):
-        StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], _echo).run(job_id, 1, settings=settings)
+        run_stage(settings, job_id, echo_lyrics)
     assert _row(settings, job_id, "refine_lyrics").status == "running"
 
 
@@ -118,7 +114,7 @@ def test_cancelled_job_records_cancelled_stage_without_computing(settings):
     with session_scope(settings.resolved_database_url) as session:
         session.get(Job, job_id).cancel_requested = True
     with pytest.raises(Ignore):
-        StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], _echo).run(job_id, 1, settings=settings)
+        run_stage(settings, job_id, echo_lyrics)
     assert _row(settings, job_id, "refine_lyrics").status == "cancelled"
     with session_scope(settings.resolved_database_url) as session:
         assert session.get(Job, job_id).status == "cancelled"
@@ -130,9 +126,9 @@ def test_artifacts_are_registered_with_size_and_sha256(settings):
     def with_artifact(inp, ctx):
         ref = ctx.put_artifact(b"RIFF....", "wav")
         assert ctx.store.get(ref.sha256) == b"RIFF...."
-        return _echo(inp, ctx)
+        return echo_lyrics(inp, ctx)
 
-    StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], with_artifact).run(job_id, 1, settings=settings)
+    run_stage(settings, job_id, with_artifact)
     with session_scope(settings.resolved_database_url) as session:
         artifact = session.scalars(select(Artifact)).one()
         assert (artifact.kind, artifact.bytes, len(artifact.sha256)) == ("wav", 8, 64)

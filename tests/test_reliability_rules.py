@@ -16,11 +16,12 @@ from db.models import Job, StageRun
 from db.schema import upgrade
 from orchestrator.submission import new_job_rows
 from tasks import reconciler
-from tasks.contracts import STAGES, JobRequest, RefineLyricsOutput
+from tasks.contracts import STAGES, JobRequest
 from tasks.recording import StageRunner, lease_s
 from tasks.settings import Settings
 from tasks.stage_inputs import RESOLVERS
 from tasks.time_limits import MAX_HARD_TIME_LIMIT_S, VISIBILITY_TIMEOUT_S, stage_limits, visibility_timeout_s
+from tests.model_fixtures import echo_lyrics, raising, run_stage
 
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -195,8 +196,8 @@ def test_a_late_message_for_a_superseded_attempt_backs_off(settings):
     job_id = _job(settings)
     _pass(settings)  # attempt 1 of refine_lyrics is lost, attempt 2 queued
     with pytest.raises(Ignore):
-        StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], _echo).run(job_id, 1, settings=settings)
-    assert StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], _echo).run(job_id, 2, settings=settings)
+        run_stage(settings, job_id, echo_lyrics)
+    assert run_stage(settings, job_id, echo_lyrics, attempt=2)
 
 
 def test_the_broker_view_reads_kombu_messages():
@@ -211,10 +212,6 @@ def test_the_broker_view_reads_kombu_messages():
 
 # -- the stage wrapper -------------------------------------------------------------------------
 
-def _echo(inp, ctx) -> RefineLyricsOutput:
-    return RefineLyricsOutput(lyrics=inp.lyrics.upper(), backend_used=inp.backend)
-
-
 def test_a_long_stage_heartbeats_even_without_progress_reports(settings):
     job_id = _job(settings)
     beats = []
@@ -223,9 +220,9 @@ def test_a_long_stage_heartbeats_even_without_progress_reports(settings):
         first = _rows(settings, job_id, "refine_lyrics")[0].heartbeat_at
         time.sleep(4 * settings.heartbeat_s)
         beats.append((first, _rows(settings, job_id, "refine_lyrics")[0].heartbeat_at))
-        return _echo(inp, ctx)
+        return echo_lyrics(inp, ctx)
 
-    StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], silent).run(job_id, 1, settings=settings)
+    run_stage(settings, job_id, silent)
     first, later = beats[0]
     assert later > first
 
@@ -238,10 +235,10 @@ def test_a_holder_that_lost_its_lease_discards_its_result(settings):
         _set(settings, job_id, "refine_lyrics", status="lost")  # the reconciler took it over meanwhile
         superseded.set()
         time.sleep(2 * settings.heartbeat_s)
-        return _echo(inp, ctx)
+        return echo_lyrics(inp, ctx)
 
     with pytest.raises(Ignore):
-        StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], slow).run(job_id, 1, settings=settings)
+        run_stage(settings, job_id, slow)
     row = _rows(settings, job_id, "refine_lyrics")[0]
     assert superseded.is_set() and row.status == "lost" and row.outputs is None
     assert _job_row(settings, job_id).status != "succeeded"
@@ -251,20 +248,15 @@ def test_a_skipped_duplicate_delivery_is_noted_on_the_row(settings):
     job_id = _job(settings)
     _set(settings, job_id, "refine_lyrics", status="running", heartbeat_at=dt.datetime.now(dt.timezone.utc))
     with pytest.raises(Ignore):
-        StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], _echo).run(job_id, 1, celery_task_id="dup",
-                                                                           settings=settings)
+        run_stage(settings, job_id, echo_lyrics, celery_task_id="dup")
     noted = _rows(settings, job_id, "refine_lyrics")[0].environment["duplicate_deliveries"]
     assert [(n["celery_task_id"], n["row_status"]) for n in noted] == [("dup", "running")]
 
 
 def test_a_deterministic_failure_is_not_retried(settings):
     job_id = _job(settings)
-
-    def broken(inp, ctx):
-        raise ValueError("bad input")
-
     with pytest.raises(ValueError):
-        StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], broken).run(job_id, 1, settings=settings)
+        run_stage(settings, job_id, raising(ValueError("bad input")))
     assert [r.status for r in _rows(settings, job_id, "refine_lyrics")] == ["failed"]
     assert _job_row(settings, job_id).status == "failed"
 
@@ -301,7 +293,7 @@ def test_cancel_is_honoured_at_a_progress_report(settings):
         raise AssertionError("progress should have raised JobCancelled")
 
     with pytest.raises(Ignore):
-        StageRunner("refine_lyrics", RESOLVERS["refine_lyrics"], reporting).run(job_id, 1, settings=settings)
+        run_stage(settings, job_id, reporting)
     assert _rows(settings, job_id, "refine_lyrics")[0].status == "cancelled"
 
 
