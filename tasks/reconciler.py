@@ -42,7 +42,7 @@ from db.engine import session_scope
 from db.models import Job, StageRun, utcnow
 from tasks.celery_app import CPU_QUEUE, GPU_QUEUE, queue_for, task_name
 from tasks.contracts import STAGES
-from tasks.recording import ACTIVE_JOB_STATUSES, DONE_STATUSES, end_job, lease_s
+from tasks.recording import ACTIVE_JOB_STATUSES, CLAIMABLE_STATUSES, DONE_STATUSES, end_job, lease_s
 from tasks.settings import Settings
 from tasks.time_limits import stage_limits
 
@@ -192,7 +192,7 @@ def find_candidates(session: Session, settings: Settings, now: dt.datetime) -> t
             seen = _aware(row.heartbeat_at or row.started_at)
             if seen is None or now - seen > lease:
                 candidates.append(_Candidate(job_id, row.id, row.stage, row.attempt, "stale", row.status))
-        elif row.status in ("queued", "pending"):
+        elif row.status in CLAIMABLE_STATUSES:
             since = max(t for t in (_aware(row.queued_at), _aware(previous.finished_at) if previous else None) if t)
             if now - since > lease:
                 candidates.append(_Candidate(job_id, row.id, row.stage, row.attempt, "unsent", row.status))
@@ -227,7 +227,7 @@ def _settle(session: Session, settings: Settings, cand: _Candidate, now: dt.date
         if ran_s >= hard_s - TIME_LIMIT_SLACK_S:
             error_type = "TimeLimitExceeded"
     else:
-        guard = (StageRun.status.in_(("queued", "pending")),)
+        guard = (StageRun.status.in_(CLAIMABLE_STATUSES),)
         where = f"no message for this attempt in the broker queues or unacknowledged set ({cand.observed})"
         error_type, losses, limit = MESSAGE_LOST, _losses(session, job.id, row.stage, MESSAGE_LOST), MAX_MESSAGE_LOSSES
 

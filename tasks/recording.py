@@ -45,6 +45,7 @@ from tasks.environment import environment_snapshot, torch_snapshot
 from tasks.settings import Settings, get_settings
 from tasks.stage_inputs import DONE_STATUSES
 
+CLAIMABLE_STATUSES = ("queued", "pending")  # rows a worker may start; anything else backs off
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL_S = 0.5
@@ -355,7 +356,7 @@ class StageRunner:
             if job.status in ACTIVE_JOB_STATUSES:
                 claimed = session.execute(
                     update(StageRun).where(*_row_key(job_id, self.stage, attempt),
-                                           StageRun.status.in_(("queued", "pending")))
+                                           StageRun.status.in_(CLAIMABLE_STATUSES))
                     .values(status="running", started_at=now, heartbeat_at=now, celery_task_id=celery_task_id,
                             worker_hostname=host, worker_pid=pid, deliveries=StageRun.deliveries + 1)
                     .execution_options(synchronize_session=False)).rowcount
