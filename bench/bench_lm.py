@@ -70,6 +70,9 @@ def random_model(args: HeartMuLaArgs, device: torch.device, dtype: torch.dtype, 
             param.fill_(1.0)
         else:
             param.normal_(0.0, 0.02, generator=generator)
+    with torch.no_grad():  # EOS logit 0, far below the top 50 of random logits: songs run their full length
+        model.codebook0_head.weight[AUDIO_EOS_ID] = 0
+        model.audio_head[..., AUDIO_EOS_ID] = 0
     return model.requires_grad_(False).eval()
 
 

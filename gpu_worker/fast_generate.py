@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import sdpa_kernel
 
+from gpu_worker import fused_ops
 from gpu_worker.generate import (
     SDPA_BACKENDS,
     ContextLimitError,
@@ -131,6 +132,33 @@ def _block(x: torch.Tensor, w: _LayerWeights, stack: Transformer, rope: tuple[to
     return h + F.linear(F.silu(gate) * up, w.w2)
 
 
+def _fused_block(x: torch.Tensor, w: _LayerWeights, args, tables: tuple[torch.Tensor, torch.Tensor],
+                 base: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, capacity: int) -> torch.Tensor:
+    """`_block` for a few new tokens per row through the Triton kernels of `fused_ops` (CUDA graphs).
+
+    `x [N, S, D]` sits at positions base[n] .. base[n] + S - 1 and is updated in place: both residual
+    adds are GEMMs with beta = 1 (x += a @ w.T, one rounding instead of two). Attention covers the first
+    `capacity` cache slots, each row up to its own position.
+    """
+    n, seq, dim = x.shape
+    heads, kv_heads, hd = args.num_heads, args.num_kv_heads, args.head_dim
+    flat = x.view(n * seq, dim)
+    qkv = F.linear(fused_ops.rms_norm(flat, w.sa_scale, args.norm_eps), w.wqkv).view(n, seq, -1)
+    q = fused_ops.rope_to_cache(qkv, *tables, base, k_cache, v_cache, heads=heads, kv_heads=kv_heads, head_dim=hd)
+    out = fused_ops.decode_attention(q.view(n, kv_heads, (heads // kv_heads) * seq, hd), k_cache, v_cache, base,
+                                     seq=seq, capacity=capacity)
+    flat.addmm_(out.view(n, heads, seq, hd).transpose(1, 2).reshape(n * seq, heads * hd), w.wo.t())
+    gate_up = F.linear(fused_ops.rms_norm(flat, w.mlp_scale, args.norm_eps), w.w13)
+    flat.addmm_(fused_ops.silu_mul(gate_up), w.w2.t())
+    return x
+
+
+def fused_kernels_default(model: HeartMuLa) -> bool:
+    """Fused kernels by default where they are meant to run: CUDA, Triton present, bf16 / fp16 weights."""
+    return (model.device.type == "cuda" and fused_ops.triton_available()
+            and model.dtype in (torch.bfloat16, torch.float16))
+
+
 def _causal_fold_mask(seq: int, group: int, device: torch.device) -> torch.Tensor:
     """The plain path's prefill mask `[group * S, S]` (heartmula.Transformer.attention_mask)."""
     causal = torch.arange(seq, device=device)[None, :] <= torch.arange(seq, device=device)[:, None]
@@ -163,7 +191,7 @@ class FrameEngine:
     def __init__(self, model: HeartMuLa, *, num_songs: int, rows: int, cache_len: int, max_frames: int,
                  cfg_scale: float, temperature: float, top_k: int, audio_eos_id: int,
                  bucket: int = 512, use_graphs: bool | None = None, logits_hook: FastLogitsHook | None = None,
-                 complex_rope: bool = True):
+                 complex_rope: bool = True, fused_kernels: bool | None = None):
         args = model.args
         if model.backbone.freqs_cis is None or model.decoder.freqs_cis is None:
             model.setup_caches(rows)  # the RoPE tables live there; the plain path reuses these caches
@@ -175,6 +203,9 @@ class FrameEngine:
         self.audio_eos_id = audio_eos_id
         self.logits_hook = logits_hook
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        self.fused = fused_kernels_default(model) if fused_kernels is None else fused_kernels
+        if self.fused and not fused_ops.triton_available():
+            raise RuntimeError("fused_kernels=True needs Triton, which is not installed")
         self.backbone_w = fuse_projections_(model.backbone)
         self.decoder_w = fuse_projections_(model.decoder)
         self.bb_rope = _rope_tables(model.backbone, complex_rope)
@@ -190,6 +221,20 @@ class FrameEngine:
         self.dv_cache = [torch.zeros_like(k) for k in self.dk_cache]
         group = dec.num_heads // dec.num_kv_heads
         self.dec_mask2 = _causal_fold_mask(2, group, dev)
+        if self.fused:
+            # fp32 cos / sin tables [positions, hd/2]; per-start position rows for the decoder
+            self.bb_cos_sin = _rope_tables(model.backbone, complex_rope=False)
+            self.dec_cos_sin = _rope_tables(model.decoder, complex_rope=False)
+            self.dec_base = [torch.full((n,), start, dtype=torch.long, device=dev) for start in range(slots)]
+            # Vocabulary heads as [V, d] weights padded to a multiple of 128 rows (zeros): cuBLAS then runs
+            # its fast GEMM instead of a gemv at half the bandwidth for the odd V = 8197; logits are sliced.
+            vocab = args.audio_vocab_size
+            padded = math.ceil(vocab / 128) * 128
+            self.codebook0_w = torch.zeros(padded, bb.embed_dim, dtype=self.dtype, device=dev)
+            self.codebook0_w[:vocab] = model.codebook0_head.weight
+            self.audio_head_t = torch.zeros(slots - 1, padded, dec.embed_dim, dtype=self.dtype, device=dev)
+            self.audio_head_t[:, :vocab] = model.audio_head.detach().transpose(1, 2)
+            self.forbidden_i8 = forbidden_ids_mask(args.audio_vocab_size, audio_eos_id, device=dev).to(torch.int8)
         self.forbidden = forbidden_ids_mask(args.audio_vocab_size, audio_eos_id, device=dev)
         self.offsets = torch.arange(slots, device=dev) * args.audio_vocab_size
         self.grid_mask = torch.ones(num_songs, slots + 1, dtype=torch.bool, device=dev)
@@ -318,6 +363,13 @@ class FrameEngine:
         embeds = model.embed_grid(tokens, self.grid_mask, 1)[0]  # [B, D], the plain path's masked sum
         h = embeds.repeat_interleave(self.rows, dim=0)[:, None]  # [N, 1, D]
         pos = self.pos.repeat_interleave(self.rows)  # [N] where this token goes
+        if self.fused:
+            for layer, w in enumerate(self.backbone_w):
+                h = _fused_block(h, w, bb, self.bb_cos_sin, pos, self.k_cache[layer], self.v_cache[layer], keys)
+            self.pos.add_((~self.done).long())
+            self._sample_and_record(fused_ops.rms_norm(h[:, -1], model.backbone.norm.scale, bb.norm_eps),
+                                    self.all_songs)
+            return
         rope = _rope_at(self.bb_rope, (pos, None, None))
         # one additive mask for all layers (what SDPA would make of a bool mask in every layer)
         mask = torch.zeros(self.num_rows, 1, 1, keys, dtype=self.dtype, device=self.device).masked_fill_(
@@ -341,6 +393,11 @@ class FrameEngine:
         dec = self.args.decoder
         seq = x.shape[1]
         end = start + seq
+        if self.fused:  # -> the final norm in the model dtype (the eager path widens it, losslessly)
+            for layer, w in enumerate(self.decoder_w):
+                x = _fused_block(x, w, dec, self.dec_cos_sin, self.dec_base[start], self.dk_cache[layer],
+                                 self.dv_cache[layer], end)
+            return fused_ops.rms_norm(x[:, -1], self.model.decoder.norm.scale, dec.norm_eps)
         rope = _rope_at(self.dec_rope, (None, slice(start, end), None))
         mask = self.dec_mask2 if seq == 2 else None
         h = x
@@ -373,7 +430,37 @@ class FrameEngine:
     def _rows(self, per_song: torch.Tensor) -> torch.Tensor:
         return per_song.repeat_interleave(self.rows, dim=0)
 
+    def _sample_fused(self, logits: torch.Tensor, codebook: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_sample` through the fused kernels: raw logits `[N, V]` -> (codes int32 [B], embedding rows of
+        those codes for the next decoder input, one per row [N])."""
+        if self.logits_hook is None:
+            z = fused_ops.guided_logits(logits, self.forbidden_i8, rows=self.rows, cfg_scale=self.cfg_scale,
+                                        temperature=self.temperature)
+        else:
+            guided = self.logits_hook(self.count, codebook, self._guided(logits.float()))
+            z = (guided / self.temperature).masked_fill(self.forbidden, NEG_INF)
+        return fused_ops.topk_race_sample(z, self.noise[:, codebook], top_k=self.top_k, rows=self.rows,
+                                          row_offset=codebook * self.args.audio_vocab_size)
+
+    def _sample_and_record_fused(self, last_h: torch.Tensor, songs: torch.Tensor) -> None:
+        model, embeddings = self.model, self.model.audio_embeddings.weight
+        last_h = last_h.to(self.dtype)  # exact: the fp32 prefill state is a widened model-dtype value
+        vocab = self.args.audio_vocab_size
+        code, rows = self._sample_fused(F.linear(last_h, self.codebook0_w)[:, :vocab], 0)
+        codes = [code]
+        x = model.projection(torch.stack([last_h, F.embedding(rows, embeddings)], dim=1))
+        for codebook in range(1, self.args.audio_num_codebooks):
+            h = self._decoder(x, 0 if codebook == 1 else codebook)
+            code, rows = self._sample_fused(F.linear(h, self.audio_head_t[codebook - 1])[:, :vocab], codebook)
+            codes.append(code)
+            if codebook + 1 < self.args.audio_num_codebooks:
+                x = model.projection(F.embedding(rows, embeddings))[:, None]
+        self._record(torch.stack(codes, dim=1), songs)
+
     def _sample_and_record(self, last_h: torch.Tensor, songs: torch.Tensor) -> None:
+        if self.fused:
+            self._sample_and_record_fused(last_h, songs)
+            return
         model, args = self.model, self.args
         vocab, dtype = args.audio_vocab_size, self.dtype
         frame_index = self.count
@@ -421,6 +508,7 @@ class _EngineKey:
     bucket: int
     use_graphs: bool
     complex_rope: bool
+    fused: bool
 
 
 _ENGINES: dict[int, tuple[_EngineKey, FrameEngine]] = {}
@@ -461,7 +549,8 @@ def generate_fast(model: HeartMuLa, prompts: Sequence[Prompt] | Prompt,
                   should_cancel: CancelFn | Sequence[CancelFn | None] | None = None,
                   sync_every: int = 25, logits_hook: FastLogitsHook | None = None,
                   return_exceptions: bool = False, bucket: int | None = None,
-                  use_graphs: bool | None = None, complex_rope: bool = True) -> list[GenerationResult | Exception]:
+                  use_graphs: bool | None = None, complex_rope: bool = True,
+                  fused_kernels: bool | None = None) -> list[GenerationResult | Exception]:
     """Generate B songs together; song i uses `generators[i]` only and gets the plain path's result.
 
     `params` is one SamplingParams, or one per song; temperature, top_k and cfg_scale must agree across
@@ -508,13 +597,15 @@ def generate_fast(model: HeartMuLa, prompts: Sequence[Prompt] | Prompt,
     cache_len = min(limit, math.ceil(need / bucket) * bucket)
     rows = 2 if first.uses_cfg else 1
     max_frames = max(totals)
+    fused = fused_kernels_default(model) if fused_kernels is None else fused_kernels
     key = _EngineKey(id(model), count, rows, cache_len, max_frames,
-                     (first.temperature, first.top_k, first.cfg_scale), eos_ids.pop(), bucket, graphs, complex_rope)
+                     (first.temperature, first.top_k, first.cfg_scale), eos_ids.pop(), bucket, graphs, complex_rope,
+                     fused)
     engine = _engine_for(model, key, lambda: FrameEngine(
         model, num_songs=count, rows=rows, cache_len=cache_len, max_frames=max_frames,
         cfg_scale=first.cfg_scale, temperature=first.temperature, top_k=first.top_k,
         audio_eos_id=key.eos, bucket=bucket, use_graphs=graphs, logits_hook=logits_hook,
-        complex_rope=complex_rope))
+        complex_rope=complex_rope, fused_kernels=fused))
     if engine.logits_hook is not logits_hook:
         engine.logits_hook = logits_hook
         engine.graphs.clear()  # a different hook means a different frame: capture again

@@ -56,16 +56,21 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
             # continuous batching: the process's engine runs this song in a slot beside others
             from gpu_worker.generation_engine import get_engine, run_in_engine
 
+            from gpu_worker.fast_generate import fused_kernels_default
+
             engine = get_engine(lm.model)
             ctx.environment_extra.update(generation_path="batched", engine_slots=engine.max_songs,
-                                         bucket=engine.bucket, complex_rope=engine.complex_rope)
+                                         bucket=engine.bucket, complex_rope=engine.complex_rope,
+                                         fused_kernels=fused_kernels_default(lm.model))
             result = run_in_engine(lm.model, prompt, params, inp.seed, ctx, engine=engine)
             ctx.environment_extra.update(batch_size=result.batch_size, queued_s=round(result.queued_s, 3))
         elif device.type == "cuda":
-            # the CUDA-graph frame step; same draws as the plain path, bf16 logits within tolerance
-            from gpu_worker.fast_generate import generate_fast
+            # the CUDA-graph frame step (Triton kernels where fused_kernels); same draws as the plain path,
+            # bf16 logits within tolerance
+            from gpu_worker.fast_generate import fused_kernels_default, generate_fast
 
-            ctx.environment_extra.update(generation_path="fast", bucket=512, complex_rope=True)
+            ctx.environment_extra.update(generation_path="fast", bucket=512, complex_rope=True,
+                                         fused_kernels=fused_kernels_default(lm.model))
             result = generate_fast(lm.model, prompt, params, generators=[generator], progress=report,
                                    should_cancel=ctx.should_cancel)[0]
         else:

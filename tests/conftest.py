@@ -15,7 +15,12 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-import pytest
+# Without an NVIDIA GPU, Triton kernels (gpu_worker/fused_ops.py) can only run through Triton's
+# interpreter; it is chosen when triton is first imported, so it is set before any test imports it.
+if not Path("/dev/nvidia0").exists() and not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from tests import stack_fixtures
 from tasks.settings import Settings

@@ -1,0 +1,197 @@
+"""The fast path's Triton kernels (gpu_worker/fused_ops.py) against their eager twins.
+
+On a machine without a GPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, numpy
+on the CPU): the same kernel code, so indexing, masking, the split-K merge and the sampling race are
+checked here; on a CUDA machine the same tests also run compiled on the GPU (bf16 where the model
+runs in bf16). The engine-level test checks that a song through the fused frame step gets the very
+tokens of the eager fast path (fp32, so no rounding may differ).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")  # a test dependency (setup.cfg [test]); CUDA builds of torch bundle it
+
+import torch.nn.functional as F  # noqa: E402
+
+from gpu_worker.generate import forbidden_ids_mask, top_k_race  # noqa: E402
+from tests.model_fixtures import EOS, VOCAB, lm, tiny_params, tiny_prompts  # noqa: E402,F401
+
+# Without a GPU the kernels are interpreted on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1
+# there); with one they are compiled for CUDA tensors.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = ["cpu"] if INTERPRETED else ["cuda"]
+
+
+@pytest.fixture(scope="module")
+def fo():
+    from gpu_worker import fused_ops
+
+    if not INTERPRETED and not torch.cuda.is_available():
+        pytest.fail("Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on the CPU")
+    return fused_ops
+
+
+def _tolerance(dtype):
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+
+
+def _cases():
+    return [("cpu", torch.float32)] if INTERPRETED else [("cuda", torch.float32), ("cuda", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("device, dtype", _cases())
+def test_rms_norm_matches_the_model_norm_on_strided_rows(fo, device, dtype):
+    from gpu_worker.fast_generate import _rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 48, generator=gen).to(device, dtype) * 3
+    scale = (torch.rand(48, generator=gen) + 0.5).to(device, dtype)
+    rows = x[:, -1]  # stride 96: the last position of every row
+    torch.testing.assert_close(fo.rms_norm(rows, scale, 1e-5), _rms_norm(rows, scale, 1e-5), **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("device, dtype", _cases())
+@pytest.mark.parametrize("seq", [1, 2])
+def test_rope_to_cache_rotates_q_and_k_and_writes_k_v_at_each_rows_position(fo, device, dtype, seq):
+    from gpu_worker.fast_generate import _rope
+    from gpu_worker.heartmula import precompute_freqs_cis
+
+    heads, kv_heads, hd, rows, slots = 6, 2, 8, 4, 32
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(rows, seq, (heads + 2 * kv_heads) * hd, generator=gen).to(device, dtype)
+    table = precompute_freqs_cis(hd, 64, device=device)
+    cos, sin = table[..., 0].contiguous(), table[..., 1].contiguous()
+    base = torch.tensor([3, 3, 17, 17], device=device)
+    k_cache = torch.zeros(rows, kv_heads, slots, hd, dtype=dtype, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    q = fo.rope_to_cache(qkv, cos, sin, base, k_cache, v_cache, heads=heads, kv_heads=kv_heads, head_dim=hd)
+
+    positions = base[:, None] + torch.arange(seq, device=device)  # [rows, seq]
+    rope = (cos[positions][:, :, None], sin[positions][:, :, None])
+    parts = qkv.view(rows, seq, heads + 2 * kv_heads, hd)
+    want_q = _rope(parts[:, :, :heads], *rope).transpose(1, 2)
+    want_k = _rope(parts[:, :, heads:heads + kv_heads], *rope)
+    torch.testing.assert_close(q, want_q, **_tolerance(dtype))
+    written = torch.zeros_like(k_cache, dtype=torch.bool)
+    for row in range(rows):
+        for s in range(seq):
+            p = int(positions[row, s])
+            written[row, :, p] = True
+            torch.testing.assert_close(k_cache[row, :, p], want_k[row, s], **_tolerance(dtype))
+            assert torch.equal(v_cache[row, :, p], parts[row, s, heads + kv_heads:])
+    assert not k_cache[~written].any() and not v_cache[~written].any()  # nothing else was touched
+
+
+def _reference_attention(q, k_cache, v_cache, base, seq):
+    """SDPA per row over its filled prefix, in the folded-GQA layout (query g * S + s sees 0..base + s)."""
+    rows, kv_heads, queries, hd = q.shape
+    out = torch.empty_like(q)
+    for row in range(rows):
+        limit = int(base[row]) + seq
+        keys, values = k_cache[row:row + 1, :, :limit], v_cache[row:row + 1, :, :limit]
+        s_of = torch.arange(queries, device=q.device) % seq
+        mask = torch.arange(limit, device=q.device)[None, :] <= (int(base[row]) + s_of)[:, None]
+        out[row] = F.scaled_dot_product_attention(q[row:row + 1].float(), keys.float(), values.float(),
+                                                  attn_mask=mask)[0].to(q.dtype)
+    return out
+
+
+@pytest.mark.parametrize("device, dtype", _cases())
+@pytest.mark.parametrize("seq, capacity, splits", [(1, 256, None), (1, 256, 3), (2, 8, None), (1, 64, 1)])
+def test_split_k_decode_attention_matches_sdpa_over_each_rows_filled_prefix(fo, device, dtype, seq, capacity,
+                                                                            splits):
+    rows, kv_heads, group, hd = 4, 2, 3, 8
+    gen = torch.Generator().manual_seed(2)
+    k_cache = torch.randn(rows, kv_heads, capacity + 16, hd, generator=gen).to(device, dtype)
+    v_cache = torch.randn(rows, kv_heads, capacity + 16, hd, generator=gen).to(device, dtype)
+    q = torch.randn(rows, kv_heads, group * seq, hd, generator=gen).to(device, dtype)
+    high = capacity - seq
+    base = torch.tensor([0, 5, high // 2, high], device=device)  # different fills, one at the very end
+    got = fo.decode_attention(q, k_cache, v_cache, base, seq=seq, capacity=capacity, splits=splits)
+    torch.testing.assert_close(got, _reference_attention(q, k_cache, v_cache, base, seq), **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("device, dtype", _cases())
+def test_silu_mul_rounds_like_pytorch(fo, device, dtype):
+    gate_up = (torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(3)) * 4).to(device, dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(fo.silu_mul(gate_up), F.silu(gate) * up, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows, cfg_scale, temperature, top_k", [(2, 1.5, 1.0, 50), (1, 1.0, 0.7, 3), (2, 3.0, 1.3, 1),
+                                                                 (1, 1.0, 1.0, VOCAB)])
+def test_guided_logits_and_topk_race_pick_exactly_the_eager_samplers_ids(fo, device, rows, cfg_scale, temperature,
+                                                                         top_k):
+    songs = 3
+    gen = torch.Generator().manual_seed(4)
+    padded = torch.randn(songs * rows, VOCAB + 123, generator=gen) * 2  # a view of wider rows, as the engine's
+    logits = padded.to(device)[:, :VOCAB]
+    noise = torch.empty(songs, VOCAB).exponential_(1.0, generator=gen).to(device)
+    forbidden = forbidden_ids_mask(VOCAB, EOS, device=device)
+    z = fo.guided_logits(logits, forbidden.to(torch.int8), rows=rows, cfg_scale=cfg_scale, temperature=temperature)
+    codes, embed_rows = fo.topk_race_sample(z, noise, top_k=top_k, rows=rows, row_offset=2 * VOCAB)
+
+    if rows == 2:
+        pairs = logits.reshape(songs, 2, VOCAB)
+        guided = pairs[:, 1] + cfg_scale * (pairs[:, 0] - pairs[:, 1])
+    else:
+        guided = logits
+    exact = {"rtol": 0, "atol": 0} if INTERPRETED else {"rtol": 1e-6, "atol": 1e-6}  # the GPU may fuse a*b+c
+    torch.testing.assert_close(z, (guided / temperature).masked_fill(forbidden, float("-inf")), **exact)
+    want = top_k_race(guided, noise, temperature=temperature, top_k=top_k, forbidden=forbidden)
+    assert torch.equal(codes, want)
+    assert torch.equal(embed_rows, (want.long() + 2 * VOCAB).repeat_interleave(rows))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_race_keeps_ties_and_negative_values_like_torch_topk(fo, device):
+    """The k-th largest by integer keys must agree with torch.topk on negatives, -0.0 / 0.0 and ties."""
+    z = torch.full((3, VOCAB), float("-inf"))
+    z[0, :6] = torch.tensor([-3.0, -1.0, -2.0, -1.0, -0.5, -7.0])  # k = 3: -1.0 is 3rd, tied -> both kept
+    z[1, :4] = torch.tensor([0.0, -0.0, 2.0, 0.0])  # k = 2: 0.0 is 2nd; -0.0 equals it
+    z[2, 100:110] = torch.linspace(-4, 4, 10)  # k = 3 over 10 finite values
+    noise = torch.empty(3, VOCAB).exponential_(1.0, generator=torch.Generator().manual_seed(9))
+    for k in (1, 2, 3):
+        codes, _ = fo.topk_race_sample(z.to(device), noise.to(device), top_k=k, rows=1, row_offset=0)
+        want = top_k_race(z, noise, temperature=1.0, top_k=k, forbidden=torch.zeros(VOCAB, dtype=torch.bool))
+        assert codes.cpu().tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_race_returns_minus_one_when_nothing_is_eligible_like_the_eager_sampler(fo, device):
+    z = torch.full((2, VOCAB), float("-inf"))
+    z[1, 7], z[1, 9] = float("nan"), 5.0  # torch.topk ranks NaN first, so k = 1 keeps nothing
+    noise = torch.ones(2, VOCAB)
+    codes, embed_rows = fo.topk_race_sample(z.to(device), noise.to(device), top_k=1, rows=1, row_offset=0)
+    want = top_k_race(z, noise, temperature=1.0, top_k=1, forbidden=torch.zeros(VOCAB, dtype=torch.bool))
+    assert codes.cpu().tolist() == want.tolist() == [-1, -1]
+    assert embed_rows.tolist() == [0, 0]  # a -1 frame is discarded; its embedding row is clamped to 0
+
+
+def no_eos_on(model):
+    eos = torch.tensor([EOS], device=model.device)
+    return lambda frame, codebook, logits: logits.index_fill(-1, eos, float("-inf"))
+
+
+def test_a_song_through_the_fused_frame_step_gets_the_eager_fast_paths_tokens(fo, lm):
+    from gpu_worker.fast_generate import generate_fast, release_engines
+
+    model = lm.model if INTERPRETED else copy.deepcopy(lm.model).to("cuda")
+    prompt = tiny_prompts(lm, 1)[0]
+    params = dataclasses.replace(tiny_params(3), cfg_scale=1.5)
+    results = []
+    for fused in (False, True):
+        generator = torch.Generator(device=model.device).manual_seed(21)
+        results.append(generate_fast(model, prompt, params, generators=[generator], logits_hook=no_eos_on(model),
+                                     fused_kernels=fused)[0])
+        release_engines()
+    eager, fused = results
+    assert fused.frames.shape == (8, 3)
+    assert torch.equal(fused.frames, eager.frames)
