@@ -8,7 +8,7 @@ stage's queue wait and duration plus the total from submission to the encoded fi
 The random LM gets all-zero rows for the end-of-audio id in its heads, so its EOS logit is exactly
 0 where the top-k threshold of random logits sits far above: the song runs its full length.
 
-    python bench/e2e_celery.py --seconds 240 [--format wav|mp3]
+    python bench/e2e_celery.py --seconds 240 [--format wav|mp3] [--codec-dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -80,6 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=240)
     parser.add_argument("--format", choices=["wav", "mp3"], default="wav")
+    parser.add_argument("--codec-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="SONGPIPE_CODEC_DTYPE of the GPU worker")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="songpipe-e2e-") as tmp:
         work = Path(tmp)
@@ -88,7 +90,8 @@ def main() -> None:
         with redis_server(work / "redis") as redis, database("sqlite", work / "db") as url:
             started = time.perf_counter()
             with running_stack("e2e", work / "stack", url, redis.claim_db(), work / "ckpt",
-                               extra_env={"SONGPIPE_DEVICE": "cuda"}) as stack:
+                               extra_env={"SONGPIPE_DEVICE": "cuda",
+                                          "SONGPIPE_CODEC_DTYPE": args.codec_dtype}) as stack:
                 print(f"stack up in {time.perf_counter() - started:.1f} s", flush=True)
                 body = {"lyrics": LYRICS, "tags": "ska,upbeat,brass", "seed": 7, "output_format": args.format,
                         "max_audio_length_ms": args.seconds * 1000}

@@ -2,7 +2,7 @@
 
     python bench/profile_gpu.py                  # 3B LM frame (1 song, CFG) + published codec window
     python bench/profile_gpu.py --only lm --position 3000
-    python bench/profile_gpu.py --quick          # CPU smoke run at tiny sizes (no kernel table)
+    python bench/profile_gpu.py --only kernels   # the sampling kernels alone, per call
 
 Prints, per workload, the kernels grouped by kind (GEMM, attention, norm, elementwise, ...) with their
 count and total device time, and the top kernels by time. Use it before and after a speed change.
@@ -123,15 +123,76 @@ def profile_codec(precision: str, compiled: bool) -> None:
     print_table(label + ": top kernels", top)
 
 
+def time_kernels(songs: int = 1) -> None:
+    """Per-call microseconds of the sampling kernels against torch.topk (CUDA events, 200 calls)."""
+    from gpu_worker import fused_ops
+
+    dev = torch.device("cuda")
+    z = torch.randn(songs, 8197, device=dev)
+    noise = torch.empty(songs, 8197, device=dev).exponential_()
+
+    def per_call(fn) -> float:
+        for _ in range(10):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(200):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1e3 / 200
+
+    rows = [{"kernel": "torch.topk(z, 50)", "us/call": per_call(lambda: torch.topk(z, 50, dim=-1))}]
+    for warps in (4, 8, 16, 32):
+        rows.append({"kernel": f"topk_race_sample, {warps} warps", "us/call": per_call(
+            lambda: fused_ops.topk_race_sample(z, noise, top_k=50, rows=2, row_offset=0, num_warps=warps))})
+    print_table(f"sampling kernels, {songs} song(s)", rows)
+
+
+def check_determinism(songs: int = 3, frames: int = 60) -> None:
+    """Same seeds, same batch: is each fast-path variant repeatable, and do graph and eager agree?"""
+    from gpu_worker import fast_generate
+
+    dev = torch.device("cuda")
+    args, dtype = _setup(dev, False)
+    model = random_model(args, dev, dtype)
+    prompts = [random_prompt(args, 300 - 7 * i, seed=i) for i in range(songs)]
+
+    def tokens(graphs: bool, fused: bool) -> list[torch.Tensor]:
+        out = generate_fast(model, prompts, _params(1.5, frames), use_graphs=graphs, fused_kernels=fused,
+                            generators=[torch.Generator(device=dev).manual_seed(s) for s in range(songs)])
+        release_engines()
+        return [r.frames for r in out]
+
+    def first_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[int]:
+        return [int((~(x == y).all(0)).nonzero()[0]) if not torch.equal(x, y) else x.shape[1] for x, y in zip(a, b)]
+
+    rows = []
+    for fused, residual_gemm in ((False, True), (True, True), (True, False)):
+        fast_generate.RESIDUAL_IN_GEMM = residual_gemm
+        eager1, eager2 = tokens(False, fused), tokens(False, fused)
+        graph1, graph2 = tokens(True, fused), tokens(True, fused)
+        rows.append({"variant": f"fused={fused}, residual in GEMM={residual_gemm}",
+                     "eager vs eager": str(first_diff(eager1, eager2)), "graph vs graph": str(first_diff(graph1, graph2)),
+                     "graph vs eager": str(first_diff(graph1, eager1))})
+    fast_generate.RESIDUAL_IN_GEMM = True
+    print_table(f"first differing frame per song ({songs} songs, {frames} frames; {frames} = none)", rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", choices=["lm", "codec"], action="append")
+    parser.add_argument("--only", choices=["lm", "codec", "kernels", "determinism"], action="append")
     parser.add_argument("--position", type=int, action="append", help="prompt length (KV fill) for the LM")
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--fused", choices=["on", "off", "both", "default"], default="both")
     parser.add_argument("--codec-compile", choices=["on", "off", "both"], default="off")
     options = parser.parse_args()
     only = options.only or ["lm", "codec"]
+    if "determinism" in only:
+        check_determinism()
+    if "kernels" in only:
+        time_kernels(1)
+        time_kernels(8)
     if "lm" in only:
         fused = {"on": [True], "off": [False], "both": [False, True], "default": [None]}[options.fused]
         for position in options.position or [300]:

@@ -132,6 +132,11 @@ def _block(x: torch.Tensor, w: _LayerWeights, stack: Transformer, rope: tuple[to
     return h + F.linear(F.silu(gate) * up, w.w2)
 
 
+# The residual adds of the fused block as GEMMs with beta = 1 (one kernel, one rounding); False: a GEMM
+# then an add, as the eager block rounds (bench/profile_gpu.py --only determinism compares them).
+RESIDUAL_IN_GEMM = True
+
+
 def _fused_block(x: torch.Tensor, w: _LayerWeights, args, tables: tuple[torch.Tensor, torch.Tensor],
                  base: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, capacity: int) -> torch.Tensor:
     """`_block` for a few new tokens per row through the Triton kernels of `fused_ops` (CUDA graphs).
@@ -147,9 +152,16 @@ def _fused_block(x: torch.Tensor, w: _LayerWeights, args, tables: tuple[torch.Te
     q = fused_ops.rope_to_cache(qkv, *tables, base, k_cache, v_cache, heads=heads, kv_heads=kv_heads, head_dim=hd)
     out = fused_ops.decode_attention(q.view(n, kv_heads, (heads // kv_heads) * seq, hd), k_cache, v_cache, base,
                                      seq=seq, capacity=capacity)
-    flat.addmm_(out.view(n, heads, seq, hd).transpose(1, 2).reshape(n * seq, heads * hd), w.wo.t())
+    attended = out.view(n, heads, seq, hd).transpose(1, 2).reshape(n * seq, heads * hd)
+    if RESIDUAL_IN_GEMM:
+        flat.addmm_(attended, w.wo.t())
+    else:
+        flat.add_(F.linear(attended, w.wo))
     gate_up = F.linear(fused_ops.rms_norm(flat, w.mlp_scale, args.norm_eps), w.w13)
-    flat.addmm_(fused_ops.silu_mul(gate_up), w.w2.t())
+    if RESIDUAL_IN_GEMM:
+        flat.addmm_(fused_ops.silu_mul(gate_up), w.w2.t())
+    else:
+        flat.add_(F.linear(fused_ops.silu_mul(gate_up), w.w2))
     return x
 
 

@@ -15,7 +15,7 @@ filled positions PyTorch's memory-efficient attention added 3.5 ms, because it r
 * `silu_mul`: SwiGLU's silu(gate) * up from the fused gate|up projection.
 * `guided_logits` + `topk_race_sample`: the CFG mix, temperature and forbidden-id mask, then top-k
   filtering, softmax and the Exponential race of `generate.top_k_race`, one program per song with the
-  row in registers (the exact k-th largest value by a radix search: torch.topk took 36 us a call);
+  row in registers (the exact k-th largest value by a radix select: torch.topk took 36-48 us a call);
   the race also writes the next decoder step's embedding row per row.
 
 Rounding follows the eager code: bf16 results are rounded where PyTorch rounds them (RMSNorm before
@@ -195,8 +195,9 @@ if triton is not None:
     @triton.jit
     def _topk_race_kernel(z_ptr, noise_ptr, noise_stride, code_ptr, row_ptr, vocab, top_k, row_offset,
                           ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        """top_k_race for one song, whole row in registers: exact k-th largest by a 32-step radix search
-        over order-preserving integer keys, then keep z >= it, softmax, argmax(p / noise) (first index)."""
+        """top_k_race for one song, whole row in registers: exact k-th largest by a radix select over
+        order-preserving integer keys (4 histogram passes), then keep z >= it, softmax, argmax(p / noise)
+        (first index)."""
         song = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < vocab
@@ -205,11 +206,23 @@ if triton is not None:
         # float order -> signed int order (negative floats: flip the magnitude bits) -> unsigned order
         key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) ^ -2147483648).to(tl.uint32, bitcast=True)
         key = tl.where(inside, key, 0)  # padding sorts below every real value, -inf included
+        # radix select, 8 bits a pass from the top: the k-th largest key's next byte is the largest digit
+        # whose count (among keys matching the bytes found so far) from the top still reaches `wanted`
         kth = tl.full([], 0, tl.uint32)
-        for bit in tl.static_range(31, -1, -1):
-            candidate = kth | (1 << bit)
-            enough = tl.sum((key >= candidate).to(tl.int32), axis=0) >= top_k
-            kth = tl.where(enough, candidate, kth)
+        wanted = top_k
+        bins = tl.arange(0, 512)
+        for shift in tl.static_range(24, -8, -8):
+            if shift == 24:
+                matching = inside
+            else:
+                matching = inside & ((key >> (shift + 8)) == (kth >> (shift + 8)))
+            digit = ((key >> shift) & 255).to(tl.int32)
+            counts = tl.histogram(tl.where(matching, digit, digit + 256), 512)  # bins >= 256: not matching
+            counts = tl.where(bins < 256, counts, 0)
+            from_top = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # matching keys with digit >= b
+            chosen = tl.max(tl.where((from_top >= wanted) & (bins < 256), bins, -1), axis=0)
+            wanted -= tl.sum(tl.where(bins == chosen, from_top - counts, 0), axis=0)
+            kth = kth | (chosen.to(tl.uint32) << shift)
         keep = (key >= kth) & (z > float("-inf"))
         top = tl.max(tl.where(keep, z, float("-inf")), axis=0)
         weights = tl.where(keep, tl.exp(z - top), 0.0)
