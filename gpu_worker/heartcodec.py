@@ -216,6 +216,9 @@ def rope_cos_sin(seq_len: int, head_dim: int, *, device: torch.device,
     return angles.cos(), angles.sin()
 
 
+RopeTables = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (cos, sin) per stack
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (2i, 2i+1) of x [B, S, H, hd] in the table dtype, then cast back."""
     pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
@@ -353,19 +356,30 @@ class Estimator(nn.Module):
         self.scale_shift_table_2 = nn.Parameter(torch.zeros(2, dim_2))
         self.proj_out = ProjectLayer(dim_2, config.out_channels)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x [B, S, in_channels], t [B] (fp32) -> velocity [B, S, out_channels]."""
-        s = self._stack(self.proj_in(x), t, self.adaln_single, self.transformer_blocks, self.scale_shift_table)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
+        """x [B, S, in_channels], t [B] (fp32) -> velocity [B, S, out_channels].
+
+        `rope`: the two stacks' tables from `rope_tables` (the fast codec computes them once); None builds
+        them here, the same values.
+        """
+        rope_1, rope_2 = (None, None) if rope is None else rope
+        s = self._stack(self.proj_in(x), t, self.adaln_single, self.transformer_blocks, self.scale_shift_table,
+                        rope_1)
         x2 = self.connection_proj(torch.cat([x, s], dim=-1))
-        x2 = self._stack(x2, t, self.adaln_single_2, self.transformer_blocks_2, self.scale_shift_table_2)
+        x2 = self._stack(x2, t, self.adaln_single_2, self.transformer_blocks_2, self.scale_shift_table_2, rope_2)
         return self.proj_out(x2)
+
+    def rope_tables(self, seq_len: int, *, device: torch.device, dtype: torch.dtype) -> RopeTables:
+        """Both stacks' RoPE cos/sin for `seq_len` positions and activations of `dtype`, as `forward` builds them."""
+        return tuple(rope_cos_sin(seq_len, blocks[0].attn.head_dim, device=device, dtype=dtype)
+                     for blocks in (self.transformer_blocks, self.transformer_blocks_2))
 
     @staticmethod
     def _stack(s: torch.Tensor, t: torch.Tensor, adaln: AdaLNSingle, blocks: nn.ModuleList,
-               table: torch.Tensor) -> torch.Tensor:
+               table: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         mod, emb = adaln(t, s.dtype)
-        attn = blocks[0].attn
-        rope = rope_cos_sin(s.shape[1], attn.head_dim, device=s.device, dtype=s.dtype)
+        if rope is None:
+            rope = rope_cos_sin(s.shape[1], blocks[0].attn.head_dim, device=s.device, dtype=s.dtype)
         for block in blocks:
             s = block(s, mod, rope)
         shift, scale = (table[None] + emb[:, None]).chunk(2, dim=1)
@@ -546,9 +560,17 @@ class ScalarModel(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [S, 256] -> audio [2, S*1920]; stream 0 = channels 0..127 (left), stream 1 = 128..255."""
-        x = latents.transpose(0, 1).reshape(self.num_samples, self.latent_hidden_dim, latents.shape[0])
+        return self.decode_batch(latents[None])[0]
+
+    def decode_batch(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [N, S, 256] (N windows) -> audio [N, 2, S*1920]: one pass, the 2N streams as batch rows.
+
+        Every conv treats batch rows independently, so row (w, c) is window w's stream c decoded alone.
+        """
+        windows, seq = latents.shape[0], latents.shape[1]
+        x = latents.transpose(1, 2).reshape(windows * self.num_samples, self.latent_hidden_dim, seq)
         x = torch.round(x * 9) / 9  # scalar quantisation grid of the SQ codec
-        return self.decoder(x).squeeze(1)
+        return self.decoder(x).squeeze(1).unflatten(0, (windows, self.num_samples))
 
 
 # -------------------------------------------------------------------------------------------- windows and codec
@@ -618,23 +640,42 @@ class HeartCodec(nn.Module):
         """Module names whose `weight` is stored on disk as a weight-norm (g, v) pair."""
         return [name for name, module in self.named_modules() if getattr(module, "weight_norm", False)]
 
+    def solve_window(self, codes: torch.Tensor, prefix: torch.Tensor | None,
+                     generator: torch.Generator) -> torch.Tensor:
+        """One window's flow-matching solve: codes [Q, 372] (long, on device) -> latents [744, C]."""
+        return self.flow_matching.solve(self.flow_matching.conditioning(codes), prefix, generator)
+
     def decode_window(self, codes: torch.Tensor, prefix: torch.Tensor | None,
                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """One window: codes [Q, 372] (long, on device) -> (latents [744, C], audio [2, WINDOW_SAMPLES])."""
-        latents = self.flow_matching.solve(self.flow_matching.conditioning(codes), prefix, generator)
+        latents = self.solve_window(codes, prefix, generator)
         return latents, self.scalar_model.decode(latents)
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor, *, generator: torch.Generator,
                progress: Callable[[int, int], None] | None = None,
-               window_decoder: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+               solve_window: Callable[..., torch.Tensor] | None = None,
+               decode_latents: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               sq_batch_windows: int = 1) -> torch.Tensor:
         """codes [8, T] (any integer dtype, any device) -> float32 [2, T*3840] on the CPU, 48 kHz.
 
         Validation runs on the host before anything reaches the lookup. `generator` lives on the codec's
-        device and gives one randn [1, 744, 256] per window, in window order. `window_decoder` replaces
-        `decode_window` (the fast codec's bf16 estimator); windows, prefixes and cross-fades stay here.
+        device and gives one randn [1, 744, 256] per window, in window order.
+
+        The windows are solved one after another (each takes the previous window's last 104 latents as its
+        prefix); `progress(w, W)` is called as window w is solved. The SQ decoder then runs over up to
+        `sq_batch_windows` solved windows at once (`decode_latents`: latents [N, 744, C] -> audio
+        [N, 2, WINDOW_SAMPLES]), and their audio is cross-faded in window order. 1 (the default) decodes
+        each window right after its solve, the least memory (by estimate, a window's SQ decoder peaks at
+        ~2.6 GB of activations in fp32 at the published size, most of it in the post-processor).
+        The `solve_window` and `decode_latents` arguments stand in for `self.solve_window` and
+        `self.scalar_model.decode_batch` (the fast codec: its estimator, its SQ dtype); windows, prefixes,
+        draws and cross-fades stay here.
         """
-        window_decoder = window_decoder or self.decode_window
+        solve_window = solve_window or self.solve_window
+        decode_latents = decode_latents or self.scalar_model.decode_batch
+        if sq_batch_windows < 1:
+            raise ValueError(f"sq_batch_windows must be >= 1, got {sq_batch_windows}")
         validate_codes(codes, codebook_size=self.config.codebook_size, num_quantizers=self.config.num_quantizers)
         device = self.device
         if torch.device(generator.device).type != device.type:
@@ -644,13 +685,20 @@ class HeartCodec(nn.Module):
         wrapped = torch.arange(plan.padded_frames) % plan.frames
         padded = codes.detach().to("cpu", torch.long)[:, wrapped].to(device)
         out = torch.empty(2, plan.output_samples, dtype=torch.float32, device=device)
+        solved: list[torch.Tensor] = []  # latents of the windows not yet through the SQ decoder
         latents = None
         for w in range(plan.num_windows):
             prefix = None if latents is None else latents[-PREFIX_LATENTS:]
-            latents, audio = window_decoder(padded[:, plan.window(w)], prefix, generator)
-            overlap_add(out, audio.float(), w)
+            latents = solve_window(padded[:, plan.window(w)], prefix, generator)
+            solved.append(latents)
             if progress is not None:
                 progress(w + 1, plan.num_windows)
+            if len(solved) == sq_batch_windows or w == plan.num_windows - 1:
+                audio = decode_latents(torch.stack(solved))
+                first = w + 1 - len(solved)
+                for i in range(len(solved)):
+                    overlap_add(out, audio[i].float(), first + i)
+                solved, audio = [], None
         return out[:, :plan.cropped_samples].cpu()
 
 

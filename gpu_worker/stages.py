@@ -102,7 +102,9 @@ def decode_audio(inp: DecodeAudioInput, ctx: StageContext) -> DecodeAudioOutput:
     generator = torch.Generator(device=device).manual_seed(inp.seed)
     decoder = model_cache.get_fast_codec(codec.model) if dtype == torch.bfloat16 else codec.model
     audio = decoder.decode(torch.from_numpy(codes.astype(np.int64)), generator=generator,
-                               progress=lambda done, total: ctx.progress(done, total, "windows"))
+                           progress=lambda done, total: ctx.progress(done, total, "windows"))
+    if decoder is not codec.model:  # the fast codec: precision, graphs, whether compiling worked
+        ctx.environment_extra.update(codec_fast=decoder.describe())
     data, clipped = wav_bytes(audio.float().numpy())
     ref = ctx.put_artifact(data, "wav")
     samples = int(audio.shape[1])

@@ -208,4 +208,6 @@ def test_sq_decoder_is_causal_apart_from_two_latent_frames_of_look_ahead(tiny):
     with torch.inference_mode():
         audio, audio_changed = tiny.scalar_model.decode(latents), tiny.scalar_model.decode(changed)
     first_affected = (audio != audio_changed).any(0).nonzero()[0].item()
-    assert first_affected == 3 * 1920  # frame 5 reaches back through the k=5 centred first conv to frame 3
+    # frame 5 reaches back through the k=5 centred first conv to frame 3 and no further; which sample of
+    # frame 3 is the first to differ depends on rounding (an early sample may change by less than an ulp)
+    assert 3 * 1920 <= first_affected < 4 * 1920
