@@ -8,7 +8,7 @@ stage's queue wait and duration plus the total from submission to the encoded fi
 The random LM gets all-zero rows for the end-of-audio id in its heads, so its EOS logit is exactly
 0 where the top-k threshold of random logits sits far above: the song runs its full length.
 
-    python bench/e2e_celery.py --seconds 240 [--format wav|mp3] [--codec-dtype bfloat16]
+    python bench/e2e_celery.py --seconds 240 [--format wav|mp3] [--codec-dtype bfloat16] [--fresh-compile-caches]
 """
 from __future__ import annotations
 
@@ -66,13 +66,28 @@ def write_real_size_checkpoint(root: Path) -> dict[str, float]:
     return timings
 
 
+def fresh_cache_env(work: Path) -> dict[str, str]:
+    return {"TRITON_CACHE_DIR": str(work / "triton-cache"), "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")}
+
+
+def _path_note(env: dict) -> str:
+    """What the GPU stages ran, from their records: the token path and fused kernels, the codec's compile."""
+    if "generation_path" in env:
+        return f"{env['generation_path']}, fused kernels {env.get('fused_kernels')}, batch {env.get('batch_size', 1)}"
+    if "codec_fast" in env:
+        fast = env["codec_fast"]
+        return f"codec {fast['precision']}, compiled {fast['compiled']} (first call {fast['compile_seconds']} s)"
+    return env.get("codec_dtype", "")
+
+
 def stage_table(job: dict) -> list[dict]:
     rows = []
     for stage in job["stages"]:
         rows.append({"stage": stage["stage"], "attempt": stage["attempt"], "status": stage["status"],
                      "queue": stage["queue"], "duration s": stage.get("duration_s"),
                      "started": stage.get("started_at"), "finished": stage.get("finished_at"),
-                     "device": (stage.get("environment") or {}).get("gpu_name")})
+                     "device": (stage.get("environment") or {}).get("gpu_name"),
+                     "path": _path_note(stage.get("environment") or {})})
     return rows
 
 
@@ -82,6 +97,9 @@ def main() -> None:
     parser.add_argument("--format", choices=["wav", "mp3"], default="wav")
     parser.add_argument("--codec-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="SONGPIPE_CODEC_DTYPE of the GPU worker")
+    parser.add_argument("--fresh-compile-caches", action="store_true",
+                        help="empty Triton and inductor caches for the GPU worker: the cold row then includes "
+                             "compiling every kernel, as on a new machine")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="songpipe-e2e-") as tmp:
         work = Path(tmp)
@@ -90,8 +108,8 @@ def main() -> None:
         with redis_server(work / "redis") as redis, database("sqlite", work / "db") as url:
             started = time.perf_counter()
             with running_stack("e2e", work / "stack", url, redis.claim_db(), work / "ckpt",
-                               extra_env={"SONGPIPE_DEVICE": "cuda",
-                                          "SONGPIPE_CODEC_DTYPE": args.codec_dtype}) as stack:
+                               extra_env={"SONGPIPE_DEVICE": "cuda", "SONGPIPE_CODEC_DTYPE": args.codec_dtype,
+                                          **(fresh_cache_env(work) if args.fresh_compile_caches else {})}) as stack:
                 print(f"stack up in {time.perf_counter() - started:.1f} s", flush=True)
                 body = {"lyrics": LYRICS, "tags": "ska,upbeat,brass", "seed": 7, "output_format": args.format,
                         "max_audio_length_ms": args.seconds * 1000}
