@@ -61,7 +61,9 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * out_stride + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=inside)
 
-    @triton.jit
+    # seq (1 or 2 new tokens) is not specialised on: one compiled kernel serves both (Triton would
+    # otherwise compile a variant for the value 1); every compile adds ~1 s to a new machine's first frame
+    @triton.jit(do_not_specialize=["seq"])
     def _rope_to_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, base_ptr, q_ptr, k_ptr, v_ptr,
                               seq, heads, kv_heads, head_dim, qkv_stride,
                               k_sn, k_sh, k_sp, v_sn, v_sh, v_sp,
@@ -94,7 +96,7 @@ if triton is not None:
             tl.store(v_dst, tl.load(v_src, mask=inside, other=0.0), mask=inside)
             tl.store(v_dst + 1, tl.load(v_src + 1, mask=inside, other=0.0), mask=inside)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seq"])
     def _attention_chunk_kernel(q_ptr, k_ptr, v_ptr, base_ptr, part_out_ptr, part_lse_ptr,
                                 kv_heads, queries, seq, head_dim, chunk, scale,
                                 k_sn, k_sh, k_sp, v_sn, v_sh, v_sp,
@@ -257,10 +259,13 @@ def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base:
     return q
 
 
+MAX_SPLITS = 32  # also the merge kernel's fixed block: one compiled merge for every KV bucket
+
+
 def attention_splits(capacity: int, pairs: int, target_programs: int = 264, min_chunk: int = 64) -> int:
     """How many key chunks to spread `pairs` (row, KV head) programs over, for a key capacity."""
     by_work = max(1, capacity // min_chunk)
-    return max(1, min(by_work, math.ceil(target_programs / max(pairs, 1)), 128))
+    return max(1, min(by_work, math.ceil(target_programs / max(pairs, 1)), MAX_SPLITS))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, base: torch.Tensor, *,
@@ -273,7 +278,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     n, kv_heads, queries, head_dim = q.shape
     q = q.contiguous()
     pairs = n * kv_heads
-    splits = splits or attention_splits(capacity, pairs)
+    splits = min(splits or attention_splits(capacity, pairs), MAX_SPLITS)
     block_n = 64 if capacity >= 64 else 16
     chunk = math.ceil(math.ceil(capacity / splits) / block_n) * block_n
     splits = math.ceil(capacity / chunk)
@@ -289,7 +294,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype == torch.float32, num_warps=4)
     out = torch.empty_like(q)
     _attention_merge_kernel[(pairs, queries)](part_out, part_lse, out, queries, head_dim, splits,
-                                              BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_S=max(2, _pow2(splits)),
+                                              BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS,
                                               num_warps=4)
     return out
 

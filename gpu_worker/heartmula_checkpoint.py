@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,11 +204,12 @@ def load_heartmula(ckpt_root: Path | str, *, device: torch.device | str = "cpu",
     report.extend("special ids", _special_id_problems(args, gen_config, tokenizer))
     report.raise_if_any()
 
-    state = {name: files.load(name, device=device, dtype=dtype) for name in expected}
-    model.load_state_dict(state, strict=True, assign=True)
-    model.requires_grad_(False).eval()
-
-    checksums = {f"{folder.name}/{name}": digest for name, digest in folder_checksums(folder).items()}
+    with ThreadPoolExecutor(max_workers=1) as pool:  # hash the files (for the record) while loading them
+        digests = pool.submit(folder_checksums, folder)
+        state = files.load_many(expected, device=device, dtype=dtype)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.requires_grad_(False).eval()
+        checksums = {f"{folder.name}/{name}": digest for name, digest in digests.result().items()}
     checksums[TOKENIZER_NAME] = sha256_file(root / TOKENIZER_NAME)
     checksums[GEN_CONFIG_NAME] = sha256_file(root / GEN_CONFIG_NAME)
     return LoadedLM(model=model, tokenizer=tokenizer, gen_config=gen_config, config=config, checksums=checksums)

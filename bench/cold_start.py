@@ -1,0 +1,97 @@
+"""GPU worker cold start to the first frame, as on a new machine: a fresh process, empty Triton cache.
+
+    python bench/cold_start.py            # writes a random 3B checkpoint (fp32 safetensors) first
+    python bench/cold_start.py --checkpoint ROOT
+
+Two runs, each a fresh process loading the LM the worker's way (model_cache.get_lm), report from the
+process start: imports and CUDA context, the LM loaded (bf16 on the GPU, files hashed for the record),
+the first frame (engine, prefill, frame 0: the fused Triton kernels compile here) and the second
+(graph capture). The first run has an empty TRITON_CACHE_DIR (a new machine); the second reuses what
+the first compiled (a worker restarted on its machine). The page cache is warm for both (the
+checkpoint was just written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STARTED = time.perf_counter()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def child(checkpoint: Path) -> None:
+    import torch
+
+    from bench.bench_lm import random_prompt
+    from gpu_worker import model_cache
+    from gpu_worker.fast_generate import generate_fast
+    from gpu_worker.generate import SamplingParams
+
+    dev = torch.device("cuda")
+    torch.zeros(1, device=dev)
+    marks = {"imports + CUDA context": time.perf_counter() - STARTED}
+    lm = model_cache.get_lm(checkpoint, dev, torch.bfloat16)
+    torch.cuda.synchronize()
+    marks["LM loaded"] = time.perf_counter() - STARTED
+    prompt = random_prompt(lm.model.args, 300, seed=0)
+    for frames, name in ((1, "first frame"), (2, "second frame")):
+        params = SamplingParams(temperature=1.0, top_k=50, cfg_scale=1.5, max_audio_length_ms=frames * 80)
+        generate_fast(lm.model, prompt, params, generators=[torch.Generator(device=dev).manual_seed(0)])
+        torch.cuda.synchronize()
+        marks[name] = time.perf_counter() - STARTED
+    print("RESULT " + json.dumps(marks), flush=True)
+
+
+def run_child(checkpoint: Path, cache_root: Path) -> dict[str, float]:
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache_root / "triton"),
+           "TORCHINDUCTOR_CACHE_DIR": str(cache_root / "inductor")}
+    out = subprocess.run([sys.executable, __file__, "--child", str(checkpoint)],
+                         env=env, capture_output=True, text=True, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line.removeprefix("RESULT "))
+    raise RuntimeError(f"cold-start child failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    from bench.table import print_table
+
+    with tempfile.TemporaryDirectory(prefix="songpipe-cold-") as tmp:
+        work = Path(tmp)
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            import torch
+
+            from bench.bench_fast import REAL_CONFIG
+            from bench.bench_lm import REAL_GEN_CONFIG, random_model, write_published_layout
+            from gpu_worker.heartmula import PRESETS
+
+            checkpoint = work / "ckpt"
+            model = random_model(PRESETS["3B"], torch.device("cuda"), torch.bfloat16)
+            write_published_layout(model, checkpoint, REAL_CONFIG, REAL_GEN_CONFIG)
+            del model
+            torch.cuda.empty_cache()
+        rows = []
+        for run in ("new machine: empty Triton cache", "worker restart: Triton cache of the run above"):
+            marks = run_child(checkpoint, work)
+            row = {"run": run}
+            row.update({f"{name} s": seconds for name, seconds in marks.items()})
+            rows.append(row)
+        print_table("GPU worker cold start to the first frame (seconds from process start)", rows)
+
+
+if __name__ == "__main__":
+    main()
