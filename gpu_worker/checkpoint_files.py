@@ -70,10 +70,6 @@ class TensorInfo:
 
 
 _ALLOWED_FLOAT_DTYPES = {"F32", "BF16", "F16"}
-_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
-
 
 
 class WeightFiles:
@@ -94,7 +90,6 @@ class WeightFiles:
             )
         self.sharded = index_path.exists()
         self.tensors: dict[str, TensorInfo] = {}
-        self._headers: dict[Path, tuple[int, dict]] = {}
         report = ProblemReport(self.folder)
         if self.sharded:
             self._read_sharded(index_path, report)
@@ -148,58 +143,6 @@ class WeightFiles:
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         return tensor.to(device)
-
-    def _data_offsets(self, info: TensorInfo) -> tuple[int, int]:
-        """Absolute [begin, end) bytes of a tensor in its file (safetensors: u64 LE header length, JSON, data)."""
-        if info.file not in self._headers:
-            with open(info.file, "rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                self._headers[info.file] = (8 + length, json.loads(handle.read(length)))
-        start, header = self._headers[info.file]
-        begin, end = header[info.name]["data_offsets"]
-        return start + begin, start + end
-
-    def load_many(self, names: Iterable[str], *, device: torch.device | str = "cpu",
-                  dtype: torch.dtype | None = None, staging_bytes: int = 256 << 20,
-                  staged: bool | None = None) -> dict[str, torch.Tensor]:
-        """`load` for many tensors, for a GPU: file order, plain sequential reads into one (pinned) staging
-        buffer, copies to the device in the stored dtype, then the cast there.
-
-        Copying memory-mapped tensors to the GPU page-faulted through pageable memory: ~20 s for the 3B
-        model's 14.5 GB of fp32, most of a cold start. Only one tensor at a time exists in the stored
-        dtype on the device. `staged=None`: staged on a GPU; elsewhere `load` for each name.
-        """
-        device = torch.device(device)
-        if not (device.type == "cuda" if staged is None else staged):
-            return {name: self.load(name, device=device, dtype=dtype) for name in names}
-        wanted = sorted(names, key=lambda n: (str(self.tensors[n].file), self._data_offsets(self.tensors[n])[0]))
-        staging = torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-        out: dict[str, torch.Tensor] = {}
-        current, handle = None, None
-        try:
-            for name in wanted:
-                info = self.tensors[name]
-                if info.file != current:
-                    if handle is not None:
-                        handle.close()
-                    current, handle = info.file, open(info.file, "rb", buffering=0)  # noqa: SIM115
-                begin, end = self._data_offsets(info)
-                raw = torch.empty(end - begin, dtype=torch.uint8, device=device)
-                handle.seek(begin)
-                for offset in range(0, end - begin, staging_bytes):
-                    size = min(staging_bytes, end - begin - offset)
-                    view = staging[:size]
-                    if handle.readinto(memoryview(view.numpy())) != size:
-                        raise CheckpointError(f"cannot load checkpoint {self.folder}: {info.file.name} ends inside "
-                                              f"tensor {name}")
-                    raw[offset:offset + size].copy_(view)  # synchronous: the buffer is reused next
-                tensor = raw.view(_TORCH_DTYPES[info.dtype]).reshape(info.shape)
-                cast = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
-                out[name] = tensor.to(dtype) if cast else tensor
-        finally:
-            if handle is not None:
-                handle.close()
-        return out
 
     def check_float_dtypes(self, report: ProblemReport, names: Iterable[str]) -> None:
         for name in names:

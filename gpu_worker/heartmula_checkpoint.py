@@ -206,7 +206,7 @@ def load_heartmula(ckpt_root: Path | str, *, device: torch.device | str = "cpu",
 
     with ThreadPoolExecutor(max_workers=1) as pool:  # hash the files (for the record) while loading them
         digests = pool.submit(folder_checksums, folder)
-        state = files.load_many(expected, device=device, dtype=dtype)
+        state = {name: files.load(name, device=device, dtype=dtype) for name in expected}
         model.load_state_dict(state, strict=True, assign=True)
         model.requires_grad_(False).eval()
         checksums = {f"{folder.name}/{name}": digest for name, digest in digests.result().items()}

@@ -226,27 +226,3 @@ def test_tiny_checkpoint_cannot_end_a_song_by_chance(tiny_root):
     state = load_heartmula(tiny_root).model.state_dict()
     assert not state["codebook0_head.weight"][8193].any() and not state["audio_head"][:, :, 8193].any()
 
-
-def test_the_staged_loader_reads_the_same_tensors_as_safetensors(tmp_path):
-    """The GPU loader's path (sequential reads through a small staging buffer, cast after the copy),
-    run on the CPU with a buffer smaller than the tensors, against safetensors' own reads."""
-    import torch
-    from safetensors.torch import save_file
-
-    from gpu_worker.checkpoint_files import WeightFiles
-
-    tensors = {"w": torch.randn(37, 29), "b": torch.randn(1001).to(torch.bfloat16), "i": torch.arange(7),
-               "h": torch.randn(5, 3).to(torch.float16)}
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    files = WeightFiles(tmp_path)
-    plain = files.load_many(tensors, dtype=torch.bfloat16)
-
-    def not_this_path(*args, **kwargs):
-        raise AssertionError("the staged loader must not read through safe_open")
-
-    files.load = not_this_path
-    staged = files.load_many(tensors, dtype=torch.bfloat16, staging_bytes=100, staged=True)
-    assert staged.keys() == plain.keys() == tensors.keys()
-    for name in tensors:
-        assert staged[name].dtype == plain[name].dtype and torch.equal(staged[name], plain[name])
-    assert staged["i"].dtype == torch.int64 and staged["w"].dtype == torch.bfloat16
