@@ -151,18 +151,19 @@ if triton is not None:
         tl.store(part_lse_ptr + part, lse)
 
     @triton.jit
-    def _attention_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, queries, head_dim, splits,
-                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _attention_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, queries, head_dim, splits, part_stride,
+                                BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_D: tl.constexpr):
         pair = tl.program_id(0)
         m = tl.program_id(1)
         s_idx = tl.arange(0, BLOCK_S)
         s_ok = s_idx < splits
-        d_idx = tl.arange(0, BLOCK_D)
+        d_idx = tl.arange(0, MERGE_D)  # MERGE_D >= part_stride (the partials' padded head size)
         part = (pair * splits + s_idx) * BLOCK_M + m
         lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
         top = tl.max(lse, axis=0)
         weight = tl.where(s_ok & (lse > float("-inf")), tl.exp(lse - top), 0.0)
-        values = tl.load(part_out_ptr + part[:, None] * BLOCK_D + d_idx[None, :], mask=s_ok[:, None], other=0.0)
+        values = tl.load(part_out_ptr + part[:, None] * part_stride + d_idx[None, :],
+                         mask=s_ok[:, None] & (d_idx[None, :] < part_stride), other=0.0)
         merged = tl.sum(values * weight[:, None], axis=0) / tl.sum(weight, axis=0)
         tl.store(out_ptr + (pair * queries + m) * head_dim + d_idx, merged.to(out_ptr.dtype.element_ty),
                  mask=d_idx < head_dim)
@@ -255,11 +256,15 @@ def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base:
         flat, cos, sin, base, q, k_cache, v_cache, seq, heads, kv_heads, head_dim, flat.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HALF=_pow2(head_dim // 2), num_warps=1 if head_dim <= 128 else 2)
+        HALF=max(SHARED_HALF, _pow2(head_dim // 2)), num_warps=2)
     return q
 
 
 MAX_SPLITS = 32  # also the merge kernel's fixed block: one compiled merge for every KV bucket
+# Block sizes shared by both transformers (head_dim 128 and 384 for HeartMuLa), so RoPE and the merge
+# compile once each: a new machine compiles every kernel at its first frame (~1 s a kernel).
+SHARED_HALF = 256
+SHARED_MERGE_D = 512
 
 
 def attention_splits(capacity: int, pairs: int, target_programs: int = 264, min_chunk: int = 64) -> int:
@@ -293,9 +298,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype == torch.float32, num_warps=4)
     out = torch.empty_like(q)
-    _attention_merge_kernel[(pairs, queries)](part_out, part_lse, out, queries, head_dim, splits,
-                                              BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS,
-                                              num_warps=4)
+    _attention_merge_kernel[(pairs, queries)](part_out, part_lse, out, queries, head_dim, splits, block_d,
+                                              BLOCK_M=block_m, BLOCK_S=MAX_SPLITS,
+                                              MERGE_D=max(SHARED_MERGE_D, block_d), num_warps=8)
     return out
 
 
