@@ -18,6 +18,11 @@ What changes against the plain path (spec §9 levers 1-4), and what does not:
   buffer the graph reads. Draws after a song's end are wasted, never used.
 * No host sync inside the loop: EOS / length / error flags live on the device and are read back every
   `sync_every` frames (progress and cancellation run then); frames after a song's end are discarded.
+* `fused_kernels` (default on CUDA with bf16/fp16 weights and Triton present): the frame step's norms,
+  RoPE + KV writes, attention, SiLU*up and sampling run as the Triton kernels of `fused_ops` (split-K
+  attention over each row's own length, no mask), the residual adds inside the GEMMs and the
+  vocabulary heads padded for cuBLAS: 716 instead of 1,640 kernels a frame, 5.8 instead of 9.0 ms
+  on an H100 (bench/RESULTS.md). The eager ops above stay the reference and the CPU path.
 Prefill runs eagerly (one song at a time, the plain path's attention call).
 """
 from __future__ import annotations
