@@ -107,6 +107,12 @@ def log_in(page, stack: Stack) -> None:
     page.wait_for_url(re.compile(r"/admin/jobs"))
 
 
+def settled(page) -> None:
+    """Wait until an open job page has reloaded itself into the finished state: its poller reloads the
+    page when the job ends, and a reload racing the test's next goto interrupts that navigation."""
+    page.wait_for_selector("body[data-job-status=succeeded]", timeout=60_000)
+
+
 def test_operator_finds_debugs_retries_and_compares_jobs(sqlite_stack: Stack, browser_page):
     stack, page = sqlite_stack, browser_page
     original = stack.submit(SONG)["id"]
@@ -147,6 +153,7 @@ def test_operator_finds_debugs_retries_and_compares_jobs(sqlite_stack: Stack, br
     page.wait_for_url(re.compile(bad.job_id))
     assert "retry queued from decode_audio" in page.inner_text(".flash")
     assert stack.wait_for_job(bad.job_id)["status"] == "succeeded"
+    settled(page)
     page.goto(f"{stack.base_url}/admin/jobs/{bad.job_id}")
     assert page.inner_text("#job-status") == "succeeded"
     decode = page.locator(".stage", has=page.locator("h3", has_text="decode_audio"))
@@ -165,6 +172,7 @@ def test_operator_finds_debugs_retries_and_compares_jobs(sqlite_stack: Stack, br
     page.wait_for_url(lambda url: original not in url and "/admin/jobs/" in url)
     rerun_id = page.url.rstrip("/").rsplit("/", 1)[-1].split("#")[0]
     assert stack.wait_for_job(rerun_id)["status"] == "succeeded"
+    settled(page)
     page.goto(f"{stack.base_url}/admin/jobs/{original}")
     page.click(f"a[href='/admin/compare?a={original}&b={rerun_id}']")
     page.wait_for_url(re.compile(r"/admin/compare"))
