@@ -100,7 +100,6 @@ class FastCodec:
         self.sq_batch_windows = sq_batch_windows
         # compile: built once here, compiled by the first call (the graph warm-up on CUDA)
         self.compile_requested = compile_by_default(self.device, precision) if compile is None else compile
-        self.compiled = False  # True while the compiled estimator is the one in use
         self.compile_error: str | None = None
         self.compile_seconds: float | None = None
         self._compiled_estimator: Callable[..., torch.Tensor] | None = None
@@ -112,27 +111,40 @@ class FastCodec:
             except Exception as exc:  # noqa: BLE001 - any failure means: run eager
                 self._fall_back(exc)
             else:
-                self.compiled = self._compile_pending = True
+                self._compile_pending = True
         # The SQ decoder is memory-bound on its elementwise work (padding copies, PReLUs, residual adds over
         # tensors of up to 64 channels x 1.4 M samples); compiled, those fuse around the cuDNN convolutions.
         # Its arithmetic stays in sq_dtype (fp32 by default), so the audio moves by rounding only.
         self._compiled_sq: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.sq_compiled, self.sq_compile_error = False, None
+        self.sq_compile_error: str | None = None
         if self.compiled:
             try:
                 self._compiled_sq = torch.compile(self.scalar_model.decode_batch, fullgraph=True, dynamic=False,
                                                   backend=compile_backend)
-                self.sq_compiled = True
             except Exception as exc:  # noqa: BLE001
-                self.sq_compile_error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+                self._sq_fall_back(exc)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._inputs: torch.Tensor | None = None
         self._timestep: torch.Tensor | None = None
         self._velocity: torch.Tensor | None = None
 
+    @property
+    def compiled(self) -> bool:
+        """True while the compiled estimator is the one in use."""
+        return self._compiled_estimator is not None
+
+    @property
+    def sq_compiled(self) -> bool:
+        return self._compiled_sq is not None
+
+    def _sq_fall_back(self, exc: Exception) -> None:
+        self._compiled_sq, self.sq_compile_error = None, _error_text(exc)
+        logger.warning("SQ decoder: compiling it failed, running it eager (%s)", self.sq_compile_error,
+                       exc_info=exc)
+
     def _fall_back(self, exc: Exception) -> None:
-        self._compiled_estimator, self._compile_pending, self.compiled = None, False, False
-        self.compile_error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+        self._compiled_estimator, self._compile_pending = None, False
+        self.compile_error = _error_text(exc)
         logger.warning("codec estimator: compiling it failed, running it eager (%s)", self.compile_error,
                        exc_info=exc)
 
@@ -222,17 +234,8 @@ class FastCodec:
             try:
                 return self._compiled_sq(latents)
             except Exception as exc:  # noqa: BLE001 - a compile failure: the eager SQ decoder from now on
-                self._compiled_sq, self.sq_compiled = None, False
-                self.sq_compile_error = f"{type(exc).__name__}: {exc}".strip()[:2000]
-                logger.warning("SQ decoder: compiling it failed, running it eager (%s)", self.sq_compile_error,
-                               exc_info=exc)
+                self._sq_fall_back(exc)
         return self.scalar_model.decode_batch(latents)
-
-    def decode_window(self, codes: torch.Tensor, prefix: torch.Tensor | None,
-                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """HeartCodec.decode_window with the fast estimator and the SQ decoder in `sq_dtype`."""
-        latents = self.solve_window(codes, prefix, generator)
-        return latents, self.decode_latents(latents[None])[0]
 
     def decode(self, codes: torch.Tensor, *, generator: torch.Generator,
                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -248,6 +251,10 @@ class FastCodec:
                 "compile_seconds": None if self.compile_seconds is None else round(self.compile_seconds, 3),
                 "compile_error": self.compile_error, "sq_compiled": self.sq_compiled,
                 "sq_compile_error": self.sq_compile_error}
+
+
+def _error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".strip()[:2000]
 
 
 @contextlib.contextmanager

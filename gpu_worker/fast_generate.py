@@ -137,11 +137,6 @@ def _block(x: torch.Tensor, w: _LayerWeights, stack: Transformer, rope: tuple[to
     return h + F.linear(F.silu(gate) * up, w.w2)
 
 
-# The residual adds of the fused block as GEMMs with beta = 1 (one kernel, one rounding); False: a GEMM
-# then an add, as the eager block rounds (bench/profile_gpu.py --only determinism compares them).
-RESIDUAL_IN_GEMM = True
-
-
 def _fused_block(x: torch.Tensor, w: _LayerWeights, args, tables: tuple[torch.Tensor, torch.Tensor],
                  base: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, capacity: int) -> torch.Tensor:
     """`_block` for a few new tokens per row through the Triton kernels of `fused_ops` (CUDA graphs).
@@ -157,16 +152,9 @@ def _fused_block(x: torch.Tensor, w: _LayerWeights, args, tables: tuple[torch.Te
     q = fused_ops.rope_to_cache(qkv, *tables, base, k_cache, v_cache, heads=heads, kv_heads=kv_heads, head_dim=hd)
     out = fused_ops.decode_attention(q.view(n, kv_heads, (heads // kv_heads) * seq, hd), k_cache, v_cache, base,
                                      seq=seq, capacity=capacity)
-    attended = out.view(n, heads, seq, hd).transpose(1, 2).reshape(n * seq, heads * hd)
-    if RESIDUAL_IN_GEMM:
-        flat.addmm_(attended, w.wo.t())
-    else:
-        flat.add_(F.linear(attended, w.wo))
+    flat.addmm_(out.view(n, heads, seq, hd).transpose(1, 2).reshape(n * seq, heads * hd), w.wo.t())
     gate_up = F.linear(fused_ops.rms_norm(flat, w.mlp_scale, args.norm_eps), w.w13)
-    if RESIDUAL_IN_GEMM:
-        flat.addmm_(fused_ops.silu_mul(gate_up), w.w2.t())
-    else:
-        flat.add_(F.linear(fused_ops.silu_mul(gate_up), w.w2))
+    flat.addmm_(fused_ops.silu_mul(gate_up), w.w2.t())
     return x
 
 
@@ -238,6 +226,7 @@ class FrameEngine:
         self.dv_cache = [torch.zeros_like(k) for k in self.dk_cache]
         group = dec.num_heads // dec.num_kv_heads
         self.dec_mask2 = _causal_fold_mask(2, group, dev)
+        self.forbidden = forbidden_ids_mask(args.audio_vocab_size, audio_eos_id, device=dev)
         if self.fused:
             # fp32 cos / sin tables [positions, hd/2]; per-start position rows for the decoder
             self.bb_cos_sin = _rope_tables(model.backbone, complex_rope=False)
@@ -251,8 +240,7 @@ class FrameEngine:
             self.codebook0_w[:vocab] = model.codebook0_head.weight
             self.audio_head_t = torch.zeros(slots - 1, padded, dec.embed_dim, dtype=self.dtype, device=dev)
             self.audio_head_t[:, :vocab] = model.audio_head.detach().transpose(1, 2)
-            self.forbidden_i8 = forbidden_ids_mask(args.audio_vocab_size, audio_eos_id, device=dev).to(torch.int8)
-        self.forbidden = forbidden_ids_mask(args.audio_vocab_size, audio_eos_id, device=dev)
+            self.forbidden_i8 = self.forbidden.to(torch.int8)
         self.offsets = torch.arange(slots, device=dev) * args.audio_vocab_size
         self.grid_mask = torch.ones(num_songs, slots + 1, dtype=torch.bool, device=dev)
         self.grid_mask[:, -1] = False
