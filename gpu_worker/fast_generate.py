@@ -198,8 +198,7 @@ class FrameEngine:
                  bucket: int = 512, use_graphs: bool | None = None, logits_hook: FastLogitsHook | None = None,
                  complex_rope: bool = True, fused_kernels: bool | None = None):
         args = model.args
-        if model.backbone.freqs_cis is None or model.decoder.freqs_cis is None:
-            model.setup_caches(rows)  # the RoPE tables live there; the plain path reuses these caches
+        model.setup_rope()  # the tables only: this engine's own KV buffers replace the model's caches
         self.model, self.args = model, args
         self.device, self.dtype = model.device, model.dtype
         self.num_songs, self.rows, self.num_rows = num_songs, rows, num_songs * rows

@@ -256,13 +256,17 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.embed_dim, args.norm_eps)
         self.freqs_cis: torch.Tensor | None = None
 
+    def setup_rope(self, *, dtype: torch.dtype, device: torch.device) -> None:
+        """RoPE tables only: the fast path keeps its own KV buffers and must not pay for these caches."""
+        self.freqs_cis = precompute_freqs_cis(
+            self.args.head_dim, self.args.max_seq_len, base=self.args.rope_base,
+            scale_factor=self.args.rope_scale_factor, dtype=compute_dtype(dtype), device=device)
+
     def setup_caches(self, batch_size: int, cache_len: int, *, dtype: torch.dtype, device: torch.device) -> None:
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch_size, cache_len, self.args.num_kv_heads, self.args.head_dim,
                                           dtype=dtype, device=device)
-        self.freqs_cis = precompute_freqs_cis(
-            self.args.head_dim, self.args.max_seq_len, base=self.args.rope_base,
-            scale_factor=self.args.rope_scale_factor, dtype=compute_dtype(dtype), device=device)
+        self.setup_rope(dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         """`x [B, S, D]` at positions `input_pos [S]` -> final-norm output `[B, S, D]` in fp32 (or float64).
@@ -322,6 +326,12 @@ class HeartMuLa(nn.Module):
         # the decoder only ever holds one frame: one position per codebook
         self.decoder.setup_caches(batch_size, self.args.audio_num_codebooks, dtype=self.dtype, device=self.device)
         self.cache_batch_size = batch_size
+
+    def setup_rope(self) -> None:
+        """RoPE tables of both transformers without any KV cache (idempotent)."""
+        for stack in (self.backbone, self.decoder):
+            if stack.freqs_cis is None:
+                stack.setup_rope(dtype=self.dtype, device=self.device)
 
     def embed_grid(self, tokens: torch.Tensor, mask: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Masked sum of the 9 column embeddings of `tokens [S, 9]` -> `[batch_size, S, D]` (spec §4.1).

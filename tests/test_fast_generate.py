@@ -225,3 +225,16 @@ def test_context_limit_error_names_prompt_length_frames_and_limit(lm, prompts):
 def test_batch_mates_must_share_temperature_top_k_and_cfg(lm, prompts):
     with pytest.raises(ValueError, match="temperature, top_k and cfg_scale"):
         generate_fast(lm.model, prompts[:2], [PARAMS, dataclasses.replace(PARAMS, top_k=5)], generators=gens(0, 1))
+
+
+def test_the_fast_path_allocates_no_model_kv_cache(tmp_path):
+    from gpu_worker.heartmula_checkpoint import load_heartmula, write_tiny_heartmula
+
+    write_tiny_heartmula(tmp_path, seed=2)
+    fresh = load_heartmula(tmp_path)
+    prompt = tiny_prompts(fresh, 1)[0]
+    result = generate_fast(fresh.model, prompt, tiny_params(5), generators=gens(3), logits_hook=no_eos)[0]
+    assert result.frames.shape == (8, 5)
+    layers = [*fresh.model.backbone.layers, *fresh.model.decoder.layers]
+    assert all(layer.attn.kv_cache is None for layer in layers)
+    assert fresh.model.backbone.freqs_cis is not None and fresh.model.decoder.freqs_cis is not None
