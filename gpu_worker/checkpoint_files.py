@@ -2,13 +2,12 @@
 
 This module knows files, not models: it finds the weight files of one model folder, checks the
 shard index, lists every tensor's name/shape/dtype, loads tensors one at a time straight to a
-device and dtype, writes state dicts in either layout, and hashes files once. Model-specific
+device and dtype, writes state dicts in either layout, and hashes files (through file_checksums). Model-specific
 validation (expected names and shapes) lives next to each model and reports through
 `ProblemReport`, so both models fail with the same exception type and message format.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from gpu_worker.file_checksums import sha256_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -204,24 +205,6 @@ def write_state_dict(folder: Path | str, tensors: Mapping[str, torch.Tensor], *,
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
     return paths
-
-
-_CHECKSUM_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def sha256_file(path: Path | str) -> str:
-    """sha256 of a file, cached per (path, size, mtime) so a worker hashes 16 GB once, not per job."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    cached = _CHECKSUM_CACHE.get(key)
-    if cached is None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        cached = _CHECKSUM_CACHE[key] = digest.hexdigest()
-    return cached
 
 
 def folder_checksums(folder: Path | str) -> dict[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpu_worker import model_cache
+from gpu_worker import file_checksums, model_cache
 from gpu_worker.cuda_health import handle_gpu_failure
 from gpu_worker.device import codec_dtype, lm_dtype, resolve_device
 from gpu_worker.tiny_checkpoint import is_tiny_checkpoint
@@ -18,8 +18,12 @@ from tasks.recording import JobCancelled, StageContext, stage_task
 from tasks.stage_inputs import RESOLVERS
 
 
+CHECKSUM_CACHE_NAME = "checksums.json"
+
+
 def _checkpoint(path: str, ctx: StageContext) -> Path:
     root = Path(path)
+    file_checksums.use_cache_file(ctx.settings.data_dir / CHECKSUM_CACHE_NAME)
     if ctx.settings.uses_tiny_checkpoint and root == ctx.settings.resolved_checkpoint_dir:
         from gpu_worker.tiny_checkpoint import ensure_tiny_checkpoint
 
