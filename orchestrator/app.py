@@ -70,12 +70,26 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
     from orchestrator.admin import register as register_admin
     from orchestrator.openapi import register as register_openapi
 
-    init_admission(app, settings)
     register_web(app)
     register_api(app)
-    register_admin(app)
+    register_admin(app)  # first the admin's configuration errors, then the rate storage's
     register_openapi(app)
+    init_admission(app, settings)
+    _publish_without_sent_events()
     return app
+
+
+def _publish_without_sent_events() -> None:
+    """Web processes send chains without Celery's task-sent events.
+
+    Celery publishes those through one event dispatcher per app whose lock is held across the
+    broker publish, so with them every concurrent submission would queue behind a slow broker
+    (code-review H1, found by tests/test_web_tier.py). The SQL rows already record what was sent;
+    workers still emit received/started/succeeded events for Flower.
+    """
+    from tasks.celery_app import app as celery_app
+
+    celery_app.conf.task_send_sent_event = False
 
 
 def settings_of(app: Flask) -> Settings:
