@@ -140,10 +140,14 @@ def _spec(length_limit_ms: int | None, backends: tuple[tuple[str, tuple[str, ...
     }
 
 
+def document(length_limit_ms: int | None, backends: dict[str, list[str]]) -> dict[str, Any]:
+    """The document for a deployment with this length limit and these backends (a copy)."""
+    return copy.deepcopy(_spec(length_limit_ms, tuple((k, tuple(v)) for k, v in backends.items())))
+
+
 def spec(settings: Settings) -> dict[str, Any]:
-    """The document for this deployment (a copy: callers may change it)."""
-    backends = tuple((k, tuple(v)) for k, v in deployment_backends(settings).items())
-    return copy.deepcopy(_spec(max_audio_length_limit_ms(settings.resolved_checkpoint_dir), backends))
+    """The document for the deployment `settings` describe."""
+    return document(max_audio_length_limit_ms(settings.resolved_checkpoint_dir), deployment_backends(settings))
 
 
 @bp.get("/api/openapi.json")

@@ -348,6 +348,7 @@ def test_the_public_job_view_holds_no_traceback_host_pid_path_or_url(app_setting
             assert SECRET_HOST not in value, path
         assert value != SECRET_PID, path
     assert SECRET_HOST not in public.get_data(as_text=True) and str(SECRET_PID) not in public.get_data(as_text=True)
+    _conforms(body, "PublicJobView", settings)  # schemathesis only ever sees unknown ids: check a real one here
 
     admin = app.test_client()
     assert admin.get(f"/admin/api/jobs/{job_id}").status_code == 401  # the full record needs a login
@@ -355,6 +356,15 @@ def test_the_public_job_view_holds_no_traceback_host_pid_path_or_url(app_setting
     record = admin.get(f"/admin/api/jobs/{job_id}").get_json()
     tokens = next(r for r in record["stage_runs"] if r["stage"] == "generate_tokens")
     assert tokens["worker_hostname"] == SECRET_HOST and "Traceback" in tokens["traceback"]
+
+
+def _conforms(body: dict, model: str, settings: Settings) -> None:
+    import jsonschema
+
+    from orchestrator.openapi import spec
+
+    document = spec(settings)
+    jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{model}", **document}).validate(body)
 
 
 def test_the_openapi_document_follows_the_deployment(app_settings):
