@@ -63,7 +63,9 @@ def limits_storage_uri(redis_url: str) -> str:
 def rate_storage(settings: Settings) -> Storage:
     """Redis when a broker is configured; memory only outside production."""
     if settings.redis_url:
-        return storage_from_string(limits_storage_uri(settings.redis_url))
+        storage = storage_from_string(limits_storage_uri(settings.redis_url))
+        assert isinstance(storage, Storage)  # a synchronous scheme (redis://, redis+unix://)
+        return storage
     if settings.mode == "production":
         raise RateStorageRequired("production mode needs REDIS_URL: the per-client submission limit is kept in "
                                   "Redis so that every web process shares it")

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Any
+from typing import Any, Literal
 
 from flask import Blueprint, Flask, current_app, jsonify
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from orchestrator.request_parsing import max_audio_length_limit_ms
@@ -30,7 +31,8 @@ JOB_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$",
 
 
 def _generated_schemas() -> dict[str, Any]:
-    models = [(JobRequest, "validation"), *[(m, "serialization") for m in RESPONSE_MODELS]]
+    models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+        (JobRequest, "validation"), *[(m, "serialization") for m in RESPONSE_MODELS]]
     _, top = models_json_schema(models, ref_template=REF)
     return top["$defs"]
 

