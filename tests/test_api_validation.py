@@ -290,3 +290,19 @@ def test_a_rerun_override_is_validated_like_a_submission(app_settings):
     with pytest.raises(RequestInvalid) as refused_:
         parse_job_request(merged, app_settings)
     assert {e["field"] for e in refused_.value.errors} >= {"max_audio_length_ms", "lyrics_backend"}
+
+
+def test_any_publish_error_after_the_commit_answers_201_not_a_500(tiny_checkpoint_dir, tmp_path, monkeypatch):
+    """L2: the job is stored; a 5xx would make a retrying client submit a duplicate."""
+    from db.schema import upgrade
+    from tasks.settings import Settings
+
+    def broken(*_args):
+        raise RuntimeError("serializer exploded")
+
+    monkeypatch.setattr("orchestrator.chain.send_chain", broken)
+    settings = Settings(data_dir=tmp_path, checkpoint_dir=tiny_checkpoint_dir)
+    upgrade(settings.resolved_database_url)
+    response = post(create_app(settings).test_client(), VALID)
+    assert response.status_code == 201 and response.get_json()["dispatched"] is False
+    assert count_rows(settings.resolved_database_url)["jobs"] == 1

@@ -66,6 +66,7 @@ schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.N
 def test_the_server_serves_the_document_of_its_deployment(live_api):
     status, headers, body = live_api.http("GET", "/api/openapi.json")
     assert status == 200 and headers["Content-Type"] == "application/json"
+    assert headers["Server"].startswith("gunicorn")  # `songpipe web` serves through the production server
     served = json.loads(body)
     assert served == json.loads(json.dumps(expected_document)) == json.loads(json.dumps(openapi_spec(live_api.settings)))
     assert served["components"]["schemas"]["JobRequest"]["properties"]["max_audio_length_ms"]["maximum"] == \

@@ -402,3 +402,13 @@ def test_the_openapi_document_follows_the_deployment(app_settings):
     assert "llm" in with_llm["components"]["schemas"]["JobRequest"]["properties"]["lyrics_backend"]["anyOf"][0]["enum"]
     job_view = document["components"]["schemas"]["PublicJobView"]
     assert job_view["additionalProperties"] is False and "environment" not in json.dumps(job_view)
+
+
+def test_the_web_server_is_bounded_by_the_settings():
+    from orchestrator.web_server import gunicorn_options
+
+    settings = Settings(web_workers=3, web_threads=4, web_timeout_s=20, web_graceful_timeout_s=7)
+    options = gunicorn_options(settings, "0.0.0.0", 8000)
+    assert (options["workers"], options["threads"], options["worker_class"]) == (3, 4, "gthread")
+    assert (options["timeout"], options["graceful_timeout"], options["bind"]) == (20, 7, ["0.0.0.0:8000"])
+    assert gunicorn_options(settings, "::1", 8000, workers=1)["bind"] == ["[::1]:8000"]
