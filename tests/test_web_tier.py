@@ -412,3 +412,34 @@ def test_the_web_server_is_bounded_by_the_settings():
     assert (options["workers"], options["threads"], options["worker_class"]) == (3, 4, "gthread")
     assert (options["timeout"], options["graceful_timeout"], options["bind"]) == (20, 7, ["0.0.0.0:8000"])
     assert gunicorn_options(settings, "::1", 8000, workers=1)["bind"] == ["[::1]:8000"]
+
+
+def test_songpipe_web_restarts_its_workers_on_hup_and_drains_on_term(app_settings, redis_url, tiny_checkpoint_dir,
+                                                                    tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from tests import stack_fixtures
+
+    env = stack_fixtures.stack_environment(tmp_path, app_settings.resolved_database_url, redis_url,
+                                           tiny_checkpoint_dir, {"SONGPIPE_WEB_WORKERS": "1"})
+    port = stack_fixtures.free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "web.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "web", "--port", str(port)], env=env,
+                                  cwd=stack_fixtures.REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        stack_fixtures.wait_until(lambda: stack_fixtures._web_answers(base_url), 60, "web server")
+        assert log_path.read_text().count("Booting worker") == 1
+        server.send_signal(signal.SIGHUP)  # graceful restart: a new worker, the old one finishes and exits
+        stack_fixtures.wait_until(lambda: log_path.read_text().count("Booting worker") == 2, 60, "a new worker")
+        stack_fixtures.wait_until(lambda: stack_fixtures._web_answers(base_url), 60, "web server after HUP")
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        assert "Shutting down: Master" in log_path.read_text()
+    finally:
+        if server.poll() is None:
+            stack_fixtures.kill_group(server)
