@@ -79,10 +79,6 @@ class JobCreated(Response):
     links: JobLinks
 
 
-class Progress(BaseModel):
-    model_config = ConfigDict(extra="allow")  # the stage's own counters: done/total/unit at least
-
-
 class PublicStageRun(Response):
     stage: StageName
     attempt: int = Field(ge=1)
