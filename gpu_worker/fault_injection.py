@@ -39,8 +39,12 @@ KINDS = ("cuda-assert", "cuda-assert-decode", "oom-once", "oom-always", "slow")
 SLEEP_SLICE_S = 0.2
 
 
-class FaultInjectionRefused(RuntimeError):
-    pass
+class FaultInjectionRefused(SystemExit):
+    """Raised at start by every entry point (web, workers) in production mode with the switch on.
+
+    A SystemExit, so it ends the process with its message and status 1 wherever it is raised,
+    including inside Celery's signal handlers, which swallow ordinary exceptions.
+    """
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,10 @@ def switch_on(settings: Settings) -> bool:
 
 
 def check_allowed(settings: Settings) -> None:
-    """For entry points that must fail loudly instead of ignoring the switch."""
+    """Every entry point calls this at start: production mode with the switch on refuses to run."""
     if settings.fault_injection and settings.mode == "production":
-        raise FaultInjectionRefused("fault injection cannot be enabled in production mode")
+        raise FaultInjectionRefused("songpipe: SONGPIPE_FAULT_INJECTION=1 is not allowed with SONGPIPE_MODE=production; "
+                                    "unset one of them (fault injection is for tests)")
 
 
 def faults_in(tags: list[str] | None) -> list[Fault]:

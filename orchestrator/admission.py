@@ -1,25 +1,32 @@
 """Admission control for new jobs: a cap on queued work and a per-client submission rate.
 
-Both refusals happen before anything is written, answer with Retry-After, and are checked under
-one lock so a burst of concurrent submissions cannot overshoot the cap (one web process; behind
-several web processes each keeps its own rate window, and the cap may be exceeded by at most
-one in-flight submission per process).
+Both refusals happen before anything is written and answer with Retry-After. Nothing is held
+while the job is committed or its chain is published: a slow broker delays only the submission
+that is waiting on it (code-review H1). The price is that concurrent submissions may overshoot
+`max_queued_jobs` by the number in flight at once (bounded by the web server's threads), which a
+soft back-pressure cap tolerates.
+
+The rate window lives in the stack's Redis (the `limits` library that Flask-Limiter is built on,
+with its moving-window strategy), so every web process and host shares one count per client.
+Without a broker configured (in-process tests, a development shell) it falls back to memory;
+production mode refuses that, since each process would then count on its own.
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import math
-import threading
 import time
-from typing import Iterator
+
+from flask import Flask, current_app
+from limits import RateLimitItemPerMinute
+from limits.storage import MemoryStorage, Storage, storage_from_string
+from limits.strategies import MovingWindowRateLimiter
 
 from db.engine import session_scope
 from orchestrator.submission import queued_job_count
 from tasks.settings import Settings
 
-WINDOW_S = 60.0
 QUEUE_FULL_RETRY_AFTER_S = 30
+EXTENSION = "songpipe.admission"
 
 
 class QueueFull(Exception):
@@ -40,58 +47,73 @@ class RateLimited(QueueFull):
     field = "client"
 
 
-class SlidingWindow:
-    """Submissions per client in the last WINDOW_S seconds (timestamps, oldest first)."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
-
-    def retry_after(self, client: str, limit: int, now: float) -> float | None:
-        """Seconds until `client` may submit again, or None if it may submit now."""
-        seen = self._seen[client]
-        while seen and now - seen[0] >= WINDOW_S:
-            seen.popleft()
-        if len(seen) < limit:
-            return None
-        return WINDOW_S - (now - seen[0])
-
-    def record(self, client: str, now: float) -> None:
-        self._seen[client].append(now)
-
-    def forget_idle(self, now: float) -> None:
-        for client in [c for c, seen in self._seen.items() if not seen or now - seen[-1] >= WINDOW_S]:
-            del self._seen[client]
+class RateStorageRequired(RuntimeError):
+    pass
 
 
-_lock = threading.Lock()
-_default_window = SlidingWindow()
+def limits_storage_uri(redis_url: str) -> str:
+    """The broker URL as a `limits` storage URI (the embedded Redis' socket form is redis+unix)."""
+    if redis_url.startswith("redis+socket://"):
+        return "redis+unix://" + redis_url.removeprefix("redis+socket://")
+    if redis_url.startswith("unix://"):
+        return "redis+unix://" + redis_url.removeprefix("unix://")
+    return redis_url
 
 
-def _window() -> SlidingWindow:
-    """One window per Flask app (each app, e.g. each test's, counts its own clients)."""
-    from flask import current_app, has_app_context
+def rate_storage(settings: Settings) -> Storage:
+    """Redis when a broker is configured; memory only outside production."""
+    if settings.redis_url:
+        storage = storage_from_string(limits_storage_uri(settings.redis_url))
+        assert isinstance(storage, Storage)  # a synchronous scheme (redis://, redis+unix://)
+        return storage
+    if settings.mode == "production":
+        raise RateStorageRequired("production mode needs REDIS_URL: the per-client submission limit is kept in "
+                                  "Redis so that every web process shares it")
+    return MemoryStorage()
 
-    if not has_app_context():
-        return _default_window
-    return current_app.extensions.setdefault("songpipe.admission", SlidingWindow())
 
+class Admission:
+    """The per-app admission state: the rate limiter over its storage, and the configured limits."""
 
-@contextlib.contextmanager
-def admitted(settings: Settings, client_id: str | None) -> Iterator[None]:
-    """Raise RateLimited or QueueFull, or hold the admission lock while the caller stores the job."""
-    client = client_id or "unknown"
-    with _lock:
-        now = time.monotonic()
-        window = _window()
-        window.forget_idle(now)
-        wait = window.retry_after(client, settings.submissions_per_minute, now)
-        if wait is not None:
-            raise RateLimited(f"more than {settings.submissions_per_minute} submissions per minute from {client}; "
-                              f"try again in {math.ceil(wait)} s", retry_after_s=max(1, math.ceil(wait)))
+    def __init__(self, settings: Settings, storage: Storage, key_prefix: str):
+        self.settings = settings
+        self.limiter = MovingWindowRateLimiter(storage)
+        self.rate = RateLimitItemPerMinute(settings.submissions_per_minute, namespace=f"{key_prefix}:submit")
+
+    def check_queue(self) -> None:
+        """Raise QueueFull when the cap is reached (a count, no lock held)."""
+        settings = self.settings
         with session_scope(settings.resolved_database_url) as session:
             waiting = queued_job_count(session)
         if waiting >= settings.max_queued_jobs:
             raise QueueFull(f"{waiting} jobs are queued or running (limit {settings.max_queued_jobs}); "
                             "try again later")
-        window.record(client, now)
-        yield
+
+    def take_slot(self, client: str) -> None:
+        """Count one submission for `client` atomically in the storage, or raise RateLimited."""
+        if self.limiter.hit(self.rate, client):
+            return
+        reset_at, _remaining = self.limiter.get_window_stats(self.rate, client)
+        wait = max(1, math.ceil(reset_at - time.time()))
+        raise RateLimited(f"more than {self.settings.submissions_per_minute} submissions per minute from {client}; "
+                          f"try again in {wait} s", retry_after_s=wait)
+
+
+def init_admission(app: Flask, settings: Settings) -> Admission:
+    # one key prefix per database: stacks sharing one Redis (tests) do not share client windows
+    admission = Admission(settings, rate_storage(settings), key_prefix=f"songpipe:{_database_tag(settings)}")
+    app.extensions[EXTENSION] = admission
+    return admission
+
+
+def _database_tag(settings: Settings) -> str:
+    import hashlib
+
+    return hashlib.sha256(settings.resolved_database_url.encode()).hexdigest()[:12]
+
+
+def admit(client_id: str | None) -> None:
+    """Raise QueueFull or RateLimited, or return with the client's slot taken. Nothing stays held."""
+    admission: Admission = current_app.extensions[EXTENSION]
+    admission.check_queue()  # first: a full queue does not use up the client's rate
+    admission.take_slot(client_id or "unknown")

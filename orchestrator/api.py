@@ -1,7 +1,8 @@
-"""JSON API: submit a job, read it back with every stage row, fetch its audio.
+"""JSON API: submit a job, read back its public view, fetch its audio.
 
 Errors are always {"errors": [{"field", "message"}]}. A refused submission writes nothing to SQL:
-validation runs completely before `submit_job` opens its transaction.
+validation and admission run completely before `submit_job` opens its transaction. Every body is
+built through a response model of orchestrator/schemas.py, which the OpenAPI document describes.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request, sen
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from db.engine import session_scope
-from orchestrator.admission import QueueFull, RateLimited, admitted  # noqa: F401  (QueueFull: web.py imports it here)
+from orchestrator.admission import QueueFull, RateLimited, admit  # noqa: F401  (QueueFull: web.py imports it here)
 from orchestrator.job_views import audio_artifact, job_exists, links, load_job_view
-from orchestrator.request_parsing import RequestInvalid, error, error_body, parse_job_request
+from orchestrator.request_parsing import RequestInvalid, error, error_body, json_depth_exceeds, parse_job_request
+from orchestrator.schemas import Errors, JobCreated, PublicJobView
 from orchestrator.submission import SubmittedJob, submit_job
 from tasks.artifact_store import open_store
 from tasks.contracts import JobRequest
@@ -29,25 +31,39 @@ def _settings() -> Settings:
 
 
 def errors_response(errors: list[dict[str, str]], status: int) -> tuple[Response, int]:
-    return jsonify(error_body(errors)), status
+    return jsonify(Errors.model_validate(error_body(errors)).model_dump(mode="json")), status
 
 
 def accept_job(job_request: JobRequest, settings: Settings, *, source: str) -> SubmittedJob:
-    """Admission control shared by the API and the form: queue cap and per-client rate (admission.py)."""
-    with admitted(settings, request.remote_addr):
-        return submit_job(job_request, settings, source=source, client_id=request.remote_addr)
+    """Admission shared by the API and the form (queue cap, per-client rate), then store and send.
+
+    Nothing is held between the admission check and the commit/publish (admission.py).
+    """
+    admit(request.remote_addr)  # behind a proxy, ProxyFix (create_app) makes this the client's address
+    return submit_job(job_request, settings, source=source, client_id=request.remote_addr)
+
+
+def _json_body(settings: Settings) -> object:
+    """The decoded body, or RequestInvalid (400) for non-JSON, malformed or too deeply nested bodies."""
+    if not request.is_json:
+        raise RequestInvalid([error("body", "send a JSON object with Content-Type: application/json")], 400)
+    raw = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH: 413 before anything is read
+    if json_depth_exceeds(raw, settings.max_json_depth):
+        raise RequestInvalid([error("body", f"JSON nested deeper than {settings.max_json_depth} levels")], 400)
+    try:
+        payload = request.get_json(silent=True)
+    except RecursionError:  # cannot happen below the depth bound; kept so it never becomes a 500
+        payload = None
+    if payload is None:
+        raise RequestInvalid([error("body", "is not valid JSON")], 400)
+    return payload
 
 
 @bp.post("/jobs")
 def create_job():
-    if not request.is_json:
-        return errors_response([error("body", "send a JSON object with Content-Type: application/json")], 400)
-    payload = request.get_json(silent=True)
-    if payload is None:
-        return errors_response([error("body", "is not valid JSON")], 400)
     settings = _settings()
     try:
-        job_request = parse_job_request(payload, settings)
+        job_request = parse_job_request(_json_body(settings), settings)
         submitted = accept_job(job_request, settings, source="api")
     except RequestInvalid as exc:
         return errors_response(exc.errors, exc.status)
@@ -55,9 +71,9 @@ def create_job():
         response, status = errors_response([error(exc.field, str(exc))], exc.status)
         response.headers["Retry-After"] = str(exc.retry_after_s)
         return response, status
-    body = {"id": submitted.id, "seed": submitted.seed, "seed_source": submitted.seed_source,
-            "status": "queued", "dispatched": submitted.dispatched, "links": links(submitted.id)}
-    return jsonify(body), 201, {"Location": f"/api/jobs/{submitted.id}"}
+    body = JobCreated(id=submitted.id, seed=submitted.seed, seed_source=submitted.seed_source,  # type: ignore[arg-type]
+                      status="queued", dispatched=submitted.dispatched, links=links(submitted.id))  # type: ignore[arg-type]
+    return jsonify(body.model_dump(mode="json")), 201, {"Location": f"/api/jobs/{submitted.id}"}
 
 
 def _unknown_job(job_id: str) -> tuple[Response, int]:
@@ -69,7 +85,7 @@ def get_job(job_id: str):
     view = load_job_view(_settings(), job_id)
     if view is None:
         return _unknown_job(job_id)
-    return jsonify(view)
+    return jsonify(PublicJobView.from_view(view).model_dump(mode="json"))  # the full record: /admin/api/jobs/<id>
 
 
 @bp.get("/jobs/<job_id>/audio")
@@ -100,7 +116,11 @@ def _api_http_error(exc: HTTPException):
     if isinstance(exc, RequestEntityTooLarge):
         limit = current_app.config.get("MAX_CONTENT_LENGTH")
         message = f"request body is larger than the limit of {limit} bytes"
-    return errors_response([error(field, message)], exc.code or 500)
+    response, status = errors_response([error(field, message)], exc.code or 500)
+    for name, value in exc.get_headers():  # keep Allow (405), Retry-After (429/503)
+        if name.lower() in ("allow", "retry-after"):
+            response.headers[name] = value
+    return response, status
 
 
 @bp.errorhandler(Exception)

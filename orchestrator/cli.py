@@ -92,20 +92,19 @@ def run(host: str, port: int, procfile: Path | None, demo: bool, exit_after_demo
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
-def web(host: str, port: int) -> None:
-    """Serve the form, the JSON API and the dashboard (threaded werkzeug server)."""
-    from werkzeug.serving import make_server
-
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="processes [SONGPIPE_WEB_WORKERS: 2]")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="threads each [SONGPIPE_WEB_THREADS: 8]")
+def web(host: str, port: int, workers: int | None, threads: int | None) -> None:
+    """Serve the form, the JSON API and the dashboard through gunicorn (docs/web-tier.md)."""
     from orchestrator.app import create_app
     from orchestrator.job_views import TINY_CHECKPOINT_NOTICE, checkpoint_is_tiny
+    from orchestrator.web_server import serve
 
     settings = _broker_settings()
-    app = create_app(settings)
-    server = make_server(host, port, app, threaded=True)
-    click.echo(f"serving on http://{host}:{server.port}/")
+    click.echo(f"serving on http://{host}:{port}/")
     if checkpoint_is_tiny(settings):
         click.echo(f"model: {TINY_CHECKPOINT_NOTICE}")
-    server.serve_forever()
+    serve(lambda: create_app(settings), settings, host, port, workers=workers, threads=threads)
 
 
 WORKERS = {

@@ -1,109 +1,106 @@
-"""The OpenAPI 3 description of the JSON API, served at /api/openapi.json.
+"""The OpenAPI 3.1 description of the JSON API, served at /api/openapi.json.
 
-The request body schema is generated from the same pydantic model the API validates with
-(tasks.contracts.JobRequest), so the document cannot drift from what the server accepts;
-it is written as OpenAPI 3.0 (nullable instead of JSON Schema's null type) for the widest tooling.
+Every schema is generated: the request body from tasks.contracts.JobRequest (what the server
+validates with), the responses from orchestrator.schemas (what the views build their bodies
+with). OpenAPI 3.1 uses JSON Schema 2020-12, pydantic's own dialect, so nothing is converted.
+
+The document follows the deployment it is served by: the length limit of the configured
+checkpoint (and, when that limit is below the model's default length, the field becomes required,
+since omitting it would be refused), and the lyrics/tags backends this deployment can run.
 """
 from __future__ import annotations
 
 import copy
 import functools
-from typing import Any
+from typing import Any, Literal
 
-from flask import Blueprint, Flask, jsonify
+from flask import Blueprint, Flask, current_app, jsonify
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
-from db.models import JOB_STATUSES, STAGE_STATUSES
+from orchestrator.request_parsing import max_audio_length_limit_ms
+from orchestrator.schemas import RESPONSE_MODELS
 from tasks.contracts import MAX_TAGS, JobRequest
+from tasks.settings import Settings
 
 bp = Blueprint("openapi", __name__)
 
-JOB_ID = {"type": "string", "description": "32 lower-case hex digits (uuid4); unknown ids answer 404"}
-ERRORS = {
-    "type": "object", "required": ["errors"], "additionalProperties": False,
-    "properties": {"errors": {"type": "array", "minItems": 1, "items": {
-        "type": "object", "required": ["field", "message"], "additionalProperties": False,
-        "properties": {"field": {"type": "string", "minLength": 1,
-                                 "description": "the request field at fault (dotted path), or body/client/id"},
-                       "message": {"type": "string", "minLength": 1}}}}},
-}
-LINKS = {"type": "object", "properties": {k: {"type": "string"} for k in ("self", "page", "audio")}}
-STAGE_RUN = {
-    "type": "object", "required": ["stage", "attempt", "status", "queue"],
-    "properties": {
-        "stage": {"type": "string"}, "attempt": {"type": "integer", "minimum": 1},
-        "status": {"type": "string", "enum": list(STAGE_STATUSES)}, "queue": {"type": "string"},
-        "inputs": {"type": "object", "nullable": True}, "outputs": {"type": "object", "nullable": True},
-        "error_type": {"type": "string", "nullable": True}, "error_message": {"type": "string", "nullable": True},
-        "progress": {"type": "object", "nullable": True}, "deliveries": {"type": "integer"},
-    },
-}
-JOB = {
-    "type": "object", "required": ["id", "status", "seed", "request", "stages", "links"],
-    "properties": {
-        "id": JOB_ID, "status": {"type": "string", "enum": list(JOB_STATUSES)},
-        "seed": {"type": "integer"}, "seed_source": {"type": "string"},
-        "request": {"type": "object"}, "pipeline": {"type": "string"},
-        "failed_stage": {"type": "string", "nullable": True},
-        "error_type": {"type": "string", "nullable": True}, "error_message": {"type": "string", "nullable": True},
-        "links": LINKS, "stages": {"type": "array", "items": {"$ref": "#/components/schemas/StageRun"}},
-    },
-}
-CREATED = {
-    "type": "object", "required": ["id", "seed", "seed_source", "status", "links"],
-    "properties": {"id": JOB_ID, "seed": {"type": "integer"}, "seed_source": {"type": "string"},
-                   "status": {"type": "string", "enum": ["queued"]}, "links": LINKS,
-                   "dispatched": {"type": "boolean",
-                                  "description": "false: stored, broker unavailable; the reconciler sends it"}},
-}
+REF = "#/components/schemas/{model}"
+JOB_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$",
+          "description": "32 lower-case hex digits (uuid4); unknown ids answer 404"}
 
 
-def _openapi30(schema: Any) -> Any:
-    """JSON Schema 2020-12 as pydantic writes it -> the OpenAPI 3.0 dialect."""
+def _generated_schemas() -> dict[str, Any]:
+    models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+        (JobRequest, "validation"), *[(m, "serialization") for m in RESPONSE_MODELS]]
+    _, top = models_json_schema(models, ref_template=REF)
+    return top["$defs"]
+
+
+def _strip_titles(schema: Any) -> Any:
     if isinstance(schema, list):
-        return [_openapi30(item) for item in schema]
+        return [_strip_titles(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _openapi30(v) for k, v in schema.items() if k not in ("title", "default")}
-    options = out.get("anyOf")
-    if options and any(o == {"type": "null"} for o in options):
-        rest = [o for o in options if o != {"type": "null"}]
-        del out["anyOf"]
-        out.update(rest[0] if len(rest) == 1 else {"anyOf": rest})
-        out["nullable"] = True
-    if isinstance(out.get("exclusiveMinimum"), (int, float)) and not isinstance(out["exclusiveMinimum"], bool):
-        out["minimum"], out["exclusiveMinimum"] = out["exclusiveMinimum"], True
-    return out
+    return {k: _strip_titles(v) for k, v in schema.items() if k != "title" or not isinstance(v, str)}
 
 
-def job_request_schema() -> dict[str, Any]:
-    schema = _openapi30(copy.deepcopy(JobRequest.model_json_schema()))
+def job_request_schema(schema: dict[str, Any], length_limit_ms: int | None, backends: dict[str, list[str]]
+                       ) -> dict[str, Any]:
+    """The generated request schema, narrowed to what this deployment accepts."""
     props = schema["properties"]
     props["lyrics"].update(pattern=r"\S", description="required; one phrase per line, [verse]/[chorus] markers")
     props["tags"] = {
-        "nullable": True,
         "description": "comma-separated string or list; omit to have tags generated",
-        "anyOf": [{"type": "string", "minLength": 1},
-                  {"type": "array", "minItems": 1, "maxItems": MAX_TAGS, "items": {"type": "string", "minLength": 1}}],
-    }
-    props["max_audio_length_ms"]["description"] = "song length; the configured checkpoint's context caps it (422)"
+        "anyOf": [{"type": "string", "minLength": 1, "pattern": r"[^,\s]"},
+                  {"type": "array", "minItems": 1, "maxItems": MAX_TAGS,
+                   "items": {"type": "string", "minLength": 1, "pattern": r"\S"}},
+                  {"type": "null"}]}
+    length = props["max_audio_length_ms"]
+    length["description"] = "song length in ms; the configured checkpoint's context caps it"
+    if length_limit_ms is not None:
+        length["maximum"] = length_limit_ms
+        if length.get("default", 0) > length_limit_ms:
+            del length["default"]  # the model's default does not fit this checkpoint: it must be given
+            schema["required"] = sorted({*schema.get("required", []), "max_audio_length_ms"})
+    for field, allowed in backends.items():
+        props[field] = {"anyOf": [{"enum": allowed, "type": "string"}, {"type": "null"}], "default": None,
+                        "description": "null: this deployment's default"}
     return schema
 
 
-def _error_response(description: str, retry_after: bool = False) -> dict[str, Any]:
+def deployment_backends(settings: Settings) -> dict[str, list[str]]:
+    llm = bool(settings.llm_url and settings.llm_model)
+    return {"lyrics_backend": ["rules", "off", *(["llm"] if llm else [])],
+            "tags_backend": ["embedding", "given", *(["llm"] if llm else [])]}
+
+
+def _errors(description: str, retry_after: bool = False, allow: bool = False) -> dict[str, Any]:
     response: dict[str, Any] = {"description": description,
-                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Errors"}}}}
+                                "content": {"application/json": {"schema": {"$ref": REF.format(model="Errors")}}}}
+    headers = {}
     if retry_after:
-        response["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+        headers["Retry-After"] = {"schema": {"type": "integer", "minimum": 1}, "description": "seconds"}
+    if allow:
+        headers["Allow"] = {"schema": {"type": "string"}, "description": "the methods this path serves"}
+    if headers:
+        response["headers"] = headers
     return response
 
 
-@functools.lru_cache(maxsize=1)
-def spec() -> dict[str, Any]:
+def _json(model: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model=model)}}}}
+
+
+@functools.lru_cache(maxsize=8)
+def _spec(length_limit_ms: int | None, backends: tuple[tuple[str, tuple[str, ...]], ...]) -> dict[str, Any]:
+    schemas = _strip_titles(_generated_schemas())
+    schemas["JobRequest"] = job_request_schema(schemas["JobRequest"], length_limit_ms,
+                                               {k: list(v) for k, v in backends})
     job_id_param = {"name": "job_id", "in": "path", "required": True, "schema": JOB_ID}
-    not_found = _error_response("no job with this id")
     return {
-        "openapi": "3.0.3",
-        "info": {"title": "songpipe JSON API", "version": "1",
+        "openapi": "3.1.0",
+        "info": {"title": "songpipe JSON API", "version": "2",
                  "description": "Submit a song job, read it back with every stage attempt, fetch its audio. "
                                 "Errors are always {\"errors\": [{\"field\", \"message\"}]}; a refused "
                                 "submission stores nothing."},
@@ -111,44 +108,53 @@ def spec() -> dict[str, Any]:
             "/api/jobs": {"post": {
                 "operationId": "createJob", "summary": "Submit a job",
                 "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/JobRequest"}}}},
+                    "schema": {"$ref": REF.format(model="JobRequest")}}}},
                 "responses": {
-                    "201": {"description": "accepted and queued",
-                            "headers": {"Location": {"schema": {"type": "string"}}},
-                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobCreated"}}}},
-                    "400": _error_response("not a JSON object"),
-                    "413": _error_response("body larger than the configured limit"),
-                    "422": _error_response("a field is invalid; each error names it"),
-                    "429": _error_response("this client submits too often", retry_after=True),
-                    "503": _error_response("queue full or broker unavailable", retry_after=True),
+                    "201": {**_json("JobCreated", "accepted and queued"),
+                            "headers": {"Location": {"schema": {"type": "string"}}}},
+                    "400": _errors("not a JSON object, or nested too deeply"),
+                    "405": _errors("method not allowed", allow=True),
+                    "413": _errors("body larger than the configured limit"),
+                    "422": _errors("a field is invalid; each error names it"),
+                    "429": _errors("this client submits too often", retry_after=True),
+                    "503": _errors("queue full or broker unavailable", retry_after=True),
                 }}},
             "/api/jobs/{job_id}": {"get": {
-                "operationId": "getJob", "summary": "A job with every stage attempt",
+                "operationId": "getJob", "summary": "A job with every stage attempt (public view)",
                 "parameters": [job_id_param],
-                "responses": {"200": {"description": "the job",
-                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}},
-                              "404": not_found}}},
+                "responses": {"200": _json("PublicJobView", "the job"),
+                              "404": _errors("no job with this id")}}},
             "/api/jobs/{job_id}/audio": {"get": {
                 "operationId": "getJobAudio", "summary": "The finished song (mp3 or wav)",
                 "parameters": [job_id_param],
                 "responses": {"200": {"description": "the audio file",
                                       "content": {"audio/mpeg": {"schema": {"type": "string", "format": "binary"}},
                                                   "audio/wav": {"schema": {"type": "string", "format": "binary"}}}},
-                              "404": _error_response("no such job, or no finished audio yet"),
-                              "410": _error_response("the recorded artifact is missing from the store")}}},
+                              "304": {"description": "not modified (conditional request)"},
+                              "404": _errors("no such job, or no finished audio yet"),
+                              "410": _errors("the recorded artifact is missing from the store")}}},
             "/api/openapi.json": {"get": {
                 "operationId": "getOpenApi", "summary": "This document",
-                "responses": {"200": {"description": "OpenAPI 3 document",
+                "responses": {"200": {"description": "OpenAPI 3.1 document",
                                       "content": {"application/json": {"schema": {"type": "object"}}}}}}},
         },
-        "components": {"schemas": {"JobRequest": job_request_schema(), "JobCreated": CREATED, "Job": JOB,
-                                   "StageRun": STAGE_RUN, "Errors": ERRORS}},
+        "components": {"schemas": schemas},
     }
+
+
+def document(length_limit_ms: int | None, backends: dict[str, list[str]]) -> dict[str, Any]:
+    """The document for a deployment with this length limit and these backends (a copy)."""
+    return copy.deepcopy(_spec(length_limit_ms, tuple((k, tuple(v)) for k, v in backends.items())))
+
+
+def spec(settings: Settings) -> dict[str, Any]:
+    """The document for the deployment `settings` describe."""
+    return document(max_audio_length_limit_ms(settings.resolved_checkpoint_dir), deployment_backends(settings))
 
 
 @bp.get("/api/openapi.json")
 def openapi_json():
-    return jsonify(spec())
+    return jsonify(spec(current_app.config["SONGPIPE_SETTINGS"]))
 
 
 def register(app: Flask) -> None:

@@ -12,6 +12,7 @@ import difflib
 import functools
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -71,6 +72,64 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
     return [error(_field_name(tuple(item["loc"])), _message(item)) for item in exc.errors()]
 
 
+# Characters no database here can store: PostgreSQL refuses NUL in text and JSON, and a lone
+# surrogate cannot be encoded as UTF-8 by any driver. Refused by name, before the model runs.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _describe(char: str) -> str:
+    return "a NUL character (\\u0000)" if char == "\x00" else f"a lone surrogate (\\u{ord(char):04x})"
+
+
+def unstorable_text_errors(value: Any, field: str = "") -> list[dict[str, str]]:
+    """Errors for every string (keys included) in a decoded payload that a database would refuse."""
+    errors: list[dict[str, str]] = []
+    stack: list[tuple[Any, str]] = [(value, field)]
+    while stack:  # iterative: the payload's depth is bounded by the caller, but no recursion is needed
+        item, path = stack.pop()
+        if isinstance(item, str):
+            bad = _UNSTORABLE.search(item)
+            if bad:
+                errors.append(error(path or "body", f"contains {_describe(bad.group())}, which cannot be stored"))
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                key_text = str(key)
+                bad = _UNSTORABLE.search(key_text)
+                if bad:
+                    errors.append(error(path or "body", f"a field name contains {_describe(bad.group())}"))
+                    continue
+                stack.append((child, f"{path}.{key_text}" if path else key_text))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}.{i}" if path else str(i)) for i, child in enumerate(item))
+    return sorted(errors, key=lambda e: e["field"])
+
+
+def json_depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether a JSON text nests objects/arrays deeper than `limit`, decided before decoding it.
+
+    The decoder recurses per level (a RecursionError near 1000 levels), so depth is counted on the
+    raw bytes; brackets inside strings do not count.
+    """
+    depth, in_string, escaped = 0, False, False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
 def _lm_config_path(checkpoint_dir: Path) -> Path | None:
     candidates = sorted(p for p in checkpoint_dir.glob(LM_FOLDER_PATTERN) if (p / "config.json").is_file())
     return candidates[0] / "config.json" if candidates else None
@@ -83,7 +142,7 @@ def _backbone_max_seq_len(config_path: str, _mtime_ns: int) -> int:
     custom = config.get("flavors") or {}
     if flavor in custom:  # tiny checkpoints define their own flavour, so no torch import is needed
         return int(custom[flavor]["max_seq_len"])
-    from gpu_worker.heartmula import flavor_args  # published flavours: the model's own table
+    from gpu_worker.model_flavors import flavor_args  # published flavours: the model's own table (torch-free)
 
     return int(flavor_args(flavor, custom).max_seq_len)
 
@@ -106,7 +165,7 @@ def max_audio_length_limit_ms(checkpoint_dir: Path) -> int | None:
         return None
     try:
         max_seq_len = _backbone_max_seq_len(str(path), path.stat().st_mtime_ns)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # FlavorError is a ValueError
         _warn_once(f"cannot read max_seq_len from {path} ({exc}): the length limit is checked at the token stage only")
         return None
     reserve = min(MAX_PROMPT_RESERVE, max_seq_len // 2)
@@ -117,7 +176,9 @@ def parse_job_request(payload: Any, settings: Settings) -> JobRequest:
     """Validate a decoded payload into a JobRequest or raise RequestInvalid with every field error."""
     if not isinstance(payload, dict):
         raise RequestInvalid([error("body", f"must be a JSON object, got {type(payload).__name__}")], status=400)
-    errors: list[dict[str, str]] = []
+    errors = unstorable_text_errors(payload)
+    if errors:  # the model's own messages would echo the character back; these name the field
+        raise RequestInvalid(errors)
     request: JobRequest | None = None
     try:
         request = JobRequest.model_validate(payload)

@@ -96,6 +96,9 @@ def submit_job(request: JobRequest, settings: Settings, *, source: str = "api",
         # The reconciler finds queued rows whose message is missing and sends them.
         log.warning("job %s stored but not sent (%s); the reconciler will send it", submitted.id, exc)
         return dataclasses.replace(submitted, dispatched=False)
+    except Exception:  # any other publish error after the commit: same answer, with the traceback logged
+        log.exception("job %s stored but not sent; the reconciler will send it", submitted.id)
+        return dataclasses.replace(submitted, dispatched=False)
     return submitted
 
 

@@ -102,8 +102,9 @@ def submit():
         submitted = accept_job(parse_job_request(payload, settings), settings, source="form")
     except RequestInvalid as exc:
         return _render_form(values, exc.errors, 422)
-    except QueueFull as exc:
-        return _render_form(values, [error("form", str(exc))], 503)
+    except QueueFull as exc:  # 503 queue full, 429 rate limited (RateLimited): the page says why, and when
+        page, status = _render_form(values, [error("form", str(exc))], exc.status)
+        return page, status, {"Retry-After": str(exc.retry_after_s)}
     return redirect(url_for("web.job_page", job_id=submitted.id), code=303)
 
 

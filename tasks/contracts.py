@@ -91,14 +91,15 @@ class JobRequest(Contract):
     style: Annotated[str, Field(max_length=MAX_STYLE_CHARS)] | None = None
     tags: list[str] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)] | None = None
-    temperature: float = Field(1.0, gt=0, le=10)
-    top_k: int = Field(50, ge=1, le=8197)
-    cfg_scale: float = Field(1.5, ge=1, le=20)
-    max_audio_length_ms: int = Field(240_000, ge=FRAME_MS)
+    # strict: a boolean, a numeric string or 50.0 for an integer is refused, never coerced and stored
+    temperature: float = Field(1.0, gt=0, le=10, strict=True)
+    top_k: int = Field(50, ge=1, le=8197, strict=True)
+    cfg_scale: float = Field(1.5, ge=1, le=20, strict=True)
+    max_audio_length_ms: int = Field(240_000, ge=FRAME_MS, strict=True)
     output_format: OutputFormat = "mp3"
     lyrics_backend: LyricsBackend | None = None  # None: the deployment default, resolved at submission
     tags_backend: TagsBackend | None = None
-    allow_fallback: bool = False  # may a failed LLM backend fall back to the embedded one?
+    allow_fallback: bool = Field(False, strict=True)  # may a failed LLM backend fall back to the embedded one?
 
     @field_validator("tags", mode="before")
     @classmethod

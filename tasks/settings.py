@@ -48,6 +48,16 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(default=200, ge=1)
     submissions_per_minute: int = Field(default=60, ge=1)
     max_request_bytes: int = Field(default=256 * 1024, ge=1024)
+    max_json_depth: int = Field(default=16, ge=2, le=64)  # nesting of a JSON body; a JobRequest needs 2
+
+    # the production web server (gunicorn, `songpipe web` outside development; docs/web-tier.md)
+    web_workers: int = Field(default=2, ge=1, le=64)  # processes; each has its own SQL pool
+    web_threads: int = Field(default=8, ge=1, le=256)  # threads per process: the bound on concurrent requests
+    web_timeout_s: int = Field(default=60, ge=5)  # a request taking longer gets its worker restarted
+    web_graceful_timeout_s: int = Field(default=30, ge=1)  # HUP/TERM: in-flight requests get this long
+    web_keepalive_s: int = Field(default=5, ge=0)
+    web_max_requests: int = Field(default=10_000, ge=0)  # recycle a worker after this many requests (0: never)
+    proxy_hops: int = Field(default=0, ge=0, le=5)  # reverse proxies in front whose X-Forwarded-For is trusted
 
     fault_injection: bool = False  # allows the CUDA fault switch; refused in production mode
     cpu_soft_time_limit_s: int = Field(default=300, ge=1)

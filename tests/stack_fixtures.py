@@ -264,9 +264,16 @@ class Stack:
         return json.loads(payload)
 
     def job(self, job_id: str) -> dict:
+        """The full record (as `songpipe show --json` prints it), after checking the public API knows the job.
+
+        The public GET /api/jobs/<id> leaves out operator facts (tracebacks, environment, inputs),
+        which the tests inspect, so the record itself is read through SQL.
+        """
+        from orchestrator.job_views import load_job_view
+
         status, _, payload = self.http("GET", f"/api/jobs/{job_id}")
         assert status == 200, f"GET /api/jobs/{job_id} -> {status}: {payload.decode(errors='replace')}"
-        return json.loads(payload)
+        return json.loads(json.dumps(load_job_view(self.settings, job_id)))
 
     def wait_for_job(self, job_id: str, timeout_s: float = 240) -> dict:
         """Poll the job record (through SQL) until it is terminal; returns the API-shaped view."""

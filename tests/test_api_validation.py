@@ -208,3 +208,101 @@ def test_given_tags_backend_without_tags_is_refused(client, database_url):
 @pytest.mark.parametrize("field", ["lyrics_backend", "tags_backend"])
 def test_llm_backend_on_a_deployment_without_an_llm_is_refused(client, database_url, field):
     refused(post(client, {**VALID, field: "llm"}), field, database_url)
+
+
+# -- characters the databases refuse, nesting, strict numbers, methods (issue 13) ----------------
+
+@pytest.mark.parametrize("field", ["lyrics", "style"])
+def test_a_nul_character_is_refused_naming_the_field(client, database_url, field):
+    message = refused(post(client, {**VALID, field: "de doo\u0000doo"}), field, database_url)
+    assert "NUL" in message
+
+
+def test_a_nul_character_in_a_tag_list_is_refused_naming_the_entry(client, database_url):
+    refused(post(client, {**VALID, "tags": ["ska", "bra\u0000ss"]}), "tags.1", database_url)
+
+
+def test_a_lone_surrogate_is_refused_naming_the_field(client, database_url):
+    # "\ud800" is valid JSON text but no UTF-8 database can store what it decodes to
+    raw = '{"lyrics": "de doo \\ud800 doo", "tags": "ska", "max_audio_length_ms": 2000}'
+    response = client.post("/api/jobs", data=raw, content_type="application/json")
+    assert "surrogate" in refused(response, "lyrics", database_url)
+
+
+def test_a_nul_character_in_a_field_name_is_refused(client, database_url):
+    refused(post(client, {**VALID, "ly\u0000rics": "x"}), "body", database_url)
+
+
+@pytest.mark.parametrize("depth", [17, 1000, 100_000])
+def test_deeply_nested_json_is_refused_as_400(client, database_url, depth):
+    raw = '{"lyrics": "la", "tags": ' + "[" * depth + "]" * depth + "}"
+    response = client.post("/api/jobs", data=raw, content_type="application/json")
+    assert "nested" in refused(response, "body", database_url, status=400)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(tiny_checkpoint_dir, tmp_path, monkeypatch):
+    from db.schema import upgrade
+    from tasks.settings import Settings
+
+    sent: list = []
+    monkeypatch.setattr("orchestrator.chain.send_chain", lambda *args: sent.append(args))
+    settings = Settings(data_dir=tmp_path, checkpoint_dir=tiny_checkpoint_dir)
+    upgrade(settings.resolved_database_url)
+    client = create_app(settings).test_client()
+    response = post(client, {**VALID, "lyrics": "[verse]" + "[[[{{{" * 50 + "\\\"["})
+    assert response.status_code == 201, response.get_json()
+    assert sent
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", True), ("temperature", "1.0"), ("cfg_scale", False), ("cfg_scale", "1.5"),
+    ("top_k", 50.0), ("top_k", True), ("top_k", "50"), ("max_audio_length_ms", 2000.0),
+    ("max_audio_length_ms", "2000"), ("seed", 7.0), ("seed", True), ("allow_fallback", 1),
+    ("allow_fallback", "true")])
+def test_loose_numbers_and_booleans_are_refused_not_coerced(client, database_url, field, value):
+    refused(post(client, {**VALID, field: value}), field, database_url)
+
+
+def test_an_unrouted_method_is_405_json_with_allow(client, database_url):
+    response = client.put("/api/jobs", json=VALID)
+    assert response.status_code == 405
+    assert set(response.headers["Allow"].replace(" ", "").split(",")) >= {"POST"}
+    assert fields(response) == ["request"]
+    assert count_rows(database_url) == NOTHING_STORED
+
+
+def test_form_with_a_nul_character_is_refused_next_to_the_field(client, database_url):
+    page = client.get("/").get_data(as_text=True)
+    token = page.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    response = client.post("/jobs", data={"csrf_token": token, "lyrics": "my\u0000words", "tags": "ska",
+                                          "length_s": "2", "temperature": "1", "top_k": "50", "cfg_scale": "1.5",
+                                          "output_format": "mp3"})
+    assert response.status_code == 422
+    assert 'id="lyrics-error"' in response.get_data(as_text=True)
+    assert count_rows(database_url) == NOTHING_STORED
+
+
+def test_a_rerun_override_is_validated_like_a_submission(app_settings):
+    """L9: re-runs validate the merged request through parse_job_request (context and backends too)."""
+    from orchestrator.request_parsing import RequestInvalid, parse_job_request
+
+    merged = {**VALID, "max_audio_length_ms": 10**6, "lyrics_backend": "llm"}
+    with pytest.raises(RequestInvalid) as refused_:
+        parse_job_request(merged, app_settings)
+    assert {e["field"] for e in refused_.value.errors} >= {"max_audio_length_ms", "lyrics_backend"}
+
+
+def test_any_publish_error_after_the_commit_answers_201_not_a_500(tiny_checkpoint_dir, tmp_path, monkeypatch):
+    """L2: the job is stored; a 5xx would make a retrying client submit a duplicate."""
+    from db.schema import upgrade
+    from tasks.settings import Settings
+
+    def broken(*_args):
+        raise RuntimeError("serializer exploded")
+
+    monkeypatch.setattr("orchestrator.chain.send_chain", broken)
+    settings = Settings(data_dir=tmp_path, checkpoint_dir=tiny_checkpoint_dir)
+    upgrade(settings.resolved_database_url)
+    response = post(create_app(settings).test_client(), VALID)
+    assert response.status_code == 201 and response.get_json()["dispatched"] is False
+    assert count_rows(settings.resolved_database_url)["jobs"] == 1

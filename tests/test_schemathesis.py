@@ -1,9 +1,11 @@
 """Property-based tests of the JSON API against its own OpenAPI document, on a running server.
 
-Schemathesis reads /api/openapi.json from a live `songpipe web` process (real Redis, SQLite) and
-sends schema-valid and schema-violating requests to every operation. For each one: no 5xx, the
-response matches the document (status, content type, body schema), every 4xx names the field at
-fault, and a refused submission stores nothing (the jobs table is counted around every call).
+Schemathesis reads /api/openapi.json from a live `songpipe web` process (gunicorn, real Redis,
+SQLite) and sends schema-valid and schema-violating requests to every operation. The document is
+generated from the pydantic request and response models and follows this deployment (the tiny
+checkpoint's length limit, no LLM backend). For each call: no 5xx, the response matches the
+document (status, content type, headers, body schema against the response models), every 4xx
+names the field at fault, and a refused submission stores nothing (jobs counted around each call).
 No workers run: accepted jobs simply stay queued. Examples are bounded to keep this under a minute.
 """
 from __future__ import annotations
@@ -15,10 +17,13 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
-from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,
-                                 response_schema_conformance, status_code_conformance)
+from schemathesis.checks import (allow_header_conformance, content_type_conformance, negative_data_rejection,
+                                 not_a_server_error, response_headers_conformance, response_schema_conformance,
+                                 status_code_conformance)
 
+from orchestrator.openapi import deployment_backends, document
 from orchestrator.openapi import spec as openapi_spec
+from tasks.settings import Settings
 from tests import reliability_fixtures as rf
 from tests import stack_fixtures
 from tests.stack_fixtures import count_rows
@@ -27,7 +32,7 @@ pytestmark = pytest.mark.integration
 
 MAX_EXAMPLES = 30
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-          negative_data_rejection]
+          response_headers_conformance, allow_header_conformance, negative_data_rejection]
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +54,23 @@ def live_api(tmp_path_factory, tiny_checkpoint_dir, redis_service):
             stack_fixtures.kill_group(stack.processes["web"])
 
 
-# The document the server serves is built by orchestrator.openapi.spec(); loading it from there lets
-# schemathesis make its tests at collection time, and the first test checks the live server serves it.
-schema = schemathesis.openapi.from_dict(openapi_spec())
+# The tests are made at collection time, from the document this deployment must serve: the tiny
+# checkpoint's limit ((256 - 128) frames of 80 ms) and no LLM configured. The first test checks that
+# the live server serves exactly this document, so the two cannot drift.
+TINY_LENGTH_LIMIT_MS = (256 - 128) * 80
+expected_document = document(TINY_LENGTH_LIMIT_MS, deployment_backends(Settings()))
+schema = schemathesis.openapi.from_dict(expected_document)
 schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=MAX_EXAMPLES)
 
 
-def test_the_server_serves_this_document(live_api):
+def test_the_server_serves_the_document_of_its_deployment(live_api):
     status, headers, body = live_api.http("GET", "/api/openapi.json")
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert json.loads(body) == json.loads(json.dumps(openapi_spec()))
+    assert headers["Server"].startswith("gunicorn")  # `songpipe web` serves through the production server
+    served = json.loads(body)
+    assert served == json.loads(json.dumps(expected_document)) == json.loads(json.dumps(openapi_spec(live_api.settings)))
+    assert served["components"]["schemas"]["JobRequest"]["properties"]["max_audio_length_ms"]["maximum"] == \
+        TINY_LENGTH_LIMIT_MS
 
 
 @schema.parametrize()

@@ -12,6 +12,7 @@ CSRFProtect (same token, same session key) if one is added later.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import hmac
 import logging
@@ -38,6 +39,7 @@ GENERATED_HASH_FILE = "admin_password.hash"
 # a hash that no password matches, checked for unknown users so a wrong user name costs the same time
 _DUMMY_HASH = generate_password_hash(secrets.token_hex(16), method="pbkdf2:sha256:1000")
 LOGIN_FAILURES_PER_MINUTE = 10
+LOGIN_THROTTLE_KEYS = 4096  # (user, address) pairs with recent failures kept per web process
 
 
 class AdminConfigurationError(RuntimeError):
@@ -110,23 +112,49 @@ def load_credentials(settings: Settings) -> Credentials:
 
 
 class LoginThrottle:
-    """At most N failed logins per minute per client address: slows password guessing."""
+    """At most N failed logins per minute per (user name, client address): slows password guessing.
 
-    def __init__(self, per_minute: int = LOGIN_FAILURES_PER_MINUTE):
+    Keyed by both, so a flood of wrong passwords from one address (or against one made-up name)
+    never locks the real admin out from another address - behind a proxy, ProxyFix (create_app,
+    SONGPIPE_PROXY_HOPS) makes the address the client's, not the proxy's. Only failures create
+    entries, and at most `max_keys` are kept (least recently failed dropped first), so many clients
+    cannot grow it without bound. Per web process: a guesser spread over processes gets N each.
+    """
+
+    def __init__(self, per_minute: int = LOGIN_FAILURES_PER_MINUTE, max_keys: int = LOGIN_THROTTLE_KEYS):
         self.per_minute = per_minute
-        self._failures: dict[str, list[float]] = {}
+        self.max_keys = max_keys
+        self._failures: collections.OrderedDict[tuple[str, str], collections.deque[float]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def blocked(self, key: str) -> bool:
+    def __len__(self) -> int:
+        return len(self._failures)
+
+    def blocked(self, key: tuple[str, str]) -> bool:
         now = time.monotonic()
         with self._lock:
-            recent = [t for t in self._failures.get(key, []) if now - t < 60]
-            self._failures[key] = recent
+            recent = self._failures.get(key)
+            if recent is None:
+                return False  # looking does not create an entry
+            while recent and now - recent[0] >= 60:
+                recent.popleft()
+            if not recent:
+                del self._failures[key]
+                return False
             return len(recent) >= self.per_minute
 
-    def failed(self, key: str) -> None:
+    def failed(self, key: tuple[str, str]) -> None:
         with self._lock:
-            self._failures.setdefault(key, []).append(time.monotonic())
+            recent = self._failures.pop(key, None) or collections.deque(maxlen=self.per_minute)
+            recent.append(time.monotonic())
+            self._failures[key] = recent  # most recent last
+            while len(self._failures) > self.max_keys:
+                self._failures.popitem(last=False)
+
+
+def login_throttle_key(username: str) -> tuple[str, str]:
+    """(user name, client address) of the login request being handled."""
+    return username[:128], request.remote_addr or "unknown"
 
 
 def authenticate(credentials: Credentials, name: str, password: str) -> User | None:

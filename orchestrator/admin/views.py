@@ -201,7 +201,7 @@ def login():
     if request.method == "POST":
         auth.check_csrf()
         throttle: auth.LoginThrottle = current_app.extensions["songpipe_admin_throttle"]
-        client = request.remote_addr or "unknown"
+        client = auth.login_throttle_key(request.form.get("username", ""))
         if throttle.blocked(client):
             error = "too many failed logins; wait a minute"
         else:

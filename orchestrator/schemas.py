@@ -1,0 +1,138 @@
+"""Response models of the public JSON API: every body /api answers is one of these.
+
+The OpenAPI document (orchestrator/openapi.py) is generated from them, and the views build their
+bodies through them, so the document cannot drift from what is returned.
+
+The public job view is what the holder of a job id may see: the request, statuses, timings and
+the musical results. Operator facts stay out (code-review M5): tracebacks, worker hostnames and
+pids, the environment record (hosts, GPUs, checkpoint paths, checksums), stage inputs (they name
+the checkpoint folder), LLM exchanges (internal URL, prompts) and the code version. Text that
+may still quote a path or URL (error messages, fallback reasons) is redacted. The full record is
+the admin API's (`/admin/api/jobs/<id>`, login required).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from db.models import JOB_STATUSES, STAGE_STATUSES
+from tasks.contracts import STAGES
+
+JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
+StageStatus = Literal[STAGE_STATUSES]  # type: ignore[valid-type]
+StageName = Literal[STAGES]  # type: ignore[valid-type]
+JobId = Field(pattern=r"^[0-9a-f]{32}$", description="32 lower-case hex digits (uuid4)")
+
+# stage output keys that describe the machine or the LLM service, not the song
+PRIVATE_OUTPUT_KEYS = frozenset({"llm_exchanges", "device", "dtype", "checkpoint", "tokens_text_path"})
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+_PATH = re.compile(r"(?<![\w.:/])(?:~|\.{1,2})?/(?:[^\s/'\"():,]+/)*[^\s/'\"():,]+")
+REDACTED = "<redacted>"
+
+
+def redact(text: str | None) -> str | None:
+    """A message without URLs or filesystem paths (they name internal hosts and directories)."""
+    if text is None:
+        return None
+    return _PATH.sub(REDACTED, _URL.sub(REDACTED, text))
+
+
+def _public_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_public_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _public_value(v) for k, v in value.items() if k not in PRIVATE_OUTPUT_KEYS}
+    return value
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FieldError(Response):
+    field: str = Field(min_length=1, description="the request field at fault (dotted path), or body/client/id")
+    message: str = Field(min_length=1)
+
+
+class Errors(Response):
+    """Every refusal: one entry per problem, each naming its field."""
+
+    errors: list[FieldError] = Field(min_length=1)
+
+
+class JobLinks(Response):
+    self: str
+    page: str
+    audio: str
+
+
+class JobCreated(Response):
+    id: str = JobId
+    seed: int = Field(ge=0)
+    seed_source: Literal["user", "drawn"]
+    status: Literal["queued"]
+    dispatched: bool = Field(description="false: stored, but the broker was unavailable; the reconciler sends it")
+    links: JobLinks
+
+
+class PublicStageRun(Response):
+    stage: StageName
+    attempt: int = Field(ge=1)
+    status: StageStatus
+    queue: str
+    reused_from: int | None
+    error_type: str | None
+    error_message: str | None = Field(description="paths and URLs redacted")
+    queued_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    duration_s: float | None
+    deliveries: int = Field(ge=0)
+    progress: dict[str, Any] | None
+    outputs: dict[str, Any] | None = Field(description="the stage's results, without machine or LLM details")
+
+
+class PublicJobView(Response):
+    id: str = JobId
+    status: JobStatus
+    seed: int = Field(ge=0)
+    seed_source: str
+    request: dict[str, Any] = Field(description="the validated request, deployment defaults filled in")
+    pipeline: str
+    source: str | None
+    created_at: str | None
+    updated_at: str | None
+    finished_at: str | None
+    replay_of: str | None
+    replay_from_stage: str | None
+    replay_overrides: dict[str, Any] | None
+    failed_stage: str | None
+    error_type: str | None
+    error_message: str | None = Field(description="paths and URLs redacted")
+    cancel_requested: bool
+    tags_used: str | None
+    audio_ready: bool
+    output_format: Literal["mp3", "wav"]
+    tiny_checkpoint: bool
+    notice: str | None
+    links: JobLinks
+    stages: list[PublicStageRun]
+
+    @classmethod
+    def from_view(cls, view: dict[str, Any]) -> PublicJobView:
+        """The public part of orchestrator.job_views.job_view's full dict."""
+        stage_fields = set(PublicStageRun.model_fields)
+        stages = [PublicStageRun(**{k: v for k, v in row.items() if k in stage_fields} | {
+                      "error_message": redact(row.get("error_message")),
+                      "outputs": _public_value(row.get("outputs"))})
+                  for row in view["stages"]]
+        job_fields = set(cls.model_fields) - {"stages", "error_message"}
+        return cls(**{k: v for k, v in view.items() if k in job_fields}, stages=stages,
+                   error_message=redact(view.get("error_message")))
+
+
+RESPONSE_MODELS: tuple[type[BaseModel], ...] = (Errors, JobCreated, PublicJobView)
