@@ -194,3 +194,21 @@ def test_a_denied_object_under_a_stage_is_a_recorded_failure_naming_it(s3, s3_st
     assert (row["status"], row["error_type"]) == ("failed", "tasks.storage.base.ArtifactUnavailable")
     assert f"wav artifact {wav['sha256']} cannot be read from s3://{s3.bucket}/pipeline: permission denied " \
            "(AccessDenied)" in row["error_message"]
+
+
+def test_the_web_tier_answers_a_suffix_range_an_unsatisfiable_range_and_a_revalidation(s3, s3_stack, s3_job):
+    import urllib.error
+    import urllib.request
+
+    audio = _outputs(s3_job, "encode_audio")["audio"]
+    stored = _store(s3, "pipeline").get(audio["sha256"])
+    url = f"{s3_stack.base_url}/api/jobs/{s3_job['id']}/audio"
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": "bytes=-50"}), timeout=30) as response:
+        assert response.status == 206 and response.read() == stored[-50:]
+    with pytest.raises(urllib.error.HTTPError) as beyond:
+        urllib.request.urlopen(urllib.request.Request(url, headers={"Range": f"bytes={len(stored) + 10}-"}), timeout=30)
+    assert beyond.value.code == 416 and beyond.value.headers["Content-Range"] == f"bytes */{len(stored)}"
+    with pytest.raises(urllib.error.HTTPError) as cached:
+        urllib.request.urlopen(urllib.request.Request(url, headers={"If-None-Match": f'"{audio["sha256"]}"'}),
+                               timeout=30)
+    assert cached.value.code == 304

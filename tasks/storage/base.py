@@ -45,8 +45,8 @@ def artifact_key(sha256: str) -> str:
 def make_ref(data: bytes, kind: str) -> ArtifactRef:
     if kind not in MEDIA_TYPES:
         raise ValueError(f"unknown artifact kind {kind!r}; kinds are {', '.join(MEDIA_TYPES)}")
-    return ArtifactRef(sha256=hashlib.sha256(data).hexdigest(), kind=kind, bytes=len(data),
-                       media_type=MEDIA_TYPES[kind])
+    return ArtifactRef.model_validate({"sha256": hashlib.sha256(data).hexdigest(), "kind": kind,
+                                       "bytes": len(data), "media_type": MEDIA_TYPES[kind]})
 
 
 def verified(data: bytes, sha256: str, kind: str | None) -> bytes:

@@ -44,8 +44,8 @@ class S3Store:
     @property
     def client(self):
         if self._client is None:  # lazily: a web process that never serves audio never builds one
-            import boto3
-            from botocore.config import Config
+            import boto3  # type: ignore[import-untyped]
+            from botocore.config import Config  # type: ignore[import-untyped]
 
             # bounded waits: a partitioned host fails its call and the stage's record says why,
             # instead of hanging past its lease
@@ -78,7 +78,7 @@ class S3Store:
         return ArtifactUnavailable(f"{describe(sha256, kind)} {reason}", sha256, kind)
 
     def put(self, data: bytes, kind: str) -> ArtifactRef:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
         ref = make_ref(data, kind)
         if self.exists(ref.sha256):
@@ -96,7 +96,7 @@ class S3Store:
             return verified(stream.read(), sha256, kind)
 
     def exists(self, sha256: str) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(sha256))
@@ -110,7 +110,7 @@ class S3Store:
 
     def open(self, sha256: str, start: int = 0, length: int | None = None,
              kind: str | None = None) -> ArtifactStream:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
         key = self._key(sha256)
         ranged = start > 0 or length is not None
@@ -137,7 +137,7 @@ class S3Store:
         return ArtifactStream(chunks(), size, start, got, body.close)
 
     def _size(self, sha256: str, kind: str | None) -> int:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=self._key(sha256))["ContentLength"])
