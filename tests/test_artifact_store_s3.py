@@ -212,3 +212,25 @@ def test_the_web_tier_answers_a_suffix_range_an_unsatisfiable_range_and_a_revali
         urllib.request.urlopen(urllib.request.Request(url, headers={"If-None-Match": f'"{audio["sha256"]}"'}),
                                timeout=30)
     assert cached.value.code == 304
+
+
+def test_the_admin_serves_artifacts_and_pictures_from_the_object_store(s3, s3_stack, s3_job, monkeypatch, tmp_path):
+    from werkzeug.security import generate_password_hash
+
+    from orchestrator.app import create_app
+    from tasks.settings import Settings
+    from tests.test_admin_auth import ADMIN_PASSWORD, FAST_HASH, log_in
+
+    for name, value in s3.env("pipeline").items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(data_dir=tmp_path, database_url=s3_stack.database_url, redis_url=s3_stack.redis_url,
+                        checkpoint_dir=s3_stack.checkpoint, artifact_url=s3.url("pipeline"),
+                        admin_password_hash=generate_password_hash(ADMIN_PASSWORD, method=FAST_HASH))
+    client = create_app(settings).test_client()
+    assert log_in(client, "admin", ADMIN_PASSWORD).status_code in (302, 303)
+    wav, tokens = _outputs(s3_job, "decode_audio")["wav"], _outputs(s3_job, "generate_tokens")["tokens"]
+    answer = client.get(f"/admin/artifacts/{wav['sha256']}")
+    assert answer.status_code == 200 and answer.get_data() == _store(s3, "pipeline").get(wav["sha256"])
+    picture = client.get(f"/admin/artifacts/{tokens['sha256']}/tokens.png")
+    assert picture.status_code == 200 and picture.get_data().startswith(b"\x89PNG")
+    assert _artifact_files(tmp_path) == []
