@@ -16,9 +16,9 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from tests.stack_fixtures import free_port, kill_group, wait_until
 
@@ -39,7 +39,7 @@ def netns_unavailable() -> str | None:
         subprocess.run(["ip", "netns", "add", probe], check=True, capture_output=True, timeout=30)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         return f"`ip netns add` does not work here: {getattr(exc, 'stderr', b'') or exc}"
-    subprocess.run(["ip", "netns", "delete", probe], capture_output=True, timeout=30)
+    subprocess.run(["ip", "netns", "delete", probe], capture_output=True, timeout=30, check=False)
     return None
 
 
@@ -71,7 +71,8 @@ class HostPair:
         code = f"import socket; socket.create_connection(('{self.address_a}', {port}), timeout=2).close()"
         import sys
 
-        return subprocess.run(self.on_b([sys.executable, "-c", code]), capture_output=True, timeout=30).returncode == 0
+        probe = subprocess.run(self.on_b([sys.executable, "-c", code]), capture_output=True, timeout=30, check=False)
+        return probe.returncode == 0
 
 
 @contextlib.contextmanager
@@ -90,8 +91,8 @@ def host_pair() -> Iterator[HostPair]:
         _ip("link", "set", "lo", "up", netns=pair.netns)
         yield pair
     finally:
-        subprocess.run(["ip", "link", "delete", pair.veth_a], capture_output=True, timeout=30)
-        subprocess.run(["ip", "netns", "delete", pair.netns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "delete", pair.veth_a], capture_output=True, timeout=30, check=False)
+        subprocess.run(["ip", "netns", "delete", pair.netns], capture_output=True, timeout=30, check=False)
 
 
 # -- services of host A, bound to its veth address ---------------------------------------------
@@ -164,5 +165,5 @@ def postgres_on(address: str) -> Iterator[str]:
         dispose_engines()
         if started:
             subprocess.run(["runuser", "-u", "postgres", "--", str(bindir / "pg_ctl"), "-D", str(data), "-m",
-                            "immediate", "-w", "stop"], capture_output=True, timeout=60)
+                            "immediate", "-w", "stop"], capture_output=True, timeout=60, check=False)
         shutil.rmtree(root, ignore_errors=True)

@@ -13,9 +13,9 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from tests.stack_fixtures import free_port, kill_group, wait_until
 

@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 
 from tasks.settings import Settings
-from tasks.storage import (ArtifactIntegrityError, ArtifactStore, ArtifactUnavailable, LocalDirectoryStore,
-                           S3Store, open_store)
+from tasks.storage import (
+    ArtifactIntegrityError,
+    ArtifactStore,
+    ArtifactUnavailable,
+    LocalDirectoryStore,
+    S3Store,
+    open_store,
+)
 
 DATA = b"RIFF" + bytes(range(256)) * 40
 

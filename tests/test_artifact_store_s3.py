@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from sqlalchemy import select
 
-from tasks.storage import ArtifactIntegrityError, ArtifactUnavailable, S3Store, artifact_key
+from tasks.storage import (
+    ArtifactIntegrityError,
+    ArtifactUnavailable,
+    S3Store,
+    artifact_key,
+)
 from tests import stack_fixtures
 from tests.s3_stand_in import S3StandIn, s3_stand_in
 

@@ -9,8 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from tasks.settings import Settings
-from tasks.storage.base import (MEDIA_TYPES, ArtifactIntegrityError, ArtifactStore, ArtifactStream,
-                                ArtifactUnavailable, artifact_key)
+from tasks.storage.base import (
+    MEDIA_TYPES,
+    ArtifactIntegrityError,
+    ArtifactStore,
+    ArtifactStream,
+    ArtifactUnavailable,
+    artifact_key,
+)
 from tasks.storage.local import LocalDirectoryStore
 from tasks.storage.s3 import ArtifactWriteError, S3Store
 

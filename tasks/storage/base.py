@@ -9,7 +9,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 from tasks.contracts import ArtifactRef
 
@@ -73,7 +73,7 @@ class ArtifactStream:
     def close(self) -> None:
         self._close()
 
-    def __enter__(self) -> ArtifactStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_exc: object) -> None:

@@ -7,8 +7,15 @@ import tempfile
 from pathlib import Path
 
 from tasks.contracts import ArtifactRef
-from tasks.storage.base import (CHUNK_BYTES, ArtifactStream, ArtifactUnavailable, artifact_key, describe,
-                                make_ref, verified)
+from tasks.storage.base import (
+    CHUNK_BYTES,
+    ArtifactStream,
+    ArtifactUnavailable,
+    artifact_key,
+    describe,
+    make_ref,
+    verified,
+)
 
 DEFAULT_FILE_MODE = 0o644  # readable by the other services' users on a shared mount; mkstemp alone gives 0600
 

@@ -13,8 +13,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from tasks.contracts import ArtifactRef
-from tasks.storage.base import (CHUNK_BYTES, ArtifactStream, ArtifactUnavailable, artifact_key, describe,
-                                make_ref, verified)
+from tasks.storage.base import (
+    CHUNK_BYTES,
+    ArtifactStream,
+    ArtifactUnavailable,
+    artifact_key,
+    describe,
+    make_ref,
+    verified,
+)
 
 MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 DENIED_CODES = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
