@@ -93,7 +93,7 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
 
 
 def decode_audio(inp: DecodeAudioInput, ctx: StageContext) -> DecodeAudioOutput:
-    codes = tokens_from_bytes(ctx.store.get(inp.tokens.sha256))
+    codes = tokens_from_bytes(ctx.store.get(inp.tokens.sha256, inp.tokens.kind))
     validate_codes(codes)  # on the host, before the codec or any device sees them
     if codes.shape[1] != inp.frames:
         raise ValueError(f"token artifact holds {codes.shape[1]} frames, the record says {inp.frames}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request, send_file
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from db.engine import session_scope
@@ -17,7 +17,8 @@ from orchestrator.job_views import audio_artifact, job_exists, links, load_job_v
 from orchestrator.request_parsing import RequestInvalid, error, error_body, json_depth_exceeds, parse_job_request
 from orchestrator.schemas import Errors, JobCreated, PublicJobView
 from orchestrator.submission import SubmittedJob, submit_job
-from tasks.artifact_store import open_store
+from orchestrator.artifact_serving import artifact_response
+from tasks.artifact_store import ArtifactUnavailable, open_store
 from tasks.contracts import JobRequest
 from tasks.settings import Settings
 
@@ -98,13 +99,14 @@ def get_audio(job_id: str):
         artifact = audio_artifact(session, job_id)
     if artifact is None:
         return errors_response([error("audio", f"job {job_id} has no finished audio yet")], 404)
-    path = open_store(settings.resolved_artifact_dir).local_path(artifact.sha256)
-    if not path.is_file():
-        log.error("job %s: audio artifact %s is recorded but missing at %s", job_id, artifact.sha256, path)
-        return errors_response([error("audio", f"audio artifact {artifact.sha256} is missing from the store")], 410)
     extension = {"audio/mpeg": "mp3", "audio/wav": "wav"}.get(artifact.media_type, artifact.kind)
-    return send_file(path, mimetype=artifact.media_type, conditional=True, etag=artifact.sha256,
-                     download_name=f"songpipe-{job_id}.{extension}", max_age=3600)
+    try:
+        return artifact_response(open_store(settings), artifact.sha256, kind=artifact.kind,
+                                 media_type=artifact.media_type, download_name=f"songpipe-{job_id}.{extension}",
+                                 max_age=3600)
+    except ArtifactUnavailable as exc:
+        log.error("job %s: %s", job_id, exc)
+        return errors_response([error("audio", f"audio artifact {artifact.sha256} is missing from the store")], 410)
 
 
 def _api_http_error(exc: HTTPException):

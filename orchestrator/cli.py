@@ -368,7 +368,7 @@ def _run_stage(stage: str, inputs_payload: dict[str, Any], source: dict[str, Any
     from gpu_worker import stages
 
     compute = {"generate_tokens": stages.generate_tokens, "decode_audio": stages.decode_audio}[stage]
-    ctx = LocalStageContext(stage, settings, open_store(settings.resolved_artifact_dir))
+    ctx = LocalStageContext(stage, settings, open_store(settings))
     started = time.monotonic()
     outputs = output_model.model_validate(compute(inputs, ctx).model_dump())
     result = outputs.model_dump(mode="json")
@@ -459,7 +459,7 @@ def stage_decode_audio(job_id: str | None, attempt: int | None, tokens_file: Pat
 
     data = tokens_file.read_bytes()
     frames = int(tokens_from_bytes(data).shape[-1])
-    ref = open_store(_settings().resolved_artifact_dir).put(data, "tokens")
+    ref = open_store(_settings()).put(data, "tokens")
     payload = {"tokens": ref.model_dump(mode="json"), "frames": frames, "seed": seed,
                "checkpoint": _checkpoint_option(checkpoint)}
     _run_stage("decode_audio", payload, {"arguments": True, "tokens_file": str(tokens_file)}, out, None)

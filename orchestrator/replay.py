@@ -90,7 +90,7 @@ def latest_done_runs(session: Session, job_id: str) -> dict[str, StageRun]:
 
 def verify_reused_outputs(runs: list[StageRun], settings: Settings) -> None:
     """Every artifact the reused outputs point at must exist and hash to its sha256."""
-    store = open_store(settings.resolved_artifact_dir)
+    store = open_store(settings)
     for run in runs:
         for sha in dict.fromkeys(artifact_shas(run.outputs)):
             try:

@@ -245,7 +245,7 @@ def audio_path(job: dict[str, Any], settings: Settings) -> Path | None:
 
     for stage in reversed(job.get("stages", [])):
         if stage["stage"] == "encode_audio" and stage["status"] in ("succeeded", "reused") and stage["outputs"]:
-            return open_store(settings.resolved_artifact_dir).local_path(stage["outputs"]["audio"]["sha256"])
+            return open_store(settings).local_path(stage["outputs"]["audio"]["sha256"])
     return None
 
 

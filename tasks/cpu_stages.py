@@ -21,7 +21,7 @@ def generate_tags(inp: GenerateTagsInput, ctx: StageContext) -> GenerateTagsOutp
 
 
 def encode_audio(inp: EncodeAudioInput, ctx: StageContext) -> EncodeAudioOutput:
-    wav = ctx.store.get(inp.wav.sha256)
+    wav = ctx.store.get(inp.wav.sha256, inp.wav.kind)
     encoded = audio_files.encode(wav, inp.output_format, inp.bitrate)
     audio = ctx.put_artifact(encoded, inp.output_format)
     samples = audio_files.decoded_samples(wav)

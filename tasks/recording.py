@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 
 from db.engine import session_scope
 from db.models import Artifact, Job, StageRun, utcnow
-from tasks.artifact_store import LocalDirectoryStore, artifact_shas, open_store
+from tasks.artifact_store import ArtifactStore, artifact_shas, open_store
 from tasks.celery_app import app, queue_for, task_name
 from tasks.contracts import STAGE_CONTRACTS, STAGES, ArtifactRef
 from tasks.environment import environment_snapshot, torch_snapshot
@@ -109,7 +109,7 @@ class StageContext:
     stage: str
     attempt: int
     settings: Settings
-    store: LocalDirectoryStore
+    store: ArtifactStore
     environment_extra: dict[str, Any] = field(default_factory=dict)
     job_request: dict[str, Any] = field(default_factory=dict)
     _last_progress: float = 0.0
@@ -278,7 +278,7 @@ class StageRunner:
             settings: Settings | None = None) -> dict[str, Any] | None:
         settings = settings or get_settings()
         url = settings.resolved_database_url
-        ctx = StageContext(job_id, self.stage, attempt, settings, open_store(settings.resolved_artifact_dir))
+        ctx = StageContext(job_id, self.stage, attempt, settings, open_store(settings))
         t_claim = time.monotonic()
         claim = self._claim(url, job_id, attempt, celery_task_id)
         recording = time.monotonic() - t_claim

@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
     artifact_dir: Path | None = Field(default=None, description="artifact store root; share it across hosts (NFS) in multi-host setups")
+    # an S3-protocol bucket (s3://bucket/prefix) instead of the directory: what several hosts share;
+    # endpoint and credentials come from the usual AWS_* variables (docs/storage.md)
+    artifact_url: str | None = None
+    artifact_file_mode: int = Field(default=0o644, description="mode of artifact files, octal in the environment (0644)")
     checkpoint_dir: Path | None = Field(default=None, validation_alias="HEARTMULA_CKPT")
     mode: Literal["development", "production"] = "development"
 
@@ -68,6 +72,30 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("artifact_url", mode="after")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlparse
+
+        parsed = urlparse(value)
+        if parsed.scheme != "s3" or not parsed.netloc or parsed.query or parsed.fragment:
+            raise ValueError(f"must look like s3://bucket/prefix, got {value!r}")
+        return value
+
+    @field_validator("artifact_file_mode", mode="before")
+    @classmethod
+    def _octal_mode(cls, value: object) -> object:
+        if isinstance(value, str):  # "0644" / "644" / "0o644" in the environment mean octal
+            try:
+                value = int(value.removeprefix("0o"), 8)
+            except ValueError:
+                raise ValueError(f"must be an octal file mode such as 0644, got {value!r}") from None
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= 0o777:
+            raise ValueError(f"must be a file mode between 0000 and 0777, got {value:o}")
+        return value
 
     @property
     def resolved_database_url(self) -> str:

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import Any
 
 from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redirect, render_template, request,
-                   send_file, url_for)
+                   url_for)
 from flask_wtf.csrf import CSRFError, generate_csrf
 from werkzeug.exceptions import HTTPException
 
@@ -22,7 +22,8 @@ from db.models import JOB_STATUSES, Artifact, StageRun, utcnow
 from orchestrator import compare as compare_module
 from orchestrator import images, replay
 from orchestrator.admin import auth, queries, stats, workers
-from tasks.artifact_store import ArtifactIntegrityError, open_store
+from orchestrator.artifact_serving import artifact_response
+from tasks.artifact_store import ArtifactIntegrityError, ArtifactUnavailable, open_store
 from tasks.contracts import STAGES
 from tasks.settings import Settings
 
@@ -531,14 +532,13 @@ def _artifact(sha256: str) -> Artifact:
 @bp.route("/artifacts/<sha256>")
 def artifact_file(sha256: str):
     artifact = _artifact(sha256)
-    store = open_store(settings().resolved_artifact_dir)
-    path = store.local_path(sha256)
-    if not path.exists():
-        abort(404, description=f"artifact {sha256} is recorded but missing from the store")
     extension = {"tokens": "npy", "wav": "wav", "mp3": "mp3"}.get(artifact.kind, "bin")
-    return send_file(path, mimetype=artifact.media_type, conditional=True, max_age=0,
-                     download_name=f"{artifact.kind}-{sha256[:12]}.{extension}",
-                     as_attachment=request.args.get("download") == "1")
+    try:
+        return artifact_response(open_store(settings()), sha256, kind=artifact.kind, media_type=artifact.media_type,
+                                 download_name=f"{artifact.kind}-{sha256[:12]}.{extension}", max_age=0,
+                                 as_attachment=request.args.get("download") == "1")
+    except ArtifactUnavailable:
+        abort(404, description=f"artifact {sha256} is recorded but missing from the store")
 
 
 class _PictureCache:
@@ -565,9 +565,9 @@ _pictures = _PictureCache()
 
 def _picture(sha256: str, kind: str, draw) -> Response:
     artifact = _artifact(sha256)
-    store = open_store(settings().resolved_artifact_dir)
+    store = open_store(settings())
     try:
-        data = _pictures.get((sha256, kind), lambda: draw(artifact, store.get(sha256)))
+        data = _pictures.get((sha256, kind), lambda: draw(artifact, store.get(sha256, artifact.kind)))
     except ArtifactIntegrityError as exc:
         abort(404, description=str(exc))
     except ValueError as exc:
