@@ -39,11 +39,13 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
     from orchestrator.api import register as register_api
     from orchestrator.admin import register as register_admin
     from orchestrator.openapi import register as register_openapi
+    from orchestrator.metrics_view import register as register_metrics
 
     register_web(app)
     register_api(app)
     register_admin(app)
     register_openapi(app)
+    register_metrics(app)
     return app
 
 
