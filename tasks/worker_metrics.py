@@ -83,14 +83,15 @@ def _stop_server(**_kwargs: Any) -> None:
 
 @worker_process_shutdown.connect
 def _child_exits(pid: int | None = None, **_kwargs: Any) -> None:
-    if metrics.multiprocess_dir() is not None:
+    if _enabled():
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid or os.getpid())
 
 
 def _enabled() -> bool:
-    return metrics.multiprocess_dir() is not None
+    # started in the main process before the pool forks, so prefork children see it too
+    return "server" in _server
 
 
 # -- stage ends --------------------------------------------------------------------------------
