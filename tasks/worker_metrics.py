@@ -70,7 +70,12 @@ def start_worker_metrics_server(port: int, host: str = "127.0.0.1", settings: Se
 def _start_server(**_kwargs: Any) -> None:
     settings = get_settings()
     if settings.metrics_port:
-        start_worker_metrics_server(settings.metrics_port, settings.metrics_host, settings)
+        try:
+            start_worker_metrics_server(settings.metrics_port, settings.metrics_host, settings)
+        except OSError as exc:
+            # Celery logs and ignores exceptions of signal handlers; SystemExit stops the worker
+            raise SystemExit(f"songpipe worker: cannot serve metrics on {settings.metrics_host}:"
+                             f"{settings.metrics_port}: {exc}") from exc
 
 
 @worker_shutdown.connect

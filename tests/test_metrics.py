@@ -191,3 +191,22 @@ def test_workers_without_a_metrics_port_serve_nothing_and_write_no_files(sqlite_
     """The default (SONGPIPE_METRICS_PORT unset): no server, no multiprocess directory."""
     assert sqlite_stack.metrics_urls == {}
     assert not (Path(sqlite_stack.data_dir) / "prometheus").exists()
+
+
+def test_a_worker_whose_metrics_port_is_taken_refuses_to_start(tmp_path, redis_service, tiny_checkpoint_dir):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken, stack_fixtures.database("sqlite", tmp_path / "db") as url:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = stack_fixtures.stack_environment(tmp_path, url, redis_service.claim_db(), tiny_checkpoint_dir,
+                                               {"SONGPIPE_METRICS_PORT": str(port)})
+        result = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "tasks.cpu_worker", "worker", "-Q", "cpu", "-c", "1",
+             "--without-gossip", "--without-mingle", "-l", "INFO"],
+            env=env, cwd=stack_fixtures.REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Address already in use" in result.stdout + result.stderr
