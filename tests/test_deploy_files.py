@@ -110,3 +110,29 @@ def test_the_unit_files_parse_as_ini():
         parser = configparser.ConfigParser(strict=False, interpolation=None)
         parser.read_string(unit.read_text())
         assert {"Unit", "Service"} <= set(parser.sections()), unit.name
+
+
+def _compose_services() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO_ROOT / "deploy" / "compose.yaml").read_text())["services"]
+
+
+def test_compose_runs_every_role_from_the_songpipe_image():
+    services = _compose_services()
+    commands = {" ".join(s["command"]) for s in services.values() if s.get("image") == "songpipe:latest"}
+    assert {"db upgrade", "reconcile", "worker cpu", "worker gpu"} <= commands
+    assert any(command.startswith("web ") for command in commands)
+    # each worker has its own metrics port
+    ports = [s["environment"]["SONGPIPE_METRICS_PORT"] for s in services.values() if "SONGPIPE_METRICS_PORT" in s.get("environment", {})]
+    assert len(ports) == len(set(ports)) == 2
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in _compose_services().items() if s.get("image") == "songpipe:latest"))
+def test_compose_commands_are_songpipe_commands(name):
+    service = _compose_services()[name]
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", *service["command"], "--help"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    known = settings_variables() | EXTERNAL_VARIABLES
+    assert [key for key in service["environment"] if key not in known] == []
