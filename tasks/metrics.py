@@ -18,8 +18,9 @@ import functools
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -206,12 +207,12 @@ class RecordCollector:
         for stage, status, count in sorted(attempts):
             family.add_metric([stage, status], count)
         yield family
-        family = CounterMetricFamily(
+        resends = CounterMetricFamily(
             f"{NAMESPACE}_reconciler_resends", "Stage attempts the reconciler marked lost and sent again, by reason.",
             labels=["reason"])
         for reason, count in sorted((r or "unknown", c) for r, c in lost):
-            family.add_metric([reason], count)
-        yield family
+            resends.add_metric([reason], count)
+        yield resends
 
 
 def exposition(registries: list[CollectorRegistry]) -> bytes:

@@ -23,7 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery.signals import task_postrun, worker_init, worker_process_shutdown, worker_shutdown
+from celery.signals import (
+    task_postrun,
+    worker_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
 from tasks import metrics
 from tasks.settings import Settings, get_settings
@@ -106,10 +111,8 @@ _observed_lock = threading.Lock()
 OBSERVED_KEYS_KEPT = 10_000
 
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is not None and value.tzinfo is None:  # SQLite returns naive UTC
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value  # SQLite returns naive UTC
 
 
 def observe_attempt(database_url: str, job_id: str, stage: str, attempt: int) -> bool:
@@ -135,11 +138,11 @@ def observe_attempt(database_url: str, job_id: str, stage: str, attempt: int) ->
             previous = session.scalar(select(StageRun.finished_at).where(
                 StageRun.job_id == job_id, StageRun.stage == STAGES[index - 1],
                 StageRun.status.in_(("succeeded", "reused"))).order_by(StageRun.attempt.desc()).limit(1))
-            if previous is not None and ready is not None:
+            if previous is not None:
                 ready = max(ready, _aware(previous))
         started, finished = _aware(row.started_at), _aware(row.finished_at)
         duration = row.duration_s if row.duration_s is not None else (finished - started).total_seconds()
-        wait = (started - ready).total_seconds() if ready is not None else None
+        wait = (started - ready).total_seconds()
         status = row.status
     metrics.observe_stage_end(stage, status, duration, wait)
     with _observed_lock:

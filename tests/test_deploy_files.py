@@ -85,8 +85,8 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path):
     for path in [*UNITS, *SYSTEMD.glob("*.target")]:
         text = path.read_text().replace(INSTALLED_SONGPIPE, str(songpipe))
         # the service user and the /etc files exist only on an installed host
-        text = re.sub(r"^(User|Group)=.*$", r"\1=root", text, flags=re.M)
-        text = re.sub(r"^EnvironmentFile=/", "EnvironmentFile=-/", text, flags=re.M)
+        text = re.sub(r"^(User|Group)=.*$", r"\1=root", text, flags=re.MULTILINE)
+        text = re.sub(r"^EnvironmentFile=/", "EnvironmentFile=-/", text, flags=re.MULTILINE)
         (tmp_path / path.name).write_text(text)
     result = subprocess.run(["systemd-analyze", "verify", "--man=no", *sorted(str(p) for p in tmp_path.iterdir())],
                             capture_output=True, text=True, timeout=60)

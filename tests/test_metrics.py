@@ -82,7 +82,8 @@ def test_a_failed_publish_is_counted_as_a_broker_error(app_settings):
     """The job is stored and answered; the broker (a closed port chosen here) failure is counted."""
     from orchestrator.app import create_app
     from orchestrator.submission import submit_job
-    from tasks.celery_app import app as celery_app, configure
+    from tasks.celery_app import app as celery_app
+    from tasks.celery_app import configure
     from tasks.settings import get_settings
 
     client = create_app(app_settings).test_client()
@@ -178,7 +179,7 @@ def test_the_stack_web_server_serves_jobs_by_status(metrics_stack):
     stack = metrics_stack
     job_id = stack.submit(SONG)["id"]
     stack.wait_for_job(job_id)
-    status, headers, body = stack.http("GET", "/metrics")
+    status, _, body = stack.http("GET", "/metrics")
     assert status == 200
     parsed = samples(body.decode())
     with session_scope(stack.database_url) as session:
