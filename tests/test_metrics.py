@@ -123,8 +123,12 @@ def test_database_errors_are_counted_by_exception_class(app_settings):
 @pytest.fixture(scope="module")
 def metrics_stack(tmp_path_factory, redis_service, tiny_checkpoint_dir):
     workdir = tmp_path_factory.mktemp("metrics-stack")
+    # as deploy/systemd/songpipe-web.service runs it: the web tier in multiprocess mode (workers choose their own)
+    web_metrics = workdir / "web-metrics"
+    web_metrics.mkdir()
     with stack_fixtures.database("sqlite", workdir / "db") as url:
         with stack_fixtures.running_stack("metrics", workdir, url, redis_service.claim_db(), tiny_checkpoint_dir,
+                                          extra_env={"PROMETHEUS_MULTIPROC_DIR": str(web_metrics)},
                                           metrics=True) as stack:
             yield stack
 
@@ -186,6 +190,9 @@ def test_the_stack_web_server_serves_jobs_by_status(metrics_stack):
         succeeded = session.query(Job).filter(Job.status == "succeeded").count()
     assert succeeded >= 1
     assert value(parsed, "songpipe_jobs", status="succeeded") == succeeded
+    # the web tier's own counters come from its multiprocess files
+    assert value(parsed, "songpipe_broker_errors_total", operation="publish") == 0
+    assert list((stack.workdir / "web-metrics").glob("counter_*.db"))
 
 
 def test_workers_without_a_metrics_port_serve_nothing_and_write_no_files(sqlite_stack):
