@@ -69,11 +69,13 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
     from orchestrator.api import register as register_api
     from orchestrator.admin import register as register_admin
     from orchestrator.openapi import register as register_openapi
+    from orchestrator.metrics_view import register as register_metrics
 
     register_web(app)
     register_api(app)
     register_admin(app)  # first the admin's configuration errors, then the rate storage's
     register_openapi(app)
+    register_metrics(app)
     init_admission(app, settings)
     _publish_without_sent_events()
     return app

@@ -85,6 +85,7 @@ def new_job_rows(session: Session, request: JobRequest, settings: Settings, *, s
 def submit_job(request: JobRequest, settings: Settings, *, source: str = "api",
                client_id: str | None = None) -> SubmittedJob:
     from orchestrator.chain import send_chain
+    from tasks.metrics import count_broker_error
 
     with session_scope(settings.resolved_database_url) as session:
         job = new_job_rows(session, request, settings, source=source, client_id=client_id)
@@ -94,6 +95,7 @@ def submit_job(request: JobRequest, settings: Settings, *, source: str = "api",
     except (KombuOperationalError, RedisError, OSError) as exc:
         # The job is committed: answering an error would make a client resubmit a duplicate.
         # The reconciler finds queued rows whose message is missing and sends them.
+        count_broker_error("publish")
         log.warning("job %s stored but not sent (%s); the reconciler will send it", submitted.id, exc)
         return dataclasses.replace(submitted, dispatched=False)
     except Exception:  # any other publish error after the commit: same answer, with the traceback logged

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     cpu_soft_time_limit_s: int = Field(default=300, ge=1)
     heartbeat_s: float = Field(default=5.0, gt=0)  # running stages write heartbeat_at this often; lease = 12x
     visibility_timeout_s: int | None = Field(default=None, ge=1)  # broker lease override (tests only)
+    # a worker's Prometheus endpoint (tasks/worker_metrics.py); unset or 0: none. One port per worker process.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 so a Prometheus on another host can scrape
 
     @field_validator("data_dir", mode="after")
     @classmethod

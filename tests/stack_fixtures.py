@@ -220,6 +220,7 @@ class Stack:
     redis_url: str
     checkpoint: Path
     base_url: str = ""
+    metrics_urls: dict[str, str] = field(default_factory=dict)  # worker kind -> its /metrics (metrics=True)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -295,9 +296,9 @@ class Stack:
         return view
 
 
-def _spawn(stack: Stack, name: str, argv: list[str]) -> subprocess.Popen:
+def _spawn(stack: Stack, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     log = open(stack.log_path(name), "ab")
-    process = subprocess.Popen(argv, env=stack.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(argv, env={**stack.env, **(env or {})}, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
     stack.processes[name] = process
@@ -343,8 +344,11 @@ def stack_environment(workdir: Path, database_url: str, redis_url: str, checkpoi
 @contextlib.contextmanager
 def running_stack(name: str, workdir: Path, database_url: str, redis_url: str, checkpoint: Path,
                   extra_env: dict[str, str] | None = None, gpu_pool: tuple[str, int] = ("prefork", 1),
-                  gpu_extra_args: tuple[str, ...] = ()) -> Iterator[Stack]:
+                  gpu_extra_args: tuple[str, ...] = (), metrics: bool = False) -> Iterator[Stack]:
     """CPU worker, GPU worker and web server as subprocesses; torn down (process groups) on exit.
+
+    `metrics`: each worker serves Prometheus metrics on its own free port (SONGPIPE_METRICS_PORT);
+    `stack.metrics_urls` maps "cpu"/"gpu" to the URLs.
 
     `gpu_pool` / `gpu_extra_args`: the GPU worker's pool and concurrency, e.g. ("threads", 8) with
     ("--include", "gpu_worker.generation_engine") for the continuous-batching mode.
@@ -358,9 +362,15 @@ def running_stack(name: str, workdir: Path, database_url: str, redis_url: str, c
         for kind, (module, hostname) in workers.items():
             pool, concurrency = gpu_pool if kind == "gpu" else ("prefork", 1)
             extra = list(gpu_extra_args) if kind == "gpu" else []
+            worker_env = {}
+            if metrics:
+                metrics_port = free_port()
+                worker_env["SONGPIPE_METRICS_PORT"] = str(metrics_port)
+                stack.metrics_urls[kind] = f"http://127.0.0.1:{metrics_port}/metrics"
             _spawn(stack, f"{kind}-worker", [
                 sys.executable, "-m", "celery", "-A", module, "worker", "-Q", kind, "-c", str(concurrency),
-                "-P", pool, *extra, "-n", hostname, "--without-gossip", "--without-mingle", "-l", "INFO"])
+                "-P", pool, *extra, "-n", hostname, "--without-gossip", "--without-mingle", "-l", "INFO"],
+                env=worker_env)
         port = free_port()
         stack.base_url = f"http://127.0.0.1:{port}"
         _spawn(stack, "web", [sys.executable, "-m", "orchestrator.cli", "web", "--host", "127.0.0.1",
