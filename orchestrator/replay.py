@@ -16,19 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
-from db.models import Job, StageRun, utcnow
+from db.models import JOB_ACTIVE, Job, JobStatus, StageRun, StageStatus, utcnow
 from orchestrator.submission import new_job_rows
 from tasks.artifact_store import ArtifactIntegrityError, artifact_shas, open_store
-from tasks.celery_app import queue_for
 from tasks.contracts import STAGES, JobRequest
+from tasks.pipeline import chain as pipeline_chain
+from tasks.pipeline.attempts import add_attempts, latest_done
 from tasks.settings import Settings, get_settings
-from tasks.stage_inputs import DONE_STATUSES
 
-ACTIVE_STATUSES = ("queued", "running")
+ACTIVE_STATUSES = JOB_ACTIVE
 # Each overridable request field and the first stage that reads it: an override is only honoured
 # when that stage runs again (re-running from a later stage would copy its old output).
 OVERRIDE_FIRST_STAGE: dict[str, str] = {
@@ -83,9 +83,7 @@ def _check_stage(stage: str) -> None:
 
 def latest_done_runs(session: Session, job_id: str) -> dict[str, StageRun]:
     """Per stage, the latest attempt that succeeded or was reused (what downstream stages read)."""
-    runs = session.scalars(select(StageRun).where(StageRun.job_id == job_id, StageRun.status.in_(DONE_STATUSES))
-                           .order_by(StageRun.attempt))
-    return {run.stage: run for run in runs}
+    return latest_done(session, job_id)
 
 
 def verify_reused_outputs(runs: list[StageRun], settings: Settings) -> None:
@@ -141,22 +139,16 @@ def retry(job_id: str, from_stage: str | None = None, *, settings: Settings | No
         stage = from_stage or _default_from_stage(session, job)
         upstream = _reusable_upstream(session, job_id, stage)
         verify_reused_outputs(upstream, settings)
-        rerun = STAGES[STAGES.index(stage):]
-        highest = dict(session.execute(select(StageRun.stage, func.max(StageRun.attempt))
-                                       .where(StageRun.job_id == job_id).group_by(StageRun.stage)).all())
-        attempts = {s: int(highest.get(s) or 0) + 1 for s in rerun}
         # claim the job atomically: two concurrent retries cannot both pass (works without row locks)
         claimed = session.execute(
             update(Job).where(Job.id == job_id, Job.status.not_in(ACTIVE_STATUSES))
-            .values(status="queued", failed_stage=None, error_type=None, error_message=None, finished_at=None,
+            .values(status=JobStatus.QUEUED, failed_stage=None, error_type=None, error_message=None, finished_at=None,
                     cancel_requested=False, cancel_reason=None, cancel_requested_by=None,
                     cancel_requested_at=None, updated_at=utcnow())
             .execution_options(synchronize_session=False)).rowcount
         if not claimed:
             raise ReplayConflict(f"job {job_id} was queued by someone else meanwhile")
-        for s in rerun:
-            session.add(StageRun(job_id=job_id, stage=s, attempt=attempts[s], status="queued", queue=queue_for(s),
-                                 requested_by=_who("retry", requested_by)))
+        attempts = add_attempts(session, job_id, stage, requested_by=_who("retry", requested_by))
         result = ReplayResult(job_id, "retry", stage, attempts, {run.stage: run.id for run in upstream})
     if send:
         _send(result, settings, sender)
@@ -213,7 +205,7 @@ def rerun_as_new(job_id: str, from_stage: str = "refine_lyrics", overrides: dict
         for row in job.stage_runs:
             source = sources.get(row.stage)
             if source is not None:
-                row.status, row.reused_from = "reused", source.id
+                row.status, row.reused_from = StageStatus.REUSED, source.id
                 row.inputs, row.outputs, row.artifacts = source.inputs, source.outputs, source.artifacts
             row.requested_by = _who("replay", requested_by)
         session.flush()
@@ -233,7 +225,7 @@ def _who(verb: str, requested_by: str | None) -> str:
 def _send(result: ReplayResult, settings: Settings, sender: Callable[[str, dict[str, int], int | None], None] | None) -> None:
     """Send the chain; if the broker refuses, record that on the new rows instead of leaving them queued."""
     if sender is None:
-        from orchestrator.chain import send_chain as sender
+        sender = pipeline_chain.send_chain
     try:
         with session_scope(settings.resolved_database_url) as session:
             length = session.get(Job, result.job_id).request.get("max_audio_length_ms")
@@ -243,11 +235,11 @@ def _send(result: ReplayResult, settings: Settings, sender: Callable[[str, dict[
         with session_scope(settings.resolved_database_url) as session:
             for stage, attempt in result.attempts.items():
                 session.execute(update(StageRun).where(StageRun.job_id == result.job_id, StageRun.stage == stage,
-                                                       StageRun.attempt == attempt, StageRun.status == "queued")
-                                .values(status="failed", error_type="BrokerUnavailable", error_message=message,
+                                                       StageRun.attempt == attempt, StageRun.status == StageStatus.QUEUED)
+                                .values(status=StageStatus.FAILED, error_type="BrokerUnavailable", error_message=message,
                                         finished_at=utcnow()))
             session.execute(update(Job).where(Job.id == result.job_id).values(
-                status="failed", failed_stage=result.from_stage, error_type="BrokerUnavailable",
+                status=JobStatus.FAILED, failed_stage=result.from_stage, error_type="BrokerUnavailable",
                 error_message=message, finished_at=utcnow()))
         raise ReplayError(message) from exc
 

@@ -39,22 +39,24 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
-from db.models import Job, StageRun, utcnow
-from tasks.celery_app import CPU_QUEUE, GPU_QUEUE, queue_for, task_name
+from db.models import JOB_ACTIVE, STAGE_CLAIMABLE, Job, JobStatus, StageRun, StageStatus, utcnow
+from tasks.celery_app import CPU_QUEUE, GPU_QUEUE, task_name
 from tasks.contracts import STAGES
-from tasks.recording import ACTIVE_JOB_STATUSES, CLAIMABLE_STATUSES, DONE_STATUSES, end_job, lease_s
+from tasks.pipeline import chain as pipeline_chain
+from tasks.pipeline.attempts import add_attempts, frontier, latest_runs
+from tasks.recording import end_job, lease_s
 from tasks.settings import Settings
 from tasks.time_limits import stage_limits
 
 log = logging.getLogger(__name__)
 
-LOST = "lost"  # an attempt whose worker or message vanished; a newer attempt replaces it
+LOST = StageStatus.LOST  # an attempt whose worker or message vanished; a newer attempt replaces it
 WORKER_LOST, MESSAGE_LOST = "WorkerLost", "MessageLost"
 MAX_WORKER_LOSSES = 3  # the third loss of the same stage fails the job instead of resending again
 MAX_MESSAGE_LOSSES = 5
 TIME_LIMIT_SLACK_S = 5.0
 CONFIRM_DELAY_S = 1.0
-ACTIVE = ACTIVE_JOB_STATUSES
+ACTIVE = JOB_ACTIVE
 PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")  # kombu's Redis priority lists
 UNACKED_KEY = "unacked"
 
@@ -123,29 +125,7 @@ def redis_broker_view(redis_url: str, queues: Iterable[str] = (CPU_QUEUE, GPU_QU
 
 
 def _default_sender(job_id: str, attempts: dict[str, int], max_audio_length_ms: int | None) -> None:
-    from orchestrator.chain import send_chain
-
-    send_chain(job_id, attempts, max_audio_length_ms)
-
-
-# -- new attempts ------------------------------------------------------------------------------
-
-def add_attempts(session: Session, job: Job, from_stage: str, *, requested_by: str,
-                 supersede_reason: str | None = None) -> dict[str, int]:
-    """Queued rows for a new attempt (highest + 1) of `from_stage` and every stage after it.
-
-    Stages before `from_stage` keep their succeeded rows, which the new attempts read. The caller
-    commits, then sends the chain for the returned attempts.
-    """
-    highest = dict(session.execute(select(StageRun.stage, func.max(StageRun.attempt))
-                                   .where(StageRun.job_id == job.id).group_by(StageRun.stage)).all())
-    attempts: dict[str, int] = {}
-    for stage in STAGES[STAGES.index(from_stage):]:
-        attempts[stage] = int(highest.get(stage) or 0) + 1
-        session.add(StageRun(job_id=job.id, stage=stage, attempt=attempts[stage], status="queued",
-                             queue=queue_for(stage), requested_by=requested_by))
-    session.flush()
-    return attempts
+    pipeline_chain.send_chain(job_id, attempts, max_audio_length_ms)
 
 
 # -- one pass ----------------------------------------------------------------------------------
@@ -154,23 +134,6 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     if value is not None and value.tzinfo is None:  # SQLite returns naive UTC
         return value.replace(tzinfo=dt.timezone.utc)
     return value
-
-
-def _frontier(rows: list[StageRun]) -> tuple[StageRun | None, StageRun | None]:
-    """(latest attempt of the first stage not done, latest done attempt of the stage before it)."""
-    latest: dict[str, StageRun] = {}
-    for row in rows:
-        if row.stage not in latest or row.attempt > latest[row.stage].attempt:
-            latest[row.stage] = row
-    previous = None
-    for stage in STAGES:
-        row = latest.get(stage)
-        if row is None:
-            return None, previous
-        if row.status not in DONE_STATUSES:
-            return row, previous
-        previous = row
-    return None, previous
 
 
 def find_candidates(session: Session, settings: Settings, now: dt.datetime) -> tuple[list[_Candidate], list[str]]:
@@ -183,16 +146,16 @@ def find_candidates(session: Session, settings: Settings, now: dt.datetime) -> t
     candidates: list[_Candidate] = []
     finished: list[str] = []
     for job_id, job_rows in by_job.items():
-        row, previous = _frontier(job_rows)
+        row, previous = frontier(latest_runs(job_rows))
         if row is None:
             if previous is not None and previous.stage == STAGES[-1]:
                 finished.append(job_id)
             continue
-        if row.status == "running":
+        if row.status == StageStatus.RUNNING:
             seen = _aware(row.heartbeat_at or row.started_at)
             if seen is None or now - seen > lease:
                 candidates.append(_Candidate(job_id, row.id, row.stage, row.attempt, "stale", row.status))
-        elif row.status in CLAIMABLE_STATUSES:
+        elif row.status in STAGE_CLAIMABLE:
             since = max(t for t in (_aware(row.queued_at), _aware(previous.finished_at) if previous else None) if t)
             if now - since > lease:
                 candidates.append(_Candidate(job_id, row.id, row.stage, row.attempt, "unsent", row.status))
@@ -213,7 +176,7 @@ def _settle(session: Session, settings: Settings, cand: _Candidate, now: dt.date
         return None
     cutoff = now - dt.timedelta(seconds=lease_s(settings))
     if cand.kind == "stale":
-        guard = (StageRun.status == "running",
+        guard = (StageRun.status == StageStatus.RUNNING,
                  or_(StageRun.heartbeat_at.is_(None), StageRun.heartbeat_at < cutoff))
         seen = _aware(row.heartbeat_at or row.started_at) or now
         ran_s = (seen - (_aware(row.started_at) or seen)).total_seconds()
@@ -227,24 +190,24 @@ def _settle(session: Session, settings: Settings, cand: _Candidate, now: dt.date
         if ran_s >= hard_s - TIME_LIMIT_SLACK_S:
             error_type = "TimeLimitExceeded"
     else:
-        guard = (StageRun.status.in_(CLAIMABLE_STATUSES),)
+        guard = (StageRun.status.in_(STAGE_CLAIMABLE),)
         where = f"no message for this attempt in the broker queues or unacknowledged set ({cand.observed})"
         error_type, losses, limit = MESSAGE_LOST, _losses(session, job.id, row.stage, MESSAGE_LOST), MAX_MESSAGE_LOSSES
 
     if job.cancel_requested:
-        status, action, message = "cancelled", "cancelled", f"cancelled; its {row.stage} attempt was lost ({where})"
+        status, action, message = StageStatus.CANCELLED, "cancelled", f"cancelled; its {row.stage} attempt was lost ({where})"
     elif error_type == "TimeLimitExceeded":
-        status, action = "failed", "failed"
+        status, action = StageStatus.FAILED, "failed"
         message = f"stage {row.stage} ran for its whole hard time limit ({hard_s} s) and was killed ({where})"
     elif losses + 1 >= limit:
-        status, action = "failed", "failed"
+        status, action = StageStatus.FAILED, "failed"
         message = (f"stage {row.stage} was lost {losses + 1} times ({error_type}); not retried again. "
                    f"Last: {where}")
     else:
         status, action = LOST, "resent"
         message = f"{error_type}: {where}; superseded by a new attempt"
     changed = session.execute(update(StageRun).where(StageRun.id == row.id, *guard).values(
-        status=status, error_type=error_type if status != "cancelled" else None, error_message=message,
+        status=status, error_type=error_type if status != StageStatus.CANCELLED else None, error_message=message,
         finished_at=now).execution_options(synchronize_session=False)).rowcount
     if not changed:
         return None  # a worker claimed it, or its heartbeat came back: nothing is stuck
@@ -269,7 +232,7 @@ def reconcile_once(settings: Settings, *, broker_view: BrokerView | None = None,
         candidates, finished = find_candidates(session, settings, now)
         for job_id in finished:  # every stage done yet the job still active: only the status is missing
             session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-                            .values(status="succeeded", finished_at=now))
+                            .values(status=JobStatus.SUCCEEDED, finished_at=now))
     unsent = [c for c in candidates if c.kind == "unsent"]
     if unsent:
         try:

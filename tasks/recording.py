@@ -37,15 +37,15 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
-from db.models import Artifact, Job, StageRun, utcnow
+from db.models import JOB_ACTIVE, STAGE_CLAIMABLE, STAGE_DONE, Artifact, Job, JobStatus, StageRun, StageStatus, utcnow
 from tasks.artifact_store import LocalDirectoryStore, artifact_shas, open_store
 from tasks.celery_app import app, queue_for, task_name
 from tasks.contracts import STAGE_CONTRACTS, STAGES, ArtifactRef
 from tasks.environment import environment_snapshot, torch_snapshot
+from tasks.pipeline import chain as pipeline_chain
+from tasks.pipeline.attempts import add_attempts
 from tasks.settings import Settings, get_settings
-from tasks.stage_inputs import DONE_STATUSES
 
-CLAIMABLE_STATUSES = ("queued", "pending")  # rows a worker may start; anything else backs off
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL_S = 0.5
@@ -53,7 +53,6 @@ CANCEL_CHECK_INTERVAL_S = 1.0
 LEASE_HEARTBEATS = 12  # a running row is lost after this many missed heartbeats
 TRANSIENT_RETRIES = 1  # transient failures get exactly one new attempt
 TRANSIENT_RETRY_REQUESTER = "retry:transient"
-ACTIVE_JOB_STATUSES = ("queued", "running")
 MAX_NOTED_DUPLICATES = 20
 
 
@@ -130,7 +129,7 @@ class StageContext:
     def _held(self) -> tuple:
         """This attempt's row, while this process still holds it (the fence for every write)."""
         host, pid = _holder()
-        return (*_row_key(self.job_id, self.stage, self.attempt), StageRun.status == "running",
+        return (*_row_key(self.job_id, self.stage, self.attempt), StageRun.status == StageStatus.RUNNING,
                 StageRun.worker_hostname == host, StageRun.worker_pid == pid)
 
     def _write_held(self, **values: Any) -> None:
@@ -242,7 +241,7 @@ def end_job(job: Job, status: str, stage: str, error_type: str | None, message: 
     """End a job because `stage` failed or was cancelled (the stage wrapper and the reconciler)."""
     job.status = status
     job.finished_at = finished_at
-    if status == "failed":
+    if status == JobStatus.FAILED:
         job.failed_stage, job.error_type, job.error_message = stage, error_type, message
     else:
         job.cancel_reason = job.cancel_reason or message
@@ -312,7 +311,7 @@ class StageRunner:
                 raise Ignore() from exc
             except JobCancelled as exc:
                 if not ctx.superseded:
-                    self._record_end_unless_superseded(url, job_id, attempt, "cancelled", exc, ctx, started)
+                    self._record_end_unless_superseded(url, job_id, attempt, StageStatus.CANCELLED, exc, ctx, started)
                 raise Ignore() from exc
             except BaseException as exc:
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -326,7 +325,7 @@ class StageRunner:
                         self.on_failure(exc, ctx)
                     except Exception:
                         log.exception("failure handler of stage %s raised", self.stage)
-                retry = self._record_end_unless_superseded(url, job_id, attempt, "failed", exc, ctx, started)
+                retry = self._record_end_unless_superseded(url, job_id, attempt, StageStatus.FAILED, exc, ctx, started)
                 if ctx.superseded:
                     raise Ignore() from exc
                 if retry is not None:
@@ -353,11 +352,11 @@ class StageRunner:
             if row is None:
                 raise LookupError(f"job {job_id} has no {self.stage} attempt {attempt}")
             claimed = 0
-            if job.status in ACTIVE_JOB_STATUSES:
+            if job.status in JOB_ACTIVE:
                 claimed = session.execute(
                     update(StageRun).where(*_row_key(job_id, self.stage, attempt),
-                                           StageRun.status.in_(CLAIMABLE_STATUSES))
-                    .values(status="running", started_at=now, heartbeat_at=now, celery_task_id=celery_task_id,
+                                           StageRun.status.in_(STAGE_CLAIMABLE))
+                    .values(status=StageStatus.RUNNING, started_at=now, heartbeat_at=now, celery_task_id=celery_task_id,
                             worker_hostname=host, worker_pid=pid, deliveries=StageRun.deliveries + 1)
                     .execution_options(synchronize_session=False)).rowcount
             if not claimed:
@@ -368,11 +367,11 @@ class StageRunner:
                 noted.append({"at": now.isoformat(), "celery_task_id": celery_task_id, "hostname": host, "pid": pid,
                               "row_status": row.status, "job_status": job.status})
                 row.environment = {**(row.environment or {}), "duplicate_deliveries": noted}
-                if row.status in DONE_STATUSES and job.status in ACTIVE_JOB_STATUSES:
+                if row.status in STAGE_DONE and job.status in JOB_ACTIVE:
                     outcome = "done"  # a re-delivery after success: let the chain go on (idempotent downstream)
             else:
-                if job.status == "queued":
-                    job.status = "running"
+                if job.status == JobStatus.QUEUED:
+                    job.status = JobStatus.RUNNING
                 outcome = "cancelled" if job.cancel_requested else "run"
         if outcome == "ignore":
             raise Ignore()  # after the commit, so the note about the skipped delivery is kept
@@ -382,7 +381,7 @@ class StageRunner:
                                       ctx: StageContext, started: float) -> ScheduledRetry | None:
         try:
             return self._record_end(url, job_id, attempt, status, exc, ctx, started,
-                                    with_traceback=status == "failed")
+                                    with_traceback=status == StageStatus.FAILED)
         except StageSuperseded as lost:
             log.warning("%s; its %s (%s) is not recorded", lost, status, describe_error(exc)[0])
             return None
@@ -404,7 +403,7 @@ class StageRunner:
             finished = utcnow()
             environment = _end_environment(row, ctx)
             written = session.execute(update(StageRun).where(*ctx._held()).values(
-                status="succeeded", outputs=payload, artifacts=artifact_shas(payload), finished_at=finished,
+                status=StageStatus.SUCCEEDED, outputs=payload, artifacts=artifact_shas(payload), finished_at=finished,
                 heartbeat_at=finished, duration_s=time.monotonic() - started, environment=environment,
                 recording_s=recording + (time.monotonic() - t0))
                 .execution_options(synchronize_session=False)).rowcount
@@ -413,7 +412,7 @@ class StageRunner:
                 raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")
             if self.stage == STAGES[-1]:
                 job = session.get(Job, job_id)
-                job.status = "succeeded"
+                job.status = JobStatus.SUCCEEDED
                 job.finished_at = finished
 
     def _record_end(self, url: str, job_id: str, attempt: int, status: str, exc: BaseException,
@@ -427,7 +426,7 @@ class StageRunner:
         with session_scope(url) as session:
             row = self._held_row(session, ctx)
             job = session.get(Job, job_id)
-            if status == "failed" and is_transient(exc) and not job.cancel_requested:
+            if status == StageStatus.FAILED and is_transient(exc) and not job.cancel_requested:
                 retry = self._schedule_transient_retry(session, job)
                 if retry is not None:
                     message = (f"{message} [transient: retried once as attempt {retry.attempts[self.stage]} "
@@ -451,8 +450,6 @@ class StageRunner:
         return retry
 
     def _schedule_transient_retry(self, session: Session, job: Job) -> ScheduledRetry | None:
-        from tasks.reconciler import add_attempts
-
         earlier = session.scalar(select(func.count()).select_from(StageRun).where(
             StageRun.job_id == job.id, StageRun.stage == self.stage,
             StageRun.requested_by == TRANSIENT_RETRY_REQUESTER)) or 0
@@ -464,10 +461,8 @@ class StageRunner:
 
 
 def _send_retry(retry: ScheduledRetry) -> None:
-    from orchestrator.chain import send_chain
-
     try:
-        send_chain(retry.job_id, retry.attempts, retry.max_audio_length_ms)
+        pipeline_chain.send_chain(retry.job_id, retry.attempts, retry.max_audio_length_ms)
     except Exception:  # the rows are queued in SQL: the reconciler sends them when the broker is back
         log.exception("could not send the transient retry of job %s; the reconciler will", retry.job_id)
 
