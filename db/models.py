@@ -9,13 +9,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, String, Text,
                         TypeDecorator, UniqueConstraint)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from db.status import (JOB_ACTIVE, JOB_STATUSES, JOB_TERMINAL, STAGE_CLAIMABLE, STAGE_DONE, STAGE_ENDED,  # noqa: F401
-                       STAGE_PENDING, STAGE_STATUSES, JobStatus, StageStatus)
+                       STAGE_PENDING, STAGE_STATUSES, JobStatus, StageStatus, sql_in)
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -70,6 +70,7 @@ class Job(Base):
         back_populates="job", order_by="StageRun.id", cascade="all, delete-orphan")
 
     __table_args__ = (
+        CheckConstraint(f"status IN ({sql_in(JOB_STATUSES)})", name="ck_jobs_status"),
         Index("ix_jobs_created_at", "created_at"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_replay_of", "replay_of"),
@@ -114,6 +115,7 @@ class StageRun(Base):
 
     __table_args__ = (
         UniqueConstraint("job_id", "stage", "attempt", name="uq_stage_runs_job_stage_attempt"),
+        CheckConstraint(f"status IN ({sql_in(STAGE_STATUSES)})", name="ck_stage_runs_status"),
         Index("ix_stage_runs_status", "status"),
         Index("ix_stage_runs_stage_status", "stage", "status"),
         Index("ix_stage_runs_error_type", "error_type"),

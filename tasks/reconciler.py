@@ -43,8 +43,8 @@ from db.models import JOB_ACTIVE, STAGE_CLAIMABLE, Job, JobStatus, StageRun, Sta
 from tasks.celery_app import CPU_QUEUE, GPU_QUEUE, task_name
 from tasks.contracts import STAGES
 from tasks.pipeline import chain as pipeline_chain
-from tasks.pipeline.attempts import add_attempts, frontier, latest_runs
-from tasks.recording import end_job, lease_s
+from tasks.pipeline.attempts import add_attempts, end_job, end_waiting_cancelled_job, frontier, latest_runs
+from tasks.recording import lease_s
 from tasks.settings import Settings
 from tasks.time_limits import stage_limits
 
@@ -212,7 +212,7 @@ def _settle(session: Session, settings: Settings, cand: _Candidate, now: dt.date
     if not changed:
         return None  # a worker claimed it, or its heartbeat came back: nothing is stuck
     if status != LOST:
-        end_job(job, status, row.stage, error_type, message, now)
+        end_job(session, job, status, row.stage, error_type, message, now)
         return Decision(job.id, row.stage, row.attempt, action, message)
     attempts = add_attempts(session, job, row.stage, requested_by=f"reconciler:{error_type}")
     return Decision(job.id, row.stage, row.attempt, action, message, attempts)
@@ -228,6 +228,14 @@ def reconcile_once(settings: Settings, *, broker_view: BrokerView | None = None,
         broker_view = lambda: redis_broker_view(settings.redis_url)  # noqa: E731
     sender = _default_sender if sender is None else sender
     now = now or utcnow()
+    cancelled: list[Decision] = []
+    with session_scope(url) as session:
+        # a cancel asked while a stage ran (or raced a claim) ends here once no stage holds the job
+        for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.cancel_requested)):
+            row = end_waiting_cancelled_job(session, job, now)
+            if row is not None:
+                cancelled.append(Decision(job.id, row.stage, row.attempt, "cancelled",
+                                          "cancel requested and no stage was running"))
     with session_scope(url) as session:
         candidates, finished = find_candidates(session, settings, now)
         for job_id in finished:  # every stage done yet the job still active: only the status is missing
@@ -245,8 +253,8 @@ def reconcile_once(settings: Settings, *, broker_view: BrokerView | None = None,
         except Exception as exc:  # broker down: nothing can be re-sent now, and absence proves nothing
             log.warning("reconciler: cannot look into the broker (%s); queued rows are checked next pass", exc)
             unsent = []
-    decisions: list[Decision] = [Decision(job_id, STAGES[-1], 0, "succeeded", "every stage had succeeded")
-                                 for job_id in finished]
+    decisions: list[Decision] = cancelled + [Decision(job_id, STAGES[-1], 0, "succeeded", "every stage had succeeded")
+                                             for job_id in finished]
     for cand in [c for c in candidates if c.kind == "stale"] + unsent:
         with session_scope(url) as session:
             decision = _settle(session, settings, cand, now)

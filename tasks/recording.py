@@ -43,7 +43,7 @@ from tasks.celery_app import app, queue_for, task_name
 from tasks.contracts import STAGE_CONTRACTS, STAGES, ArtifactRef
 from tasks.environment import environment_snapshot, torch_snapshot
 from tasks.pipeline import chain as pipeline_chain
-from tasks.pipeline.attempts import add_attempts
+from tasks.pipeline.attempts import add_attempts, end_job
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -235,16 +235,6 @@ def _end_environment(row: StageRun, ctx: StageContext) -> dict[str, Any]:
     """
     fresh = torch_snapshot() if ctx._environment_recorded else environment_snapshot(queue=row.queue)
     return {**(row.environment or {}), **fresh, **ctx.environment_extra}
-
-
-def end_job(job: Job, status: str, stage: str, error_type: str | None, message: str, finished_at: Any) -> None:
-    """End a job because `stage` failed or was cancelled (the stage wrapper and the reconciler)."""
-    job.status = status
-    job.finished_at = finished_at
-    if status == JobStatus.FAILED:
-        job.failed_stage, job.error_type, job.error_message = stage, error_type, message
-    else:
-        job.cancel_reason = job.cancel_reason or message
 
 
 def describe_error(exc: BaseException) -> tuple[str, str]:
@@ -446,7 +436,7 @@ class StageRunner:
                 raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")
             if retry is not None:
                 return retry  # the job goes on with the new attempt
-            end_job(job, status, self.stage, error_type, message, values["finished_at"])
+            end_job(session, job, status, self.stage, error_type, message, values["finished_at"])
         return retry
 
     def _schedule_transient_retry(self, session: Session, job: Job) -> ScheduledRetry | None:

@@ -7,12 +7,13 @@ so no row waits forever in `queued` (docs/state-machine.md).
 """
 from __future__ import annotations
 
+import datetime as dt
 from typing import Iterable
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Job, StageRun, StageStatus, STAGE_CLAIMABLE, STAGE_DONE, utcnow
+from db.models import STAGE_CLAIMABLE, STAGE_DONE, Job, JobStatus, StageRun, StageStatus, utcnow
 from tasks.celery_app import queue_for
 from tasks.contracts import STAGES
 
@@ -86,6 +87,7 @@ def add_attempts(session: Session, job: Job | str, from_stage: str, *, requested
     job_id = job if isinstance(job, str) else job.id
     rerun = STAGES[STAGES.index(from_stage):]
     attempts = next_attempt_numbers(session, job_id, rerun)
+    supersede_unstarted(session, job_id, rerun, supersede_reason or f"replaced by a newer attempt ({requested_by})")
     for stage in rerun:
         session.add(StageRun(job_id=job_id, stage=stage, attempt=attempts[stage], status=StageStatus.QUEUED,
                              queue=queue_for(stage), requested_by=requested_by))
@@ -99,3 +101,38 @@ def skip_unstarted(session: Session, job_id: str, reason: str) -> int:
         update(StageRun).where(StageRun.job_id == job_id, StageRun.status.in_(STAGE_CLAIMABLE))
         .values(status=StageStatus.SKIPPED, error_message=reason, finished_at=utcnow())
         .execution_options(synchronize_session=False)).rowcount
+
+
+def end_job(session: Session, job: Job, status: JobStatus | str, stage: str, error_type: str | None, message: str,
+            finished_at: dt.datetime) -> None:
+    """End a job because `stage` failed or was cancelled; its unstarted rows become skipped, same transaction.
+
+    Used by the stage runtime, the reconciler and cancel: a finished job never keeps a queued row.
+    """
+    job.status = JobStatus(status)
+    job.finished_at = finished_at
+    if job.status == JobStatus.FAILED:
+        job.failed_stage, job.error_type, job.error_message = stage, error_type, message
+        reason = f"never ran: stage {stage} failed ({error_type})"
+    else:
+        job.cancel_reason = job.cancel_reason or message
+        reason = "never ran: the job was cancelled"
+    skip_unstarted(session, job.id, reason)
+
+
+def end_waiting_cancelled_job(session: Session, job: Job, now: dt.datetime) -> StageRun | None:
+    """A cancel-requested job whose frontier waits in the queue ends now: that row cancelled (only while
+    still claimable: a worker that claimed it first wins, and then the cooperative flag stops it), later
+    rows skipped, the job cancelled - one transaction. Returns the cancelled row, or None."""
+    row, _ = frontier(latest_by_stage(session, job.id))
+    if row is None or row.status not in STAGE_CLAIMABLE:
+        return None
+    changed = session.execute(
+        update(StageRun).where(StageRun.id == row.id, StageRun.status.in_(STAGE_CLAIMABLE))
+        .values(status=StageStatus.CANCELLED, finished_at=now,
+                error_message=f"cancelled before it started: {job.cancel_reason or 'cancel requested'}")
+        .execution_options(synchronize_session=False)).rowcount
+    if not changed:
+        return None
+    end_job(session, job, JobStatus.CANCELLED, row.stage, None, job.cancel_reason or "cancelled", now)
+    return row
