@@ -7,7 +7,6 @@ Revision ID: 0003
 Revises: 0002
 """
 from alembic import op
-import sqlalchemy as sa
 
 revision = '0003'
 down_revision = '0002'
