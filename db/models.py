@@ -14,6 +14,7 @@ from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Fl
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from db.clock import db_now
 from db.status import (JOB_ACTIVE, JOB_STATUSES, JOB_TERMINAL, STAGE_CLAIMABLE, STAGE_DONE, STAGE_ENDED,  # noqa: F401
                        STAGE_PENDING, STAGE_STATUSES, JobStatus, StageStatus, sql_in)
 
@@ -100,7 +101,7 @@ class StageRun(Base):
     celery_task_id: Mapped[str | None] = mapped_column(String(64))
     worker_hostname: Mapped[str | None] = mapped_column(String(255))
     worker_pid: Mapped[int | None] = mapped_column(Integer)
-    queued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    queued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=db_now())  # lease clock
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

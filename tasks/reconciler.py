@@ -38,8 +38,9 @@ from typing import Any, Callable, Iterable
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from db.clock import as_utc, database_now
 from db.engine import session_scope
-from db.models import JOB_ACTIVE, STAGE_CLAIMABLE, Job, JobStatus, StageRun, StageStatus, utcnow
+from db.models import JOB_ACTIVE, STAGE_CLAIMABLE, Job, JobStatus, StageRun, StageStatus
 from tasks.celery_app import CPU_QUEUE, GPU_QUEUE, task_name
 from tasks.contracts import STAGES
 from tasks.pipeline import chain as pipeline_chain
@@ -130,12 +131,6 @@ def _default_sender(job_id: str, attempts: dict[str, int], max_audio_length_ms: 
 
 # -- one pass ----------------------------------------------------------------------------------
 
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is not None and value.tzinfo is None:  # SQLite returns naive UTC
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value
-
-
 def find_candidates(session: Session, settings: Settings, now: dt.datetime) -> tuple[list[_Candidate], list[str]]:
     """Frontier rows that look stuck, and active jobs whose every stage is already done."""
     lease = dt.timedelta(seconds=lease_s(settings))
@@ -152,11 +147,11 @@ def find_candidates(session: Session, settings: Settings, now: dt.datetime) -> t
                 finished.append(job_id)
             continue
         if row.status == StageStatus.RUNNING:
-            seen = _aware(row.heartbeat_at or row.started_at)
+            seen = as_utc(row.heartbeat_at or row.started_at)
             if seen is None or now - seen > lease:
                 candidates.append(_Candidate(job_id, row.id, row.stage, row.attempt, "stale", row.status))
         elif row.status in STAGE_CLAIMABLE:
-            since = max(t for t in (_aware(row.queued_at), _aware(previous.finished_at) if previous else None) if t)
+            since = max(t for t in (as_utc(row.queued_at), as_utc(previous.finished_at) if previous else None) if t)
             if now - since > lease:
                 candidates.append(_Candidate(job_id, row.id, row.stage, row.attempt, "unsent", row.status))
     return candidates, finished
@@ -178,8 +173,8 @@ def _settle(session: Session, settings: Settings, cand: _Candidate, now: dt.date
     if cand.kind == "stale":
         guard = (StageRun.status == StageStatus.RUNNING,
                  or_(StageRun.heartbeat_at.is_(None), StageRun.heartbeat_at < cutoff))
-        seen = _aware(row.heartbeat_at or row.started_at) or now
-        ran_s = (seen - (_aware(row.started_at) or seen)).total_seconds()
+        seen = as_utc(row.heartbeat_at or row.started_at) or now
+        ran_s = (seen - (as_utc(row.started_at) or seen)).total_seconds()
         hard_s = stage_limits(row.stage, (job.request or {}).get("max_audio_length_ms"), settings).hard_s
         progress = row.progress or {}
         where = (f"worker {row.worker_hostname} pid {row.worker_pid}, no heartbeat for "
@@ -227,7 +222,9 @@ def reconcile_once(settings: Settings, *, broker_view: BrokerView | None = None,
             raise RuntimeError("the reconciler needs REDIS_URL to look into the broker")
         broker_view = lambda: redis_broker_view(settings.redis_url)  # noqa: E731
     sender = _default_sender if sender is None else sender
-    now = now or utcnow()
+    if now is None:  # the database's clock: heartbeats were written with it too (db/clock.py)
+        with session_scope(url) as session:
+            now = database_now(session)
     cancelled: list[Decision] = []
     with session_scope(url) as session:
         # a cancel asked while a stage ran (or raced a claim) ends here once no stage holds the job

@@ -36,6 +36,7 @@ from pydantic import BaseModel
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from db.clock import db_now
 from db.engine import session_scope
 from db.models import JOB_ACTIVE, STAGE_CLAIMABLE, STAGE_DONE, Artifact, Job, JobStatus, StageRun, StageStatus, utcnow
 from tasks.artifact_store import LocalDirectoryStore, artifact_shas, open_store
@@ -150,12 +151,12 @@ class StageContext:
             elapsed = max(now - self._started, 1e-9)
             payload = {"done": done, "total": total, "unit": unit, "rate_per_s": round(done / elapsed, 3),
                        "elapsed_s": round(elapsed, 3)}
-            self._write_held(progress=payload, heartbeat_at=utcnow())
+            self._write_held(progress=payload, heartbeat_at=db_now())
         if self.should_cancel():
             raise JobCancelled(f"job {self.job_id} cancelled during {self.stage} after {done} of {total} {unit}")
 
     def heartbeat(self) -> None:
-        self._write_held(heartbeat_at=utcnow())
+        self._write_held(heartbeat_at=db_now())
 
     def should_cancel(self) -> bool:
         """Cooperative cancel check against the job's flag in SQL, throttled to once a second.
@@ -185,7 +186,12 @@ class StageContext:
 
 class _Heartbeat:
     """Writes heartbeat_at every `heartbeat_s` while the stage computes (a thread: long kernels, long
-    windows and model loads keep their lease); notices when the attempt was superseded."""
+    windows and model loads keep their lease); notices when the attempt was superseded.
+
+    The runner stops and joins it BEFORE the attempt's terminal write (M1): a beat landing after that
+    write would find the row no longer running and wrongly mark the attempt superseded, which would
+    drop its transient retry. A beat that finds the row gone once stopping has begun is ignored too.
+    """
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
@@ -197,13 +203,26 @@ class _Heartbeat:
         return self
 
     def __exit__(self, *_exc: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    def _beat(self) -> None:
+        with session_scope(self.ctx.database_url) as session:
+            written = session.execute(update(StageRun).where(*self.ctx._held()).values(heartbeat_at=db_now())
+                                      .execution_options(synchronize_session=False)).rowcount
+        if not written and not self._stop.is_set():
+            self.ctx._superseded = True
+            raise StageSuperseded(f"job {self.ctx.job_id} stage {self.ctx.stage} attempt {self.ctx.attempt} is no "
+                                  "longer held by this process (superseded after a lost lease)")
 
     def _run(self) -> None:
         while not self._stop.wait(self.ctx.settings.heartbeat_s):
             try:
-                self.ctx.heartbeat()
+                self._beat()
             except StageSuperseded:
                 log.warning("job %s stage %s attempt %s was superseded while running; it stops at its next check",
                             self.ctx.job_id, self.ctx.stage, self.ctx.attempt)
@@ -274,7 +293,7 @@ class StageRunner:
         if claim == "done":
             return None
         started = time.monotonic()
-        with _Heartbeat(ctx):
+        with _Heartbeat(ctx) as beat:
             try:
                 if claim == "cancelled":
                     raise JobCancelled(f"job {job_id} was cancelled before stage {self.stage} started")
@@ -294,12 +313,14 @@ class StageRunner:
                 ctx.run_hooks("start")
                 result = self.compute(inputs, ctx)
                 outputs = self.output_model.model_validate(result.model_dump())
+                beat.stop()
                 self._record_success(url, job_id, attempt, outputs, ctx, started, recording)
                 return outputs.model_dump(mode="json")
             except StageSuperseded as exc:
                 log.warning("%s; result discarded", exc)
                 raise Ignore() from exc
             except JobCancelled as exc:
+                beat.stop()
                 if not ctx.superseded:
                     self._record_end_unless_superseded(url, job_id, attempt, StageStatus.CANCELLED, exc, ctx, started)
                 raise Ignore() from exc
@@ -310,6 +331,7 @@ class StageRunner:
                     log.warning("job %s stage %s attempt %s failed after being superseded (%s); not recorded",
                                 job_id, self.stage, attempt, describe_error(exc)[0])
                     raise Ignore() from exc
+                beat.stop()
                 if self.on_failure is not None:
                     try:  # before the record, so what it decides (e.g. process replacement) is recorded too
                         self.on_failure(exc, ctx)
@@ -346,7 +368,7 @@ class StageRunner:
                 claimed = session.execute(
                     update(StageRun).where(*_row_key(job_id, self.stage, attempt),
                                            StageRun.status.in_(STAGE_CLAIMABLE))
-                    .values(status=StageStatus.RUNNING, started_at=now, heartbeat_at=now, celery_task_id=celery_task_id,
+                    .values(status=StageStatus.RUNNING, started_at=db_now(), heartbeat_at=db_now(), celery_task_id=celery_task_id,
                             worker_hostname=host, worker_pid=pid, deliveries=StageRun.deliveries + 1)
                     .execution_options(synchronize_session=False)).rowcount
             if not claimed:
@@ -390,7 +412,7 @@ class StageRunner:
         payload = outputs.model_dump(mode="json")
         with session_scope(url) as session:
             row = self._held_row(session, ctx)
-            finished = utcnow()
+            finished = db_now()  # the database's clock, like every lease time (db/clock.py)
             environment = _end_environment(row, ctx)
             written = session.execute(update(StageRun).where(*ctx._held()).values(
                 status=StageStatus.SUCCEEDED, outputs=payload, artifacts=artifact_shas(payload), finished_at=finished,
@@ -422,7 +444,7 @@ class StageRunner:
                     message = (f"{message} [transient: retried once as attempt {retry.attempts[self.stage]} "
                                "on a fresh worker process]")
             values: dict[str, Any] = dict(
-                status=status, error_type=error_type, error_message=message, traceback=trace, finished_at=utcnow(),
+                status=status, error_type=error_type, error_message=message, traceback=trace, finished_at=db_now(),
                 duration_s=time.monotonic() - started,
                 environment=_end_environment(row, ctx))
             exchanges = getattr(exc, "llm_exchanges", None)

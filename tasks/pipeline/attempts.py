@@ -8,12 +8,13 @@ so no row waits forever in `queued` (docs/state-machine.md).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Iterable
+from typing import Any, Iterable
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import STAGE_CLAIMABLE, STAGE_DONE, Job, JobStatus, StageRun, StageStatus, utcnow
+from db.clock import db_now
+from db.models import STAGE_CLAIMABLE, STAGE_DONE, Job, JobStatus, StageRun, StageStatus
 from tasks.celery_app import queue_for
 from tasks.contracts import STAGES
 
@@ -72,7 +73,7 @@ def supersede_unstarted(session: Session, job_id: str, stages: Iterable[str], re
     return session.execute(
         update(StageRun).where(StageRun.job_id == job_id, StageRun.stage.in_(list(stages)),
                                StageRun.status.in_(STAGE_CLAIMABLE))
-        .values(status=StageStatus.SUPERSEDED, error_message=reason, finished_at=utcnow())
+        .values(status=StageStatus.SUPERSEDED, error_message=reason, finished_at=db_now())
         .execution_options(synchronize_session=False)).rowcount
 
 
@@ -99,12 +100,12 @@ def skip_unstarted(session: Session, job_id: str, reason: str) -> int:
     """Every unstarted row of an ending job becomes skipped (written with the job's terminal status)."""
     return session.execute(
         update(StageRun).where(StageRun.job_id == job_id, StageRun.status.in_(STAGE_CLAIMABLE))
-        .values(status=StageStatus.SKIPPED, error_message=reason, finished_at=utcnow())
+        .values(status=StageStatus.SKIPPED, error_message=reason, finished_at=db_now())
         .execution_options(synchronize_session=False)).rowcount
 
 
 def end_job(session: Session, job: Job, status: JobStatus | str, stage: str, error_type: str | None, message: str,
-            finished_at: dt.datetime) -> None:
+            finished_at: Any) -> None:
     """End a job because `stage` failed or was cancelled; its unstarted rows become skipped, same transaction.
 
     Used by the stage runtime, the reconciler and cancel: a finished job never keeps a queued row.
