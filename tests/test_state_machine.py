@@ -181,3 +181,28 @@ def test_migration_0003_moves_never_running_queued_rows_to_skipped_or_superseded
         (active, "refine_lyrics", 1): "superseded", (active, "refine_lyrics", 2): "queued",
     }  # every row kept (the SQLite table rebuild must not cascade-delete stage_runs)
     assert set(found.values()) <= set(STAGE_STATUSES)
+
+
+def test_a_song_that_finished_before_the_cancel_took_effect_is_succeeded(settings):
+    """L8: cancel stops work not yet done; the last stage finishing meanwhile makes the job succeeded,
+    with cancel_requested left on the record to show the request came too late."""
+    from tasks.contracts import ArtifactRef, EncodeAudioInput, EncodeAudioOutput
+    from tasks.recording import StageRunner
+
+    job_id = submit(settings)
+    with session_scope(settings.resolved_database_url) as session:
+        session.execute(sa.update(StageRun).where(StageRun.job_id == job_id, StageRun.stage != "encode_audio")
+                        .values(status="succeeded", outputs={"ok": True}))
+        session.get(Job, job_id).status = "running"
+    wav = ArtifactRef(sha256="0" * 64, kind="wav", bytes=44, media_type="audio/wav")
+
+    def encode(inp, ctx):
+        assert replay.cancel(job_id, settings=settings) is True  # the stage is running: cooperative only
+        assert job_status(settings, job_id) == "running"
+        return EncodeAudioOutput(audio=wav, wav=wav, output_format="wav", duration_s=1.0)
+
+    runner = StageRunner("encode_audio", lambda s, j, st: EncodeAudioInput(wav=wav, output_format="wav"), encode)
+    runner.run(job_id, 1, settings=settings)
+    with session_scope(settings.resolved_database_url) as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.cancel_requested) == ("succeeded", True)
