@@ -52,4 +52,7 @@ def as_utc(value: dt.datetime | None) -> dt.datetime | None:
 
 def database_now(session: Session) -> dt.datetime:
     """Read the database's clock once (the reconciler's `now` for one pass)."""
-    return as_utc(session.scalar(select(db_now())))
+    now = as_utc(session.scalar(select(db_now())))
+    if now is None:
+        raise RuntimeError("the database returned no current time")
+    return now
