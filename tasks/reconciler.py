@@ -228,7 +228,7 @@ def reconcile_once(settings: Settings, *, broker_view: BrokerView | None = None,
     cancelled: list[Decision] = []
     with session_scope(url) as session:
         # a cancel asked while a stage ran (or raced a claim) ends here once no stage holds the job
-        for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.cancel_requested)):
+        for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.cancel_requested)).all():
             row = end_waiting_cancelled_job(session, job, now)
             if row is not None:
                 cancelled.append(Decision(job.id, row.stage, row.attempt, "cancelled",
