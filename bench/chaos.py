@@ -29,10 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from db.models import JOB_TERMINAL  # noqa: E402
 from tests import reliability_fixtures as rf  # noqa: E402
 from tests.stack_fixtures import Stack, tiny_checkpoint  # noqa: E402
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+TERMINAL = JOB_TERMINAL
 EXPECTED = {"plain": "succeeded", "slow": "succeeded", "oom-once": "succeeded", "cuda-assert": "failed",
             "cancel": "cancelled"}
 

@@ -18,7 +18,7 @@ import uuid
 from sqlalchemy import insert
 
 from db.engine import get_engine
-from db.models import Job, StageRun
+from db.models import JOB_TERMINAL, Job, StageRun
 from db.schema import upgrade
 from tasks.celery_app import queue_for
 from tasks.contracts import PIPELINE_NAME, STAGES
@@ -87,8 +87,10 @@ def make_rows(n: int, seed: int = 0, now: dt.datetime | None = None, days: int =
                     run.update(status="cancelled", finished_at=clock, duration_s=duration / 2)
                 else:
                     run.update(status="running", progress={"done": 100, "total": 3000, "unit": "frames"})
+            elif status in JOB_TERMINAL:  # as the pipeline writes it: a finished job keeps no queued row
+                run.update(status="skipped", finished_at=clock)
             runs.append(run)
-        finished = clock if status in ("succeeded", "failed", "cancelled") else None
+        finished = clock if status in JOB_TERMINAL else None
         job = {"id": job_id, "created_at": created, "updated_at": finished or created, "finished_at": finished,
                "status": status, "request": request, "seed": rng.randrange(2**31), "seed_source": "drawn",
                "pipeline": PIPELINE_NAME, "code_version": "bench", "source": rng.choice(("api", "form", "cli")),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +23,37 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 _known_urls: set[str] = set()
 
+POOL_SIZE_ENV = "SONGPIPE_DB_POOL_SIZE"
+DEFAULT_THREADS = 8  # a batching GPU worker's task threads (gpu_worker.generation_engine.DEFAULT_MAX_SONGS)
+_configured_threads: int | None = None
+
+
+def pool_size_for(concurrency: int) -> int:
+    """Connections a worker of `concurrency` task threads needs at once (M10): each task thread and
+    its heartbeat thread hold one each, plus two for progress/cancel checks and the process itself."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    return 2 * concurrency + 2
+
+
+def configure_pool(concurrency: int) -> None:
+    """Size the PostgreSQL pool for this process's concurrency (call before the first query; a worker's
+    start hook passes its --concurrency). Engines made earlier are dropped so the next one is resized."""
+    global _configured_threads
+    pool_size_for(concurrency)  # validates
+    _configured_threads = concurrency
+    dispose_engines()
+
+
+def pool_size() -> int:
+    """SONGPIPE_DB_POOL_SIZE if set, else sized from the configured concurrency (default 8 threads)."""
+    raw = os.environ.get(POOL_SIZE_ENV, "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"{POOL_SIZE_ENV} must be a positive whole number, got {raw!r}")
+        return int(raw)
+    return pool_size_for(_configured_threads or DEFAULT_THREADS)
+
 
 @functools.lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
@@ -31,9 +63,15 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    return create_postgresql_engine(url)
+
+
+def create_postgresql_engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # overflow as large again: a burst (web threads) waits less, and idle overflow connections are closed
+    size = pool_size()
+    return create_engine(url, pool_pre_ping=True, pool_size=size, max_overflow=size)
 
 
 @functools.lru_cache(maxsize=8)

@@ -9,14 +9,26 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        TypeDecorator, UniqueConstraint)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from db.clock import db_now
+from db.status import (JOB_ACTIVE, JOB_STATUSES, JOB_TERMINAL, STAGE_CLAIMABLE, STAGE_DONE, STAGE_ENDED,  # noqa: F401
+                       STAGE_PENDING, STAGE_STATUSES, JobStatus, StageStatus, sql_in)
+
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-STAGE_STATUSES = ("pending", "queued", "running", "succeeded", "failed", "cancelled", "reused", "lost")
+
+class StatusString(TypeDecorator):
+    """A status column: binds enum members as their plain string value (drivers may dump enums by name)."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else str(value)
 
 
 def utcnow() -> dt.datetime:
@@ -34,7 +46,7 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(StatusString(), default=JobStatus.QUEUED)
     request: Mapped[dict[str, Any]] = mapped_column(JsonType)  # the validated submission, verbatim
     seed: Mapped[int] = mapped_column(BigInteger)
     seed_source: Mapped[str] = mapped_column(String(16))  # "user" or "drawn"
@@ -59,6 +71,7 @@ class Job(Base):
         back_populates="job", order_by="StageRun.id", cascade="all, delete-orphan")
 
     __table_args__ = (
+        CheckConstraint(f"status IN ({sql_in(JOB_STATUSES)})", name="ck_jobs_status"),
         Index("ix_jobs_created_at", "created_at"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_replay_of", "replay_of"),
@@ -76,7 +89,7 @@ class StageRun(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     stage: Mapped[str] = mapped_column(String(32))
     attempt: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(StatusString(), default=StageStatus.QUEUED)
     queue: Mapped[str] = mapped_column(String(16))
     inputs: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     outputs: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
@@ -88,7 +101,7 @@ class StageRun(Base):
     celery_task_id: Mapped[str | None] = mapped_column(String(64))
     worker_hostname: Mapped[str | None] = mapped_column(String(255))
     worker_pid: Mapped[int | None] = mapped_column(Integer)
-    queued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    queued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=db_now())  # lease clock
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -103,6 +116,7 @@ class StageRun(Base):
 
     __table_args__ = (
         UniqueConstraint("job_id", "stage", "attempt", name="uq_stage_runs_job_stage_attempt"),
+        CheckConstraint(f"status IN ({sql_in(STAGE_STATUSES)})", name="ck_stage_runs_status"),
         Index("ix_stage_runs_status", "status"),
         Index("ix_stage_runs_stage_status", "stage", "status"),
         Index("ix_stage_runs_error_type", "error_type"),

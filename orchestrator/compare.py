@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Job, StageRun
 from tasks.contracts import STAGES
-from tasks.stage_inputs import DONE_STATUSES
+from tasks.pipeline.attempts import representative_runs
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _MISSING = object()
@@ -111,12 +111,7 @@ def _compare_runs(stage: str, a: StageRun | None, b: StageRun | None) -> StageCo
 
 def _representative_runs(session: Session, job_id: str) -> dict[str, StageRun]:
     """Per stage: the latest succeeded/reused attempt, else the latest attempt of any status."""
-    chosen: dict[str, StageRun] = {}
-    for run in session.scalars(select(StageRun).where(StageRun.job_id == job_id).order_by(StageRun.attempt)):
-        current = chosen.get(run.stage)
-        if current is None or run.status in DONE_STATUSES or current.status not in DONE_STATUSES:
-            chosen[run.stage] = run
-    return chosen
+    return representative_runs(session.scalars(select(StageRun).where(StageRun.job_id == job_id)))
 
 
 def _resolve(session: Session, ref: str) -> Job | StageRun:

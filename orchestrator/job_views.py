@@ -14,13 +14,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
-from db.models import Artifact, Job, StageRun
+from db.models import JOB_TERMINAL, STAGE_DONE, Artifact, Job, StageRun
 from gpu_worker.checkpoint_marker import MARKER as TINY_CHECKPOINT_MARKER
 from tasks.contracts import STAGES
+from tasks.pipeline.attempts import latest_done, latest_runs
 from tasks.settings import Settings
 
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
-TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL_JOB_STATUSES = JOB_TERMINAL
 TINY_CHECKPOINT_NOTICE = "random weights: noise, not music (tiny test checkpoint in use)"
 
 
@@ -58,14 +59,6 @@ def links(job_id: str) -> dict[str, str]:
     return {"self": f"/api/jobs/{job_id}", "page": f"/jobs/{job_id}", "audio": f"/api/jobs/{job_id}/audio"}
 
 
-def _latest_by_stage(rows: list[StageRun]) -> dict[str, StageRun]:
-    latest: dict[str, StageRun] = {}
-    for row in rows:
-        if row.stage not in latest or row.attempt > latest[row.stage].attempt:
-            latest[row.stage] = row
-    return latest
-
-
 def _tags_used(latest: dict[str, StageRun]) -> str | None:
     tags = latest.get("generate_tags")
     return (tags.outputs or {}).get("tags_string") if tags is not None else None
@@ -98,9 +91,9 @@ def job_view(session: Session, job_id: str, settings: Settings) -> dict[str, Any
         return None
     rows = list(session.scalars(select(StageRun).where(StageRun.job_id == job_id)))
     rows.sort(key=lambda r: (STAGES.index(r.stage) if r.stage in STAGES else len(STAGES), r.attempt))
-    latest = _latest_by_stage(rows)
+    latest = latest_runs(rows)
     audio = latest.get("encode_audio")
-    audio_ready = audio is not None and audio.status in ("succeeded", "reused") and bool(audio.outputs)
+    audio_ready = audio is not None and audio.status in STAGE_DONE and bool(audio.outputs)
     tiny = _tiny(latest, settings)
     return {
         "id": job.id, "status": job.status, "seed": job.seed, "seed_source": job.seed_source,
@@ -135,9 +128,6 @@ def audio_artifact(session: Session, job_id: str) -> Artifact | None:
     """The final audio of a job: its latest finished encode stage's output, looked up by sha256."""
     if not is_job_id(job_id):
         return None
-    row = session.scalar(
-        select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == "encode_audio",
-                               StageRun.status.in_(("succeeded", "reused")))
-        .order_by(StageRun.attempt.desc()).limit(1))
+    row = latest_done(session, job_id, "encode_audio").get("encode_audio")
     sha256 = ((row.outputs or {}).get("audio") or {}).get("sha256") if row is not None else None
     return session.get(Artifact, sha256) if sha256 else None

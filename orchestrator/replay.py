@@ -12,23 +12,26 @@ Both write everything in one transaction and only then send the Celery chain: a 
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
-from db.models import Job, StageRun, utcnow
+from db.models import JOB_ACTIVE, Job, JobStatus, StageRun, StageStatus, utcnow
 from orchestrator.submission import new_job_rows
 from tasks.artifact_store import ArtifactIntegrityError, artifact_shas, open_store
-from tasks.celery_app import queue_for
 from tasks.contracts import STAGES, JobRequest
+from tasks.pipeline import chain as pipeline_chain
+from tasks.pipeline.attempts import add_attempts, end_waiting_cancelled_job, latest_done
 from tasks.settings import Settings, get_settings
-from tasks.stage_inputs import DONE_STATUSES
 
-ACTIVE_STATUSES = ("queued", "running")
+ACTIVE_STATUSES = JOB_ACTIVE
+log = logging.getLogger(__name__)
 # Each overridable request field and the first stage that reads it: an override is only honoured
 # when that stage runs again (re-running from a later stage would copy its old output).
 OVERRIDE_FIRST_STAGE: dict[str, str] = {
@@ -70,10 +73,11 @@ class ReplayResult:
     from_stage: str
     attempts: dict[str, int]  # the stages that will run, with their attempt numbers
     reused: dict[str, int] = field(default_factory=dict)  # stage -> source stage_run id
+    dispatched: bool = True  # False: stored, but the broker refused; the reconciler sends it later
 
     def as_dict(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "mode": self.mode, "from_stage": self.from_stage,
-                "attempts": self.attempts, "reused": self.reused}
+                "attempts": self.attempts, "reused": self.reused, "dispatched": self.dispatched}
 
 
 def _check_stage(stage: str) -> None:
@@ -83,9 +87,7 @@ def _check_stage(stage: str) -> None:
 
 def latest_done_runs(session: Session, job_id: str) -> dict[str, StageRun]:
     """Per stage, the latest attempt that succeeded or was reused (what downstream stages read)."""
-    runs = session.scalars(select(StageRun).where(StageRun.job_id == job_id, StageRun.status.in_(DONE_STATUSES))
-                           .order_by(StageRun.attempt))
-    return {run.stage: run for run in runs}
+    return latest_done(session, job_id)
 
 
 def verify_reused_outputs(runs: list[StageRun], settings: Settings) -> None:
@@ -141,25 +143,19 @@ def retry(job_id: str, from_stage: str | None = None, *, settings: Settings | No
         stage = from_stage or _default_from_stage(session, job)
         upstream = _reusable_upstream(session, job_id, stage)
         verify_reused_outputs(upstream, settings)
-        rerun = STAGES[STAGES.index(stage):]
-        highest = dict(session.execute(select(StageRun.stage, func.max(StageRun.attempt))
-                                       .where(StageRun.job_id == job_id).group_by(StageRun.stage)).all())
-        attempts = {s: int(highest.get(s) or 0) + 1 for s in rerun}
         # claim the job atomically: two concurrent retries cannot both pass (works without row locks)
         claimed = session.execute(
             update(Job).where(Job.id == job_id, Job.status.not_in(ACTIVE_STATUSES))
-            .values(status="queued", failed_stage=None, error_type=None, error_message=None, finished_at=None,
+            .values(status=JobStatus.QUEUED, failed_stage=None, error_type=None, error_message=None, finished_at=None,
                     cancel_requested=False, cancel_reason=None, cancel_requested_by=None,
                     cancel_requested_at=None, updated_at=utcnow())
             .execution_options(synchronize_session=False)).rowcount
         if not claimed:
             raise ReplayConflict(f"job {job_id} was queued by someone else meanwhile")
-        for s in rerun:
-            session.add(StageRun(job_id=job_id, stage=s, attempt=attempts[s], status="queued", queue=queue_for(s),
-                                 requested_by=_who("retry", requested_by)))
+        attempts = add_attempts(session, job_id, stage, requested_by=_who("retry", requested_by))
         result = ReplayResult(job_id, "retry", stage, attempts, {run.stage: run.id for run in upstream})
     if send:
-        _send(result, settings, sender)
+        result = _send(result, settings, sender)
     return result
 
 
@@ -213,14 +209,14 @@ def rerun_as_new(job_id: str, from_stage: str = "refine_lyrics", overrides: dict
         for row in job.stage_runs:
             source = sources.get(row.stage)
             if source is not None:
-                row.status, row.reused_from = "reused", source.id
+                row.status, row.reused_from = StageStatus.REUSED, source.id
                 row.inputs, row.outputs, row.artifacts = source.inputs, source.outputs, source.artifacts
             row.requested_by = _who("replay", requested_by)
         session.flush()
         attempts = {row.stage: row.attempt for row in job.stage_runs if row.stage not in sources}
         result = ReplayResult(job.id, "new", from_stage, attempts, {s: r.id for s, r in sources.items()})
     if send:
-        _send(result, settings, sender)
+        result = _send(result, settings, sender)
     return result
 
 
@@ -230,45 +226,51 @@ def _who(verb: str, requested_by: str | None) -> str:
     return f"{verb}:{requested_by}" if requested_by else verb
 
 
-def _send(result: ReplayResult, settings: Settings, sender: Callable[[str, dict[str, int], int | None], None] | None) -> None:
-    """Send the chain; if the broker refuses, record that on the new rows instead of leaving them queued."""
+def _send(result: ReplayResult, settings: Settings,
+          sender: Callable[[str, dict[str, int], int | None], None] | None) -> ReplayResult:
+    """Send the chain. A refused send is the submission's policy (L1): the rows are committed and
+    queued, so the reconciler sends them once the broker answers; the caller learns dispatched=False."""
     if sender is None:
-        from orchestrator.chain import send_chain as sender
+        sender = pipeline_chain.send_chain
     try:
         with session_scope(settings.resolved_database_url) as session:
             length = session.get(Job, result.job_id).request.get("max_audio_length_ms")
         sender(result.job_id, result.attempts, length)
-    except Exception as exc:
-        message = f"could not send the replay to the broker: {type(exc).__name__}: {exc}"
-        with session_scope(settings.resolved_database_url) as session:
-            for stage, attempt in result.attempts.items():
-                session.execute(update(StageRun).where(StageRun.job_id == result.job_id, StageRun.stage == stage,
-                                                       StageRun.attempt == attempt, StageRun.status == "queued")
-                                .values(status="failed", error_type="BrokerUnavailable", error_message=message,
-                                        finished_at=utcnow()))
-            session.execute(update(Job).where(Job.id == result.job_id).values(
-                status="failed", failed_stage=result.from_stage, error_type="BrokerUnavailable",
-                error_message=message, finished_at=utcnow()))
-        raise ReplayError(message) from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the broker client raised, the record is safe
+        log.warning("replay %s of job %s stored but not sent (%s: %s); the reconciler will send it",
+                    result.mode, result.job_id, type(exc).__name__, exc)
+        return dataclasses.replace(result, dispatched=False)
+    return result
 
 
 # -- cancel -----------------------------------------------------------------------------------
 
 def cancel(job_id: str, *, reason: str | None = None, requested_by: str | None = None,
            settings: Settings | None = None) -> bool:
-    """Ask a queued or running job to stop. The stage wrapper honours the flag: a running token
-    stage stops within a few frames, a queued stage is marked cancelled when its message arrives."""
+    """Stop a queued or running job; False when a cancel was already requested.
+
+    No stage running: one transaction marks the waiting frontier row cancelled (only if it is still
+    claimable, so a worker that claims it first wins), its later rows skipped and the job cancelled;
+    the stale message backs off at the claim. A stage running: the flag is cooperative - the token
+    stage stops within a few frames, any stage stops at its next cancel check, and the job ends when
+    that stage ends or is found lost (tasks/reconciler.py ends cancel-requested jobs whose frontier waits).
+    """
     settings = settings or get_settings()
     with session_scope(settings.resolved_database_url) as session:
         job = session.get(Job, job_id)
         if job is None:
             raise JobNotFound(f"job {job_id} does not exist")
+        if job.status == JobStatus.CANCELLED:
+            return False  # cancelling twice is not an error
         if job.status not in ACTIVE_STATUSES:
             raise ReplayConflict(f"job {job_id} is {job.status}; only queued or running jobs can be cancelled")
         if job.cancel_requested:
             return False
+        now = utcnow()
         job.cancel_requested = True
         job.cancel_reason = reason or "cancelled from the admin dashboard"
         job.cancel_requested_by = requested_by
-        job.cancel_requested_at = utcnow()
+        job.cancel_requested_at = now
+        session.flush()
+        end_waiting_cancelled_job(session, job, now)
     return True

@@ -18,10 +18,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.engine import session_scope
-from db.models import Job, StageRun
+from db.models import JOB_ACTIVE, Job, JobStatus, StageRun, StageStatus
 from tasks.celery_app import queue_for
 from tasks.contracts import MAX_SEED, PIPELINE_NAME, STAGES, JobRequest
 from tasks.environment import code_version
+from tasks.pipeline import chain as pipeline_chain
 from tasks.settings import Settings
 from tasks.stage_inputs import refine_lyrics_input
 
@@ -69,13 +70,13 @@ def new_job_rows(session: Session, request: JobRequest, settings: Settings, *, s
         chosen_seed = draw_seed()
     if not 0 <= chosen_seed <= MAX_SEED:
         raise ValueError(f"seed {chosen_seed} is outside 0..{MAX_SEED}")
-    job = Job(id=uuid.uuid4().hex, status="queued", request=request.model_dump(mode="json"), seed=chosen_seed,
+    job = Job(id=uuid.uuid4().hex, status=JobStatus.QUEUED, request=request.model_dump(mode="json"), seed=chosen_seed,
               seed_source=seed_source, pipeline=PIPELINE_NAME, code_version=code_version(), source=source,
               client_id=client_id, replay_of=replay_of, replay_from_stage=replay_from_stage,
               replay_overrides=replay_overrides, search_text=search_text(request))
     session.add(job)
     for stage in STAGES:
-        job.stage_runs.append(StageRun(stage=stage, attempt=1, status="queued", queue=queue_for(stage)))
+        job.stage_runs.append(StageRun(stage=stage, attempt=1, status=StageStatus.QUEUED, queue=queue_for(stage)))
     # the first stage's input is known now: record it before any message exists
     job.stage_runs[0].inputs = refine_lyrics_input(session, job, settings).model_dump(mode="json")
     session.flush()
@@ -84,14 +85,13 @@ def new_job_rows(session: Session, request: JobRequest, settings: Settings, *, s
 
 def submit_job(request: JobRequest, settings: Settings, *, source: str = "api",
                client_id: str | None = None) -> SubmittedJob:
-    from orchestrator.chain import send_chain
     from tasks.metrics import count_broker_error
 
     with session_scope(settings.resolved_database_url) as session:
         job = new_job_rows(session, request, settings, source=source, client_id=client_id)
         submitted = SubmittedJob(job.id, job.seed, job.seed_source)
     try:
-        send_chain(submitted.id, {stage: 1 for stage in STAGES}, request.max_audio_length_ms)
+        pipeline_chain.send_chain(submitted.id, {stage: 1 for stage in STAGES}, request.max_audio_length_ms)
     except (KombuOperationalError, RedisError, OSError) as exc:
         # The job is committed: answering an error would make a client resubmit a duplicate.
         # The reconciler finds queued rows whose message is missing and sends them.
@@ -105,4 +105,4 @@ def submit_job(request: JobRequest, settings: Settings, *, source: str = "api",
 
 
 def queued_job_count(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(Job).where(Job.status.in_(("queued", "running")))) or 0
+    return session.scalar(select(func.count()).select_from(Job).where(Job.status.in_(JOB_ACTIVE))) or 0

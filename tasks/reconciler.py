@@ -38,23 +38,26 @@ from typing import Any, Callable, Iterable
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from db.clock import as_utc, database_now
 from db.engine import session_scope
-from db.models import Job, StageRun, utcnow
-from tasks.celery_app import CPU_QUEUE, GPU_QUEUE, queue_for, task_name
+from db.models import JOB_ACTIVE, STAGE_CLAIMABLE, Job, JobStatus, StageRun, StageStatus
+from tasks.celery_app import CPU_QUEUE, GPU_QUEUE, task_name
 from tasks.contracts import STAGES
-from tasks.recording import ACTIVE_JOB_STATUSES, CLAIMABLE_STATUSES, DONE_STATUSES, end_job, lease_s
+from tasks.pipeline import chain as pipeline_chain
+from tasks.pipeline.attempts import add_attempts, end_job, end_waiting_cancelled_job, frontier, latest_runs
+from tasks.recording import lease_s
 from tasks.settings import Settings
 from tasks.time_limits import stage_limits
 
 log = logging.getLogger(__name__)
 
-LOST = "lost"  # an attempt whose worker or message vanished; a newer attempt replaces it
+LOST = StageStatus.LOST  # an attempt whose worker or message vanished; a newer attempt replaces it
 WORKER_LOST, MESSAGE_LOST = "WorkerLost", "MessageLost"
 MAX_WORKER_LOSSES = 3  # the third loss of the same stage fails the job instead of resending again
 MAX_MESSAGE_LOSSES = 5
 TIME_LIMIT_SLACK_S = 5.0
 CONFIRM_DELAY_S = 1.0
-ACTIVE = ACTIVE_JOB_STATUSES
+ACTIVE = JOB_ACTIVE
 PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")  # kombu's Redis priority lists
 UNACKED_KEY = "unacked"
 
@@ -123,55 +126,10 @@ def redis_broker_view(redis_url: str, queues: Iterable[str] = (CPU_QUEUE, GPU_QU
 
 
 def _default_sender(job_id: str, attempts: dict[str, int], max_audio_length_ms: int | None) -> None:
-    from orchestrator.chain import send_chain
-
-    send_chain(job_id, attempts, max_audio_length_ms)
-
-
-# -- new attempts ------------------------------------------------------------------------------
-
-def add_attempts(session: Session, job: Job, from_stage: str, *, requested_by: str,
-                 supersede_reason: str | None = None) -> dict[str, int]:
-    """Queued rows for a new attempt (highest + 1) of `from_stage` and every stage after it.
-
-    Stages before `from_stage` keep their succeeded rows, which the new attempts read. The caller
-    commits, then sends the chain for the returned attempts.
-    """
-    highest = dict(session.execute(select(StageRun.stage, func.max(StageRun.attempt))
-                                   .where(StageRun.job_id == job.id).group_by(StageRun.stage)).all())
-    attempts: dict[str, int] = {}
-    for stage in STAGES[STAGES.index(from_stage):]:
-        attempts[stage] = int(highest.get(stage) or 0) + 1
-        session.add(StageRun(job_id=job.id, stage=stage, attempt=attempts[stage], status="queued",
-                             queue=queue_for(stage), requested_by=requested_by))
-    session.flush()
-    return attempts
+    pipeline_chain.send_chain(job_id, attempts, max_audio_length_ms)
 
 
 # -- one pass ----------------------------------------------------------------------------------
-
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    if value is not None and value.tzinfo is None:  # SQLite returns naive UTC
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value
-
-
-def _frontier(rows: list[StageRun]) -> tuple[StageRun | None, StageRun | None]:
-    """(latest attempt of the first stage not done, latest done attempt of the stage before it)."""
-    latest: dict[str, StageRun] = {}
-    for row in rows:
-        if row.stage not in latest or row.attempt > latest[row.stage].attempt:
-            latest[row.stage] = row
-    previous = None
-    for stage in STAGES:
-        row = latest.get(stage)
-        if row is None:
-            return None, previous
-        if row.status not in DONE_STATUSES:
-            return row, previous
-        previous = row
-    return None, previous
-
 
 def find_candidates(session: Session, settings: Settings, now: dt.datetime) -> tuple[list[_Candidate], list[str]]:
     """Frontier rows that look stuck, and active jobs whose every stage is already done."""
@@ -183,17 +141,17 @@ def find_candidates(session: Session, settings: Settings, now: dt.datetime) -> t
     candidates: list[_Candidate] = []
     finished: list[str] = []
     for job_id, job_rows in by_job.items():
-        row, previous = _frontier(job_rows)
+        row, previous = frontier(latest_runs(job_rows))
         if row is None:
             if previous is not None and previous.stage == STAGES[-1]:
                 finished.append(job_id)
             continue
-        if row.status == "running":
-            seen = _aware(row.heartbeat_at or row.started_at)
+        if row.status == StageStatus.RUNNING:
+            seen = as_utc(row.heartbeat_at or row.started_at)
             if seen is None or now - seen > lease:
                 candidates.append(_Candidate(job_id, row.id, row.stage, row.attempt, "stale", row.status))
-        elif row.status in CLAIMABLE_STATUSES:
-            since = max(t for t in (_aware(row.queued_at), _aware(previous.finished_at) if previous else None) if t)
+        elif row.status in STAGE_CLAIMABLE:
+            since = max(t for t in (as_utc(row.queued_at), as_utc(previous.finished_at) if previous else None) if t)
             if now - since > lease:
                 candidates.append(_Candidate(job_id, row.id, row.stage, row.attempt, "unsent", row.status))
     return candidates, finished
@@ -213,10 +171,10 @@ def _settle(session: Session, settings: Settings, cand: _Candidate, now: dt.date
         return None
     cutoff = now - dt.timedelta(seconds=lease_s(settings))
     if cand.kind == "stale":
-        guard = (StageRun.status == "running",
+        guard = (StageRun.status == StageStatus.RUNNING,
                  or_(StageRun.heartbeat_at.is_(None), StageRun.heartbeat_at < cutoff))
-        seen = _aware(row.heartbeat_at or row.started_at) or now
-        ran_s = (seen - (_aware(row.started_at) or seen)).total_seconds()
+        seen = as_utc(row.heartbeat_at or row.started_at) or now
+        ran_s = (seen - (as_utc(row.started_at) or seen)).total_seconds()
         hard_s = stage_limits(row.stage, (job.request or {}).get("max_audio_length_ms"), settings).hard_s
         progress = row.progress or {}
         where = (f"worker {row.worker_hostname} pid {row.worker_pid}, no heartbeat for "
@@ -227,29 +185,29 @@ def _settle(session: Session, settings: Settings, cand: _Candidate, now: dt.date
         if ran_s >= hard_s - TIME_LIMIT_SLACK_S:
             error_type = "TimeLimitExceeded"
     else:
-        guard = (StageRun.status.in_(CLAIMABLE_STATUSES),)
+        guard = (StageRun.status.in_(STAGE_CLAIMABLE),)
         where = f"no message for this attempt in the broker queues or unacknowledged set ({cand.observed})"
         error_type, losses, limit = MESSAGE_LOST, _losses(session, job.id, row.stage, MESSAGE_LOST), MAX_MESSAGE_LOSSES
 
     if job.cancel_requested:
-        status, action, message = "cancelled", "cancelled", f"cancelled; its {row.stage} attempt was lost ({where})"
+        status, action, message = StageStatus.CANCELLED, "cancelled", f"cancelled; its {row.stage} attempt was lost ({where})"
     elif error_type == "TimeLimitExceeded":
-        status, action = "failed", "failed"
+        status, action = StageStatus.FAILED, "failed"
         message = f"stage {row.stage} ran for its whole hard time limit ({hard_s} s) and was killed ({where})"
     elif losses + 1 >= limit:
-        status, action = "failed", "failed"
+        status, action = StageStatus.FAILED, "failed"
         message = (f"stage {row.stage} was lost {losses + 1} times ({error_type}); not retried again. "
                    f"Last: {where}")
     else:
         status, action = LOST, "resent"
         message = f"{error_type}: {where}; superseded by a new attempt"
     changed = session.execute(update(StageRun).where(StageRun.id == row.id, *guard).values(
-        status=status, error_type=error_type if status != "cancelled" else None, error_message=message,
+        status=status, error_type=error_type if status != StageStatus.CANCELLED else None, error_message=message,
         finished_at=now).execution_options(synchronize_session=False)).rowcount
     if not changed:
         return None  # a worker claimed it, or its heartbeat came back: nothing is stuck
     if status != LOST:
-        end_job(job, status, row.stage, error_type, message, now)
+        end_job(session, job, status, row.stage, error_type, message, now)
         return Decision(job.id, row.stage, row.attempt, action, message)
     attempts = add_attempts(session, job, row.stage, requested_by=f"reconciler:{error_type}")
     return Decision(job.id, row.stage, row.attempt, action, message, attempts)
@@ -264,12 +222,22 @@ def reconcile_once(settings: Settings, *, broker_view: BrokerView | None = None,
             raise RuntimeError("the reconciler needs REDIS_URL to look into the broker")
         broker_view = lambda: redis_broker_view(settings.redis_url)  # noqa: E731
     sender = _default_sender if sender is None else sender
-    now = now or utcnow()
+    if now is None:  # the database's clock: heartbeats were written with it too (db/clock.py)
+        with session_scope(url) as session:
+            now = database_now(session)
+    cancelled: list[Decision] = []
+    with session_scope(url) as session:
+        # a cancel asked while a stage ran (or raced a claim) ends here once no stage holds the job
+        for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE), Job.cancel_requested)).all():
+            row = end_waiting_cancelled_job(session, job, now)
+            if row is not None:
+                cancelled.append(Decision(job.id, row.stage, row.attempt, "cancelled",
+                                          "cancel requested and no stage was running"))
     with session_scope(url) as session:
         candidates, finished = find_candidates(session, settings, now)
         for job_id in finished:  # every stage done yet the job still active: only the status is missing
             session.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-                            .values(status="succeeded", finished_at=now))
+                            .values(status=JobStatus.SUCCEEDED, finished_at=now))
     unsent = [c for c in candidates if c.kind == "unsent"]
     if unsent:
         try:
@@ -282,8 +250,8 @@ def reconcile_once(settings: Settings, *, broker_view: BrokerView | None = None,
         except Exception as exc:  # broker down: nothing can be re-sent now, and absence proves nothing
             log.warning("reconciler: cannot look into the broker (%s); queued rows are checked next pass", exc)
             unsent = []
-    decisions: list[Decision] = [Decision(job_id, STAGES[-1], 0, "succeeded", "every stage had succeeded")
-                                 for job_id in finished]
+    decisions: list[Decision] = cancelled + [Decision(job_id, STAGES[-1], 0, "succeeded", "every stage had succeeded")
+                                             for job_id in finished]
     for cand in [c for c in candidates if c.kind == "stale"] + unsent:
         with session_scope(url) as session:
             decision = _settle(session, settings, cand, now)

@@ -36,16 +36,17 @@ from pydantic import BaseModel
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from db.clock import db_now
 from db.engine import session_scope
-from db.models import Artifact, Job, StageRun, utcnow
+from db.models import JOB_ACTIVE, STAGE_CLAIMABLE, STAGE_DONE, Artifact, Job, JobStatus, StageRun, StageStatus, utcnow
 from tasks.artifact_store import ArtifactStore, artifact_shas, open_store
 from tasks.celery_app import app, queue_for, task_name
 from tasks.contracts import STAGE_CONTRACTS, STAGES, ArtifactRef
 from tasks.environment import environment_snapshot, torch_snapshot
+from tasks.pipeline import chain as pipeline_chain
+from tasks.pipeline.attempts import add_attempts, end_job
 from tasks.settings import Settings, get_settings
-from tasks.stage_inputs import DONE_STATUSES
 
-CLAIMABLE_STATUSES = ("queued", "pending")  # rows a worker may start; anything else backs off
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL_S = 0.5
@@ -53,7 +54,6 @@ CANCEL_CHECK_INTERVAL_S = 1.0
 LEASE_HEARTBEATS = 12  # a running row is lost after this many missed heartbeats
 TRANSIENT_RETRIES = 1  # transient failures get exactly one new attempt
 TRANSIENT_RETRY_REQUESTER = "retry:transient"
-ACTIVE_JOB_STATUSES = ("queued", "running")
 MAX_NOTED_DUPLICATES = 20
 
 
@@ -130,7 +130,7 @@ class StageContext:
     def _held(self) -> tuple:
         """This attempt's row, while this process still holds it (the fence for every write)."""
         host, pid = _holder()
-        return (*_row_key(self.job_id, self.stage, self.attempt), StageRun.status == "running",
+        return (*_row_key(self.job_id, self.stage, self.attempt), StageRun.status == StageStatus.RUNNING,
                 StageRun.worker_hostname == host, StageRun.worker_pid == pid)
 
     def _write_held(self, **values: Any) -> None:
@@ -151,12 +151,12 @@ class StageContext:
             elapsed = max(now - self._started, 1e-9)
             payload = {"done": done, "total": total, "unit": unit, "rate_per_s": round(done / elapsed, 3),
                        "elapsed_s": round(elapsed, 3)}
-            self._write_held(progress=payload, heartbeat_at=utcnow())
+            self._write_held(progress=payload, heartbeat_at=db_now())
         if self.should_cancel():
             raise JobCancelled(f"job {self.job_id} cancelled during {self.stage} after {done} of {total} {unit}")
 
     def heartbeat(self) -> None:
-        self._write_held(heartbeat_at=utcnow())
+        self._write_held(heartbeat_at=db_now())
 
     def should_cancel(self) -> bool:
         """Cooperative cancel check against the job's flag in SQL, throttled to once a second.
@@ -186,7 +186,12 @@ class StageContext:
 
 class _Heartbeat:
     """Writes heartbeat_at every `heartbeat_s` while the stage computes (a thread: long kernels, long
-    windows and model loads keep their lease); notices when the attempt was superseded."""
+    windows and model loads keep their lease); notices when the attempt was superseded.
+
+    The runner stops and joins it BEFORE the attempt's terminal write (M1): a beat landing after that
+    write would find the row no longer running and wrongly mark the attempt superseded, which would
+    drop its transient retry. A beat that finds the row gone once stopping has begun is ignored too.
+    """
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
@@ -198,13 +203,26 @@ class _Heartbeat:
         return self
 
     def __exit__(self, *_exc: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    def _beat(self) -> None:
+        with session_scope(self.ctx.database_url) as session:
+            written = session.execute(update(StageRun).where(*self.ctx._held()).values(heartbeat_at=db_now())
+                                      .execution_options(synchronize_session=False)).rowcount
+        if not written and not self._stop.is_set():
+            self.ctx._superseded = True
+            raise StageSuperseded(f"job {self.ctx.job_id} stage {self.ctx.stage} attempt {self.ctx.attempt} is no "
+                                  "longer held by this process (superseded after a lost lease)")
 
     def _run(self) -> None:
         while not self._stop.wait(self.ctx.settings.heartbeat_s):
             try:
-                self.ctx.heartbeat()
+                self._beat()
             except StageSuperseded:
                 log.warning("job %s stage %s attempt %s was superseded while running; it stops at its next check",
                             self.ctx.job_id, self.ctx.stage, self.ctx.attempt)
@@ -236,16 +254,6 @@ def _end_environment(row: StageRun, ctx: StageContext) -> dict[str, Any]:
     """
     fresh = torch_snapshot() if ctx._environment_recorded else environment_snapshot(queue=row.queue)
     return {**(row.environment or {}), **fresh, **ctx.environment_extra}
-
-
-def end_job(job: Job, status: str, stage: str, error_type: str | None, message: str, finished_at: Any) -> None:
-    """End a job because `stage` failed or was cancelled (the stage wrapper and the reconciler)."""
-    job.status = status
-    job.finished_at = finished_at
-    if status == "failed":
-        job.failed_stage, job.error_type, job.error_message = stage, error_type, message
-    else:
-        job.cancel_reason = job.cancel_reason or message
 
 
 def describe_error(exc: BaseException) -> tuple[str, str]:
@@ -285,7 +293,7 @@ class StageRunner:
         if claim == "done":
             return None
         started = time.monotonic()
-        with _Heartbeat(ctx):
+        with _Heartbeat(ctx) as beat:
             try:
                 if claim == "cancelled":
                     raise JobCancelled(f"job {job_id} was cancelled before stage {self.stage} started")
@@ -305,14 +313,16 @@ class StageRunner:
                 ctx.run_hooks("start")
                 result = self.compute(inputs, ctx)
                 outputs = self.output_model.model_validate(result.model_dump())
+                beat.stop()
                 self._record_success(url, job_id, attempt, outputs, ctx, started, recording)
                 return outputs.model_dump(mode="json")
             except StageSuperseded as exc:
                 log.warning("%s; result discarded", exc)
                 raise Ignore() from exc
             except JobCancelled as exc:
+                beat.stop()
                 if not ctx.superseded:
-                    self._record_end_unless_superseded(url, job_id, attempt, "cancelled", exc, ctx, started)
+                    self._record_end_unless_superseded(url, job_id, attempt, StageStatus.CANCELLED, exc, ctx, started)
                 raise Ignore() from exc
             except BaseException as exc:
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -321,12 +331,13 @@ class StageRunner:
                     log.warning("job %s stage %s attempt %s failed after being superseded (%s); not recorded",
                                 job_id, self.stage, attempt, describe_error(exc)[0])
                     raise Ignore() from exc
+                beat.stop()
                 if self.on_failure is not None:
                     try:  # before the record, so what it decides (e.g. process replacement) is recorded too
                         self.on_failure(exc, ctx)
                     except Exception:
                         log.exception("failure handler of stage %s raised", self.stage)
-                retry = self._record_end_unless_superseded(url, job_id, attempt, "failed", exc, ctx, started)
+                retry = self._record_end_unless_superseded(url, job_id, attempt, StageStatus.FAILED, exc, ctx, started)
                 if ctx.superseded:
                     raise Ignore() from exc
                 if retry is not None:
@@ -353,11 +364,11 @@ class StageRunner:
             if row is None:
                 raise LookupError(f"job {job_id} has no {self.stage} attempt {attempt}")
             claimed = 0
-            if job.status in ACTIVE_JOB_STATUSES:
+            if job.status in JOB_ACTIVE:
                 claimed = session.execute(
                     update(StageRun).where(*_row_key(job_id, self.stage, attempt),
-                                           StageRun.status.in_(CLAIMABLE_STATUSES))
-                    .values(status="running", started_at=now, heartbeat_at=now, celery_task_id=celery_task_id,
+                                           StageRun.status.in_(STAGE_CLAIMABLE))
+                    .values(status=StageStatus.RUNNING, started_at=db_now(), heartbeat_at=db_now(), celery_task_id=celery_task_id,
                             worker_hostname=host, worker_pid=pid, deliveries=StageRun.deliveries + 1)
                     .execution_options(synchronize_session=False)).rowcount
             if not claimed:
@@ -368,11 +379,11 @@ class StageRunner:
                 noted.append({"at": now.isoformat(), "celery_task_id": celery_task_id, "hostname": host, "pid": pid,
                               "row_status": row.status, "job_status": job.status})
                 row.environment = {**(row.environment or {}), "duplicate_deliveries": noted}
-                if row.status in DONE_STATUSES and job.status in ACTIVE_JOB_STATUSES:
+                if row.status in STAGE_DONE and job.status in JOB_ACTIVE:
                     outcome = "done"  # a re-delivery after success: let the chain go on (idempotent downstream)
             else:
-                if job.status == "queued":
-                    job.status = "running"
+                if job.status == JobStatus.QUEUED:
+                    job.status = JobStatus.RUNNING
                 outcome = "cancelled" if job.cancel_requested else "run"
         if outcome == "ignore":
             raise Ignore()  # after the commit, so the note about the skipped delivery is kept
@@ -382,7 +393,7 @@ class StageRunner:
                                       ctx: StageContext, started: float) -> ScheduledRetry | None:
         try:
             return self._record_end(url, job_id, attempt, status, exc, ctx, started,
-                                    with_traceback=status == "failed")
+                                    with_traceback=status == StageStatus.FAILED)
         except StageSuperseded as lost:
             log.warning("%s; its %s (%s) is not recorded", lost, status, describe_error(exc)[0])
             return None
@@ -401,10 +412,10 @@ class StageRunner:
         payload = outputs.model_dump(mode="json")
         with session_scope(url) as session:
             row = self._held_row(session, ctx)
-            finished = utcnow()
+            finished = db_now()  # the database's clock, like every lease time (db/clock.py)
             environment = _end_environment(row, ctx)
             written = session.execute(update(StageRun).where(*ctx._held()).values(
-                status="succeeded", outputs=payload, artifacts=artifact_shas(payload), finished_at=finished,
+                status=StageStatus.SUCCEEDED, outputs=payload, artifacts=artifact_shas(payload), finished_at=finished,
                 heartbeat_at=finished, duration_s=time.monotonic() - started, environment=environment,
                 recording_s=recording + (time.monotonic() - t0))
                 .execution_options(synchronize_session=False)).rowcount
@@ -413,7 +424,7 @@ class StageRunner:
                 raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")
             if self.stage == STAGES[-1]:
                 job = session.get(Job, job_id)
-                job.status = "succeeded"
+                job.status = JobStatus.SUCCEEDED
                 job.finished_at = finished
 
     def _record_end(self, url: str, job_id: str, attempt: int, status: str, exc: BaseException,
@@ -427,13 +438,13 @@ class StageRunner:
         with session_scope(url) as session:
             row = self._held_row(session, ctx)
             job = session.get(Job, job_id)
-            if status == "failed" and is_transient(exc) and not job.cancel_requested:
+            if status == StageStatus.FAILED and is_transient(exc) and not job.cancel_requested:
                 retry = self._schedule_transient_retry(session, job)
                 if retry is not None:
                     message = (f"{message} [transient: retried once as attempt {retry.attempts[self.stage]} "
                                "on a fresh worker process]")
             values: dict[str, Any] = dict(
-                status=status, error_type=error_type, error_message=message, traceback=trace, finished_at=utcnow(),
+                status=status, error_type=error_type, error_message=message, traceback=trace, finished_at=db_now(),
                 duration_s=time.monotonic() - started,
                 environment=_end_environment(row, ctx))
             exchanges = getattr(exc, "llm_exchanges", None)
@@ -447,12 +458,10 @@ class StageRunner:
                 raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")
             if retry is not None:
                 return retry  # the job goes on with the new attempt
-            end_job(job, status, self.stage, error_type, message, values["finished_at"])
+            end_job(session, job, status, self.stage, error_type, message, values["finished_at"])
         return retry
 
     def _schedule_transient_retry(self, session: Session, job: Job) -> ScheduledRetry | None:
-        from tasks.reconciler import add_attempts
-
         earlier = session.scalar(select(func.count()).select_from(StageRun).where(
             StageRun.job_id == job.id, StageRun.stage == self.stage,
             StageRun.requested_by == TRANSIENT_RETRY_REQUESTER)) or 0
@@ -464,10 +473,8 @@ class StageRunner:
 
 
 def _send_retry(retry: ScheduledRetry) -> None:
-    from orchestrator.chain import send_chain
-
     try:
-        send_chain(retry.job_id, retry.attempts, retry.max_audio_length_ms)
+        pipeline_chain.send_chain(retry.job_id, retry.attempts, retry.max_audio_length_ms)
     except Exception:  # the rows are queued in SQL: the reconciler sends them when the broker is back
         log.exception("could not send the transient retry of job %s; the reconciler will", retry.job_id)
 

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Job, StageRun
+from db.models import STAGE_DONE, Job
 from tasks.contracts import (DecodeAudioInput, EncodeAudioInput, GenerateTagsInput, GenerateTokensInput,
                              JobRequest, RefineLyricsInput)
+from tasks.pipeline.attempts import latest_done
 from tasks.settings import Settings
 
-DONE_STATUSES = ("succeeded", "reused")
+DONE_STATUSES = STAGE_DONE  # kept for callers of the old name
 
 
 class MissingUpstreamOutput(LookupError):
@@ -24,9 +24,7 @@ class MissingUpstreamOutput(LookupError):
 
 def upstream_outputs(session: Session, job_id: str, stage: str) -> dict[str, Any]:
     """Outputs of the latest successful attempt of `stage` in this job (retries reuse these)."""
-    row = session.scalar(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == stage,
-                                                StageRun.status.in_(DONE_STATUSES))
-                         .order_by(StageRun.attempt.desc()).limit(1))
+    row = latest_done(session, job_id, stage).get(stage)
     if row is None or row.outputs is None:
         raise MissingUpstreamOutput(f"job {job_id}: stage {stage} has no successful attempt to read outputs from")
     return row.outputs

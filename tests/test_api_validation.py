@@ -156,7 +156,7 @@ def test_valid_request_is_accepted_with_id_seed_and_links(tiny_checkpoint_dir, t
     from tasks.settings import Settings
 
     sent: list[tuple] = []
-    monkeypatch.setattr("orchestrator.chain.send_chain", lambda job_id, attempts, *_: sent.append((job_id, attempts)))
+    monkeypatch.setattr("tasks.pipeline.chain.send_chain", lambda job_id, attempts, *_: sent.append((job_id, attempts)))
     settings = Settings(data_dir=tmp_path, checkpoint_dir=tiny_checkpoint_dir)
     upgrade(settings.resolved_database_url)
     response = post(create_app(settings).test_client(), {**VALID, "seed": 7})
@@ -178,7 +178,7 @@ def test_broker_down_after_commit_still_answers_201_and_leaves_the_job_for_the_r
     def refuse(*_args):
         raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
-    monkeypatch.setattr("orchestrator.chain.send_chain", refuse)
+    monkeypatch.setattr("tasks.pipeline.chain.send_chain", refuse)
     settings = Settings(data_dir=tmp_path, checkpoint_dir=tiny_checkpoint_dir)
     upgrade(settings.resolved_database_url)
     response = post(create_app(settings).test_client(), VALID)

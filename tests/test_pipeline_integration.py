@@ -136,7 +136,9 @@ def test_failure_fails_the_job_naming_the_stage(failed):
 def test_failure_stops_the_chain(failed):
     for stage in ("generate_tags", "generate_tokens", "decode_audio", "encode_audio"):
         row = _stage(failed, stage)
-        assert row["status"] == "queued" and row["started_at"] is None and row["inputs"] is None, stage
+        # never started, and marked so in the transaction that failed the job (no row of it stays queued)
+        assert row["status"] == "skipped" and row["started_at"] is None and row["inputs"] is None, stage
+        assert "refine_lyrics failed" in row["error_message"], stage
 
 
 def test_failed_job_has_no_audio(failed, stack):

@@ -263,7 +263,7 @@ def test_a_deterministic_failure_is_not_retried(settings):
 
 def test_a_transient_failure_gets_exactly_one_new_attempt(settings, monkeypatch):
     sent = []
-    monkeypatch.setattr("orchestrator.chain.send_chain", lambda *args: sent.append(args))
+    monkeypatch.setattr("tasks.pipeline.chain.send_chain", lambda *args: sent.append(args))
     job_id = _job(settings)
 
     class OutOfMemoryError(RuntimeError):
@@ -302,7 +302,7 @@ def test_cancel_is_honoured_at_a_progress_report(settings):
 def test_submissions_beyond_the_per_client_rate_get_429_with_retry_after(app_settings, monkeypatch):
     from orchestrator.app import create_app
 
-    monkeypatch.setattr("orchestrator.chain.send_chain", lambda *args: None)
+    monkeypatch.setattr("tasks.pipeline.chain.send_chain", lambda *args: None)
     app = create_app(app_settings.model_copy(update={"submissions_per_minute": 3}))
     client = app.test_client()
     body = {"lyrics": "la la la", "tags": "ska", "max_audio_length_ms": 1000}
@@ -321,7 +321,7 @@ def test_the_queue_cap_refuses_with_503_and_stores_nothing(app_settings, monkeyp
 
     from tests.stack_fixtures import count_rows
 
-    monkeypatch.setattr("orchestrator.chain.send_chain", lambda *args: None)
+    monkeypatch.setattr("tasks.pipeline.chain.send_chain", lambda *args: None)
     queued = count_rows(app_settings.resolved_database_url)["jobs"]  # the module's database is shared
     app = create_app(app_settings.model_copy(update={"max_queued_jobs": queued + 2}))
     client = app.test_client()

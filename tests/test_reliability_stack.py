@@ -123,6 +123,36 @@ def test_a_cancelled_job_frees_the_gpu_within_seconds(stack):
     assert stack.wait_for_job(after["id"], timeout_s=30)["status"] == "succeeded"
 
 
+def test_a_failed_jobs_later_stages_are_skipped_not_left_queued(stack):
+    job = stack.submit(rf.song("cuda-assert"))
+    view = stack.wait_for_job(job["id"], timeout_s=60)
+    assert view["status"] == "failed" and view["failed_stage"] == "generate_tokens"
+    assert [(r["stage"], r["status"]) for r in rf.stage_rows(stack, job["id"])] == [
+        ("refine_lyrics", "succeeded"), ("generate_tags", "succeeded"), ("generate_tokens", "failed"),
+        ("decode_audio", "skipped"), ("encode_audio", "skipped")]
+
+
+def test_cancel_ends_a_job_queued_behind_a_stopped_gpu_worker_and_its_stale_message_backs_off(stack):
+    for name in rf.gpu_worker_names(stack):
+        rf.sigkill(stack, name)  # nothing consumes the GPU queue now
+    job = stack.submit(rf.song())
+    rf.wait_for_stage(stack, job["id"], "generate_tokens", lambda r: r["status"] == "queued"
+                      and rf.stage_rows(stack, job["id"], "generate_tags")[-1]["status"] == "succeeded")
+    assert cancel(job["id"], reason="test: GPU down", settings=stack.settings)
+    assert rf.job_status(stack, job["id"]) == "cancelled"  # at once, no worker and no reconcile pass needed
+    assert [r["status"] for r in rf.stage_rows(stack, job["id"])] == ["succeeded", "succeeded", "cancelled",
+                                                                      "skipped", "skipped"]
+    # the message is still in the queue: the new worker must not run it. (Not waiting for its ping: the
+    # harness's pooled broker connection may predate the Redis restart above; its backing off is the proof.)
+    rf.start_worker(stack, "gpu", wait=False)
+    tokens = rf.wait_for_stage(stack, job["id"], "generate_tokens",
+                               lambda r: (r["environment"] or {}).get("duplicate_deliveries"), timeout_s=120)
+    assert tokens["status"] == "cancelled" and tokens["deliveries"] == 0
+    assert tokens["environment"]["duplicate_deliveries"][-1]["row_status"] == "cancelled"
+    after = stack.submit(rf.song())
+    assert stack.wait_for_job(after["id"], timeout_s=60)["status"] == "succeeded"
+
+
 def test_a_burst_beyond_the_queue_cap_gets_503_with_retry_after_and_every_accepted_job_finishes(stack):
     jobs_before = count_rows(stack.database_url)["jobs"]
     answers = rf.burst(stack.base_url, [rf.song() for _ in range(40)], threads=8)
@@ -136,3 +166,19 @@ def test_a_burst_beyond_the_queue_cap_gets_503_with_retry_after_and_every_accept
 
     finished = rf.terminal_jobs(stack, accepted, timeout_s=180)
     assert set(finished.values()) == {"succeeded"}, finished
+
+
+def test_no_row_of_a_finished_job_is_queued_after_everything_above(stack):
+    """The invariant over the whole module's record: kills, an empty broker, retries, cancels, a burst."""
+    import sqlalchemy as sa
+
+    from db.engine import get_engine
+
+    with get_engine(stack.database_url).connect() as connection:
+        stuck = connection.execute(sa.text(
+            "SELECT jobs.id, jobs.status, stage_runs.stage, stage_runs.attempt FROM jobs JOIN stage_runs "
+            "ON stage_runs.job_id = jobs.id WHERE jobs.status IN ('succeeded', 'failed', 'cancelled') "
+            "AND stage_runs.status = 'queued'")).all()
+        finished = connection.execute(sa.text(
+            "SELECT COUNT(*) FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled')")).scalar()
+    assert finished > 20 and stuck == []

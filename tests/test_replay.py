@@ -6,6 +6,7 @@ recorder, so each test sees exactly which attempts a replay would send.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -14,11 +15,13 @@ from click.testing import CliRunner
 from sqlalchemy import func, select
 
 from db.engine import session_scope
-from db.models import Job, StageRun
+from db.models import Job, StageRun, utcnow
 from orchestrator import replay
 from orchestrator.submission import new_job_rows
 from tasks.artifact_store import ArtifactIntegrityError, open_store
 from tasks.contracts import STAGES, JobRequest
+from tasks.reconciler import reconcile_once
+from tasks.recording import lease_s
 from tasks.settings import Settings
 
 LYRICS = "de doo doo doo\nde blaa blaa blaa\nis all I want to sing to you"
@@ -236,17 +239,23 @@ def test_override_values_are_validated_by_the_request_model(settings, succeeded)
         assert field in error.value.errors, (field, error.value.errors)
 
 
-def test_a_refused_send_marks_the_new_attempts_failed_instead_of_leaving_them_queued(settings, succeeded):
+def test_a_refused_send_leaves_the_replay_stored_and_queued_for_the_reconciler(settings, succeeded):
     def broken(job_id, attempts, *_):
         raise ConnectionError("broker down")
 
-    with pytest.raises(replay.ReplayError, match="broker down"):
-        replay.rerun_as_new(succeeded, "encode_audio", settings=settings, sender=broken)
+    result = replay.rerun_as_new(succeeded, "encode_audio", settings=settings, sender=broken)
+    assert result.dispatched is False and result.as_dict()["dispatched"] is False
     with session_scope(settings.resolved_database_url) as session:
-        newest = session.scalars(select(Job).where(Job.replay_of == succeeded).order_by(Job.created_at.desc())).first()
-        assert (newest.status, newest.error_type) == ("failed", "BrokerUnavailable")
+        newest = session.get(Job, result.job_id)
+        assert (newest.status, newest.error_type) == ("queued", None)
         encode = next(r for r in newest.stage_runs if r.stage == "encode_audio")
-        assert encode.status == "failed" and "broker down" in encode.error_message
+        assert encode.status == "queued"
+    sent = Sent()  # the reconciler's pass, once the broker answers, finds the message missing and sends it
+    decisions = reconcile_once(settings, broker_view=set, sender=sent, confirm_delay_s=0,
+                               now=utcnow() + dt.timedelta(seconds=lease_s(settings) + 1))
+    mine = [(d.stage, d.action) for d in decisions if d.job_id == result.job_id]
+    assert mine == [("encode_audio", "resent")]
+    assert any(call[0] == result.job_id for call in sent)
 
 
 # -- cancel and the CLI ---------------------------------------------------------------------------
@@ -258,6 +267,8 @@ def test_cancel_records_who_when_and_why(settings):
     assert (record["cancel_requested"], record["cancel_reason"], record["cancel_requested_by"]) == \
         (True, "wrong tags", "alice")
     assert record["cancel_requested_at"] is not None
+    assert record["status"] == "cancelled"  # nothing was running: it ends at once (H4)
+    assert [r["status"] for r in rows(settings, job_id)] == ["cancelled"] + ["skipped"] * (len(STAGES) - 1)
     assert replay.cancel(job_id, settings=settings) is False
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Job, StageRun, utcnow
+from db.models import Job, JobStatus, StageRun, StageStatus, utcnow
 from tasks.contracts import STAGES
 
 MAX_DURATION_SAMPLES = 20_000  # newest succeeded attempts considered per stage
@@ -45,7 +45,7 @@ def jobs_per_hour(session: Session, now: dt.datetime, hours: int = 24) -> list[d
 
 def failures(session: Session, since: dt.datetime) -> list[dict[str, Any]]:
     stmt = (select(Job.failed_stage, Job.error_type, func.count(), func.max(Job.created_at))
-            .where(Job.status == "failed", Job.created_at >= since)
+            .where(Job.status == JobStatus.FAILED, Job.created_at >= since)
             .group_by(Job.failed_stage, Job.error_type).order_by(func.count().desc()))
     return [{"stage": stage, "error_type": error_type, "count": count, "last": last}
             for stage, error_type, count, last in session.execute(stmt)]
@@ -55,7 +55,7 @@ def stage_durations(session: Session, since: dt.datetime) -> list[dict[str, Any]
     out = []
     for stage in STAGES:
         values = sorted(v for (v,) in session.execute(
-            select(StageRun.duration_s).where(StageRun.stage == stage, StageRun.status == "succeeded",
+            select(StageRun.duration_s).where(StageRun.stage == stage, StageRun.status == StageStatus.SUCCEEDED,
                                               StageRun.finished_at >= since, StageRun.duration_s.is_not(None))
             .order_by(StageRun.finished_at.desc()).limit(MAX_DURATION_SAMPLES)))
         out.append({"stage": stage, "count": len(values), "p50": percentile(values, 50),

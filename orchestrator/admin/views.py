@@ -18,13 +18,14 @@ from flask_wtf.csrf import CSRFError, generate_csrf
 from werkzeug.exceptions import HTTPException
 
 from db.engine import session_scope
-from db.models import JOB_STATUSES, Artifact, StageRun, utcnow
+from db.models import JOB_STATUSES, Artifact, StageRun, StageStatus, utcnow
 from orchestrator import compare as compare_module
 from orchestrator import images, replay
 from orchestrator.admin import auth, queries, stats, workers
 from orchestrator.artifact_serving import artifact_response
 from tasks.artifact_store import ArtifactIntegrityError, ArtifactUnavailable, open_store
 from tasks.contracts import STAGES
+from tasks.pipeline.attempts import latest_runs
 from tasks.settings import Settings
 
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="../templates",
@@ -167,21 +168,19 @@ def timeline(runs: list[StageRun], now: dt.datetime) -> dict[str, Any]:
     if not stamps:
         return {"rows": [], "height": 0, "width": label_w + width, "span_s": 0}
     start = min(stamps)
-    end = max(stamps + [now if any(r.status == "running" for r in runs) else max(stamps)])
+    end = max(stamps + [now if any(r.status == StageStatus.RUNNING for r in runs) else max(stamps)])
     span = max((end - start).total_seconds(), 1e-3)
 
     def x(t: dt.datetime | None) -> float:
         return label_w + width * ((as_utc(t) - start).total_seconds() / span) if t else label_w
 
     ordered = sorted(runs, key=lambda r: (STAGES.index(r.stage) if r.stage in STAGES else 99, r.attempt))
-    latest = {r.stage: r.attempt for r in ordered}
     rows = []
     for i, run in enumerate(ordered):
-        run_end = run.finished_at or (now if run.status == "running" else None)
-        never_ran = run.status in ("queued", "pending") and run.attempt < latest[run.stage]
+        run_end = run.finished_at or (now if run.status == StageStatus.RUNNING else None)
         rows.append({
             "y": 18 + i * row_h, "label": f"{run.stage} #{run.attempt}", "id": run.id,
-            "status": "never ran (superseded)" if never_ran else run.status,
+            "status": run.status,
             "wait_x": x(run.queued_at), "wait_w": max(0.0, x(run.started_at) - x(run.queued_at)) if run.started_at else 0.0,
             "run_x": x(run.started_at), "run_w": max(1.5, x(run_end) - x(run.started_at)) if run.started_at and run_end else 0.0,
             "duration": run.duration_s,
@@ -278,7 +277,8 @@ def job_detail(job_id: str):
         runs_by_stage: dict[str, list[StageRun]] = {s: [] for s in STAGES}
         for run in record.runs:
             runs_by_stage.setdefault(run.stage, []).append(run)
-        latest_attempt = {s: max((r.attempt for r in rs), default=0) for s, rs in runs_by_stage.items()}
+        latest = latest_runs(record.runs)
+        latest_attempt = {s: latest[s].attempt if s in latest else 0 for s in runs_by_stage}
         token_run = next((r for r in reversed(record.runs) if r.stage == "generate_tokens" and r.inputs), None)
         return render_template("admin/job.html", record=record, job=record.job, runs_by_stage=runs_by_stage,
                                latest_attempt=latest_attempt, timeline=timeline(record.runs, now),
