@@ -11,13 +11,16 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request, sen
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from db.engine import session_scope
+from db.models import Job
 from orchestrator.admission import QueueFull, RateLimited, admitted  # noqa: F401  (QueueFull: web.py imports it here)
 from orchestrator.job_views import audio_artifact, job_exists, links, load_job_view
 from orchestrator.request_parsing import RequestInvalid, error, error_body, parse_job_request
 from orchestrator.submission import SubmittedJob, submit_job
 from tasks.artifact_store import open_store
+from tasks.audio_files import song_filename
 from tasks.contracts import JobRequest
 from tasks.settings import Settings
+from tasks.stage_inputs import song_title
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,7 @@ def get_audio(job_id: str):
         if not job_exists(session, job_id):
             return _unknown_job(job_id)
         artifact = audio_artifact(session, job_id)
+        title = song_title((session.get(Job, job_id).request or {}).get("lyrics", ""))
     if artifact is None:
         return errors_response([error("audio", f"job {job_id} has no finished audio yet")], 404)
     path = open_store(settings.resolved_artifact_dir).local_path(artifact.sha256)
@@ -88,7 +92,7 @@ def get_audio(job_id: str):
         return errors_response([error("audio", f"audio artifact {artifact.sha256} is missing from the store")], 410)
     extension = {"audio/mpeg": "mp3", "audio/wav": "wav"}.get(artifact.media_type, artifact.kind)
     return send_file(path, mimetype=artifact.media_type, conditional=True, etag=artifact.sha256,
-                     download_name=f"songpipe-{job_id}.{extension}", max_age=3600)
+                     download_name=song_filename(title, job_id, extension), max_age=3600)
 
 
 def _api_http_error(exc: HTTPException):
