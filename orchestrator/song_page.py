@@ -66,7 +66,7 @@ def song_facts(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
         "lyrics_refined": refined.get("lyrics") if refined else None,
         "lyrics_backend": refined.get("backend_used") if refined else request.get("lyrics_backend"),
         "style": request.get("style"),
-        "tags_given": request.get("tags"),
+        "tags_given": ",".join(request.get("tags") or []) or None,
         "tags_used": job.get("tags_used"),
         "tags_source": tags_source,
         "length_s": request.get("max_audio_length_ms", 0) / 1000,

@@ -61,7 +61,8 @@ def _number(form: dict[str, str], name: str, kind: type, errors: list[dict[str, 
 def form_payload(form: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Form strings -> JobRequest-shaped payload, plus errors for values that are not numbers at all."""
     errors: list[dict[str, str]] = []
-    payload: dict[str, Any] = {"lyrics": form.get("lyrics", ""), "output_format": form.get("output_format", "mp3")}
+    # browsers send textarea line breaks as CRLF; the API's lyrics use LF
+    payload: dict[str, Any] = {"lyrics": form.get("lyrics", "").replace("\r\n", "\n"), "output_format": form.get("output_format", "mp3")}
     for name in ("style", "tags", "lyrics_backend", "tags_backend"):
         if form.get(name, "").strip():
             payload[name] = form[name]
@@ -91,7 +92,7 @@ def all_form_errors(payload: dict[str, Any], number_errors: list[dict[str, str]]
 def prefill_from_job(job: dict[str, Any], new_take: bool) -> dict[str, str]:
     """Form values from a job's stored request: "edit and resubmit" keeps the seed, "another take" drops it."""
     req = job["request"] or {}
-    values = {"lyrics": req.get("lyrics", ""), "style": req.get("style") or "", "tags": req.get("tags") or "",
+    values = {"lyrics": req.get("lyrics", ""), "style": req.get("style") or "", "tags": ", ".join(req.get("tags") or []),
               "seed": "" if new_take else str(job["seed"]), "length_s": f"{req.get('max_audio_length_ms', 0) / 1000:g}",
               "temperature": f"{req.get('temperature'):g}", "top_k": str(req.get("top_k")),
               "cfg_scale": f"{req.get('cfg_scale'):g}", "output_format": req.get("output_format", "mp3"),
