@@ -8,6 +8,30 @@
     if (question && !window.confirm(question)) { event.preventDefault(); }
   });
 
+  // compare: play A, then B when A ends (one at a time, so the two can be told apart)
+  var playBoth = document.getElementById("play-both");
+  if (playBoth) {
+    playBoth.addEventListener("click", function () {
+      var a = document.getElementById(playBoth.getAttribute("data-a"));
+      var b = document.getElementById(playBoth.getAttribute("data-b"));
+      b.pause();
+      a.currentTime = 0;
+      a.onended = function () { b.currentTime = 0; b.play(); a.onended = null; };
+      a.play();
+    });
+  }
+
+  // the job list reloads itself every 5 s while jobs are queued or running (not while a filter is edited)
+  var refresh = document.getElementById("auto-refresh");
+  if (refresh && Number(refresh.getAttribute("data-active")) > 0) {
+    var reloadSoon = function () {
+      window.setTimeout(function () {
+        if (document.querySelector("form.filters :focus")) { reloadSoon(); } else { window.location.reload(); }
+      }, 5000);
+    };
+    reloadSoon();
+  }
+
   var body = document.body;
   var url = body.getAttribute("data-progress-url");
   var initial = body.getAttribute("data-job-status");
