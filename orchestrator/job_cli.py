@@ -96,8 +96,10 @@ def wait_for_job(settings: Settings, job_id: str, timeout_s: float, quiet: bool)
 
 
 def summary(view: dict[str, Any], settings: Settings) -> str:
+    from orchestrator.song_page import display_status, latest_attempts
     from orchestrator.stack import audio_path
 
+    latest = latest_attempts(view)
     lines = [f"job {view['id']}: {view['status']}  seed {view['seed']} ({view['seed_source']})",
              f"  tags: {view['tags_used'] or '-'}",
              f"  length: {view['request'].get('max_audio_length_ms', 0) / 1000:g} s"]
@@ -105,7 +107,8 @@ def summary(view: dict[str, Any], settings: Settings) -> str:
         lines.append(f"  model: {view['notice']}")
     for stage in view["stages"]:
         took = f"{stage['duration_s']:.1f} s" if stage["duration_s"] is not None else ""
-        lines.append(f"  {stage['stage']:<16} #{stage['attempt']} {stage['queue']:<4} {stage['status']:<10} {took}")
+        shown = display_status(stage, view, latest)  # a stage that will never run reads skipped/superseded
+        lines.append(f"  {stage['stage']:<16} #{stage['attempt']} {stage['queue']:<4} {shown:<10} {took}")
         if stage["error_type"]:
             lines.append(f"      {stage['error_type']}: {stage['error_message']}")
     path = audio_path(view, settings)

@@ -12,14 +12,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Flask, abort, current_app, redirect, render_template, request, url_for
-from werkzeug.exceptions import HTTPException
+from flask import (
+    Blueprint,
+    Flask,
+    abort,
+    current_app,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from flask_wtf.csrf import generate_csrf, validate_csrf
+from werkzeug.exceptions import HTTPException
 from wtforms import ValidationError as CsrfInvalid
 
 from orchestrator.api import QueueFull, accept_job
-from orchestrator.job_views import TERMINAL_JOB_STATUSES, TINY_CHECKPOINT_NOTICE, checkpoint_is_tiny, load_job_view
-from orchestrator.request_parsing import RequestInvalid, error, max_audio_length_limit_ms, parse_job_request
+from orchestrator.job_views import (
+    TERMINAL_JOB_STATUSES,
+    TINY_CHECKPOINT_NOTICE,
+    checkpoint_is_tiny,
+    load_job_view,
+)
+from orchestrator.request_parsing import (
+    RequestInvalid,
+    error,
+    max_audio_length_limit_ms,
+    parse_job_request,
+)
 from tasks.contracts import JobRequest
 from tasks.settings import Settings
 
