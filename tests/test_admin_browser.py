@@ -222,3 +222,26 @@ def test_workers_page_lists_the_live_workers_queues_and_what_the_gpu_worker_ran_
     durations = page.inner_text("main")
     assert "generate_tokens" in durations and "Jobs over time" in durations
     assert "Queue wait per stage" in durations and page.locator("#submission-to-audio td").count() == 4
+
+
+def test_job_list_refreshes_itself_while_a_job_is_queued(sqlite_stack: Stack, browser_page):
+    from orchestrator.submission import new_job_rows
+    from tasks.contracts import JobRequest
+
+    stack, page = sqlite_stack, browser_page
+
+    def queued_job(word: str) -> str:  # rows only, no chain sent: it stays queued
+        with session_scope(stack.database_url) as session:
+            return new_job_rows(session, JobRequest(lyrics=f"refresh {word}", tags="ska", max_audio_length_ms=160),
+                                stack.settings, source="cli").id
+
+    queued_job("first")
+    page.goto(f"{stack.base_url}/admin/jobs?limit=200")
+    if "/admin/login" in page.url:
+        log_in(page, stack)
+        page.goto(f"{stack.base_url}/admin/jobs?limit=200")
+    assert int(page.get_attribute("#auto-refresh", "data-active")) >= 1
+    page.evaluate("window.__same_document = true")
+    later = queued_job("second")
+    page.wait_for_selector(f"a[href='/admin/jobs/{later}']", timeout=30_000)
+    assert page.evaluate("window.__same_document") is True  # swapped in place, not reloaded

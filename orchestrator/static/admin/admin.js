@@ -21,15 +21,28 @@
     });
   }
 
-  // the job list reloads itself every 5 s while jobs are queued or running (not while a filter is edited)
+  // the job list refreshes itself every 5 s while jobs are queued or running: it fetches the same
+  // page and swaps in the table and the status tabs (no navigation, so nothing races a click)
   var refresh = document.getElementById("auto-refresh");
-  if (refresh && Number(refresh.getAttribute("data-active")) > 0) {
-    var reloadSoon = function () {
+  if (refresh) {
+    var refreshSoon = function () {
       window.setTimeout(function () {
-        if (document.querySelector("form.filters :focus")) { reloadSoon(); } else { window.location.reload(); }
+        if (document.querySelector("form.filters :focus")) { refreshSoon(); return; }
+        fetch(window.location.href, { cache: "no-store", credentials: "same-origin" })
+          .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
+          .then(function (html) {
+            var fresh = new DOMParser().parseFromString(html, "text/html");
+            ["table.jobs tbody", "nav.tabs", "#auto-refresh"].forEach(function (selector) {
+              var now = document.querySelector(selector), next = fresh.querySelector(selector);
+              if (now && next) { now.replaceWith(document.importNode(next, true)); }
+            });
+            refresh = document.getElementById("auto-refresh");
+            if (refresh && Number(refresh.getAttribute("data-active")) > 0) { refreshSoon(); }
+          })
+          .catch(function () { refreshSoon(); });
       }, 5000);
     };
-    reloadSoon();
+    if (Number(refresh.getAttribute("data-active")) > 0) { refreshSoon(); }
   }
 
   var body = document.body;
