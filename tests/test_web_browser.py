@@ -153,6 +153,8 @@ def test_cancel_from_the_song_page(page, sqlite_stack: Stack):
     job_id = queued_job(sqlite_stack)
     page.goto(f"{sqlite_stack.base_url}/jobs/{job_id}")
     assert page.locator("#job-status").inner_text() == "queued"
+    # nothing has started: the page says what the job waits for (the stack's CPU workers reported ready)
+    assert page.locator("#job-waiting").inner_text().startswith("waiting for a free CPU worker")
     page.get_by_role("button", name="Cancel").click()
     page.wait_for_url(f"**/jobs/{job_id}")
     page.locator("#cancel-requested").wait_for(state="visible")
