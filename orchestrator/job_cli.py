@@ -37,18 +37,22 @@ def print_json(payload: Any) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=False, default=str))
 
 
-def fail(errors: list[dict[str, str]], as_json: bool, code: int = VALIDATION_EXIT) -> NoReturn:
-    """Print field errors as `--option: message` lines (and as JSON with --json) and exit."""
+def fail(errors: list[dict[str, str]], as_json: bool, code: int = VALIDATION_EXIT,
+         extra: dict[str, Any] | None = None) -> NoReturn:
+    """Print field errors as `--option: message` lines, or with --json as one JSON object on stdout
+    (nothing else, so a script can parse the whole output), and exit with `code` either way."""
     items = [{**item, "option": item.get("option") or option_for(item["field"])} for item in errors]
     if as_json:
-        print_json({"errors": items})
-    for item in items:
-        click.echo(f"{item['option']}: {item['message']}", err=True)
+        print_json({**(extra or {}), "errors": items})
+    else:
+        for item in items:
+            click.echo(f"{item['option']}: {item['message']}", err=True)
     sys.exit(code)
 
 
-def fail_one(field: str, message: str, as_json: bool, code: int = VALIDATION_EXIT, option: str | None = None) -> NoReturn:
-    fail([{"field": field, "message": message, **({"option": option} if option else {})}], as_json, code)
+def fail_one(field: str, message: str, as_json: bool, code: int = VALIDATION_EXIT, option: str | None = None,
+             extra: dict[str, Any] | None = None) -> NoReturn:
+    fail([{"field": field, "message": message, **({"option": option} if option else {})}], as_json, code, extra)
 
 
 def read_lyrics(lyrics: str | None, lyrics_file: str | None, as_json: bool) -> str | None:

@@ -55,13 +55,17 @@ def replay_command(job_id: str, mode: str, from_stage: str | None, seed: int | N
         else:
             result = replay_module.rerun_as_new(job_id, from_stage or "refine_lyrics", overrides, settings=settings,
                                                 requested_by="cli", send=not no_send)
-    except replay_module.OverrideError as exc:
-        errors = [{"field": name, "message": message} for name, message in (exc.errors or {}).items()]
-        job_cli.fail(errors or [{"field": "overrides", "option": "the overrides", "message": str(exc)}], as_json)
-    except replay_module.JobNotFound as exc:
-        job_cli.fail_one("id", str(exc), as_json)
     except (replay_module.ReplayError, ArtifactIntegrityError) as exc:
-        job_cli.fail_one("replay", str(exc), as_json, code=job_cli.FAILURE_EXIT, option="replay")
+        # one exit code per kind of error, with and without --json: 2 invalid input, 1 refused
+        extra = {"error": str(exc), "error_type": type(exc).__name__}
+        if isinstance(exc, replay_module.OverrideError):
+            extra["fields"] = exc.errors
+            errors = [{"field": name, "message": message} for name, message in exc.errors.items()]
+            job_cli.fail(errors or [{"field": "overrides", "option": "the overrides", "message": str(exc)}],
+                         as_json, extra=extra)
+        if isinstance(exc, replay_module.JobNotFound):
+            job_cli.fail_one("id", str(exc), as_json, extra=extra)
+        job_cli.fail_one("replay", str(exc), as_json, code=job_cli.FAILURE_EXIT, option="replay", extra=extra)
     if wait and not no_send:
         view = job_cli.wait_for_job(settings, result.job_id, timeout_s, quiet=as_json)
         if as_json:

@@ -121,7 +121,8 @@ def test_default_length_fits_the_deployed_model_and_is_recorded(sqlite_stack):
 @pytest.mark.parametrize("as_json", [False, True])
 def test_show_unknown_job_exits_2_with_and_without_json(sqlite_stack, as_json):
     result = sqlite_stack.run_cli("show", "0" * 32, *(["--json"] if as_json else []))
-    assert result.returncode == 2 and "no job" in result.stderr
+    assert result.returncode == 2
+    assert "no job" in (json.loads(result.stdout)["errors"][0]["message"] if as_json else result.stderr)
 
 
 def test_list_shows_the_job_with_the_tags_used_and_its_title(sqlite_stack, submitted):
