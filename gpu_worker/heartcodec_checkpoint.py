@@ -24,7 +24,8 @@ from gpu_worker.checkpoint_files import (
     read_json,
     write_state_dict,
 )
-from gpu_worker.heartcodec import CodecConfigError, HeartCodec, HeartCodecConfig, build_random_heartcodec
+from gpu_worker.heartcodec import (WINDOW_FRAMES, CodecConfigError, HeartCodec, HeartCodecConfig,
+                                   build_random_heartcodec)
 
 CODEC_FOLDER = "HeartCodec-oss"
 CONFIG_NAME = "config.json"
@@ -150,12 +151,48 @@ def _encoder_tensors(config: HeartCodecConfig, generator: torch.Generator, legac
     }
 
 
+AUDIBLE_RMS = 0.1  # -20 dBFS: the tiny checkpoint's noise is heard, not a DC offset
+
+
+def _conv_fan_in(module: torch.nn.Module) -> float:
+    weight = module.weight
+    if isinstance(module, torch.nn.ConvTranspose1d):  # [Cin, Cout, k]: each output sees Cin * k / stride taps
+        return weight.shape[0] * weight.shape[2] / module.stride[0]
+    return weight.shape[1] * weight.shape[2]
+
+
+@torch.no_grad()
+def make_audible_(model: HeartCodec, *, seed: int, target_rms: float = AUDIBLE_RMS) -> None:
+    """Rescale a random codec's SQ decoder so that it turns latents into noise at `target_rms`.
+
+    N(0, 0.02) weights shrink the signal at every conv (the waveform ends up a constant bias, std ~3e-5).
+    Each conv is made variance-preserving (std 1/sqrt(fan-in), no bias), then the last conv is scaled and
+    offset so that N(0, 1) latents, what the flow solve starts from, decode to zero-mean audio at
+    `target_rms`. The weights stay random; only their scale changes. Only the tiny checkpoints written to
+    disk get this; `build_random_heartcodec` (the numerics tests' model) is untouched.
+    """
+    convs = [m for m in model.scalar_model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d))]
+    for conv in convs:
+        conv.weight.mul_(1.0 / (conv.weight.std() * _conv_fan_in(conv) ** 0.5))
+        if conv.bias is not None:
+            conv.bias.zero_()
+    generator = torch.Generator().manual_seed(seed + 2)
+    latents = torch.randn(1, 2 * WINDOW_FRAMES, model.config.out_channels, generator=generator)
+    audio = model.scalar_model.decode_batch(latents)
+    last = convs[-1]
+    last.weight.mul_(target_rms / float(audio.std()))
+    last.bias.fill_(-float(audio.mean()) * target_rms / float(audio.std()))
+
+
 def tiny_codec_tensors(config: HeartCodecConfig, *, seed: int, layout: str) -> dict[str, torch.Tensor]:
-    """On-disk tensors (F32) for a random codec: weight norm unfolded with g = ||v||, plus ignorable extras."""
+    """On-disk tensors (F32) for a random codec: weight norm unfolded with g = ||v||, plus ignorable extras.
+
+    The SQ decoder is rescaled to make audible noise (`make_audible_`)."""
     if layout not in ("sharded", "single"):
         raise ValueError(f"layout must be 'sharded' or 'single', got {layout!r}")
     legacy = layout == "single"
     model = build_random_heartcodec(config, seed=seed)
+    make_audible_(model, seed=seed)
     state = {name: t.clone() for name, t in model.state_dict().items()}
     g_suffix, v_suffix = LEGACY_NAMES if legacy else PARAMETRIZATION_NAMES
     for layer in model.weight_norm_layers():

@@ -12,6 +12,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from db.engine import session_scope
+from db.models import Job
 from orchestrator.admission import QueueFull, RateLimited, admit  # noqa: F401  (QueueFull: web.py imports it here)
 from orchestrator.job_views import audio_artifact, job_exists, links, load_job_view
 from orchestrator.request_parsing import RequestInvalid, error, error_body, json_depth_exceeds, parse_job_request
@@ -19,8 +20,10 @@ from orchestrator.schemas import Errors, JobCreated, PublicJobView
 from orchestrator.submission import SubmittedJob, submit_job
 from orchestrator.artifact_serving import artifact_response
 from tasks.artifact_store import ArtifactUnavailable, open_store
+from tasks.audio_files import song_filename
 from tasks.contracts import JobRequest
 from tasks.settings import Settings
+from tasks.stage_inputs import song_title
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +100,13 @@ def get_audio(job_id: str):
         if not job_exists(session, job_id):
             return _unknown_job(job_id)
         artifact = audio_artifact(session, job_id)
+        title = song_title((session.get(Job, job_id).request or {}).get("lyrics", ""))
     if artifact is None:
         return errors_response([error("audio", f"job {job_id} has no finished audio yet")], 404)
     extension = {"audio/mpeg": "mp3", "audio/wav": "wav"}.get(artifact.media_type, artifact.kind)
     try:
         return artifact_response(open_store(settings), artifact.sha256, kind=artifact.kind,
-                                 media_type=artifact.media_type, download_name=f"songpipe-{job_id}.{extension}",
+                                 media_type=artifact.media_type, download_name=song_filename(title, job_id, extension),
                                  max_age=3600)
     except ArtifactUnavailable as exc:
         log.error("job %s: %s", job_id, exc)

@@ -36,11 +36,9 @@ def _print_json(payload: Any) -> None:
 
 
 def _fail_validation(errors: list[dict[str, str]], as_json: bool) -> None:
-    if as_json:
-        _print_json({"errors": errors})
-    for item in errors:
-        _echo_err(f"{item['field']}: {item['message']}")
-    sys.exit(VALIDATION_EXIT)
+    from orchestrator.job_cli import fail
+
+    fail(errors, as_json)
 
 
 def _broker_settings() -> Settings:
@@ -179,120 +177,6 @@ def make_checkpoint(size: str, out: Path, seed: int) -> None:
     click.echo(f"{size} checkpoint written to {path} (random weights: noise, not music)")
 
 
-# -- jobs --------------------------------------------------------------------------------------
-
-def _read_lyrics(lyrics: str | None, lyrics_file: str | None) -> str | None:
-    if lyrics is not None and lyrics_file is not None:
-        raise click.UsageError("give --lyrics or --lyrics-file, not both")
-    if lyrics_file is not None:
-        return sys.stdin.read() if lyrics_file == "-" else Path(lyrics_file).read_text(encoding="utf-8")
-    return lyrics
-
-
-def _job_view(settings: Settings, job_id: str) -> dict[str, Any] | None:
-    from orchestrator.job_views import load_job_view
-
-    return load_job_view(settings, job_id)
-
-
-def _wait(settings: Settings, job_id: str, timeout_s: float, quiet: bool) -> dict[str, Any]:
-    from orchestrator.job_views import TERMINAL_JOB_STATUSES
-
-    seen: dict[tuple[str, int], str] = {}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        view = _job_view(settings, job_id)
-        for stage in view["stages"]:
-            key = (stage["stage"], stage["attempt"])
-            if seen.get(key) != stage["status"]:
-                seen[key] = stage["status"]
-                if not quiet and stage["status"] not in ("queued", "pending"):
-                    _echo_err(f"  {stage['stage']:<16} {stage['status']}")
-        if view["status"] in TERMINAL_JOB_STATUSES:
-            return view
-        if time.monotonic() > deadline:
-            raise click.ClickException(f"job {job_id} still {view['status']} after {timeout_s:g} s")
-        time.sleep(0.5)
-
-
-def _summary(view: dict[str, Any], settings: Settings) -> str:
-    from orchestrator.stack import audio_path
-
-    lines = [f"job {view['id']}: {view['status']}  seed {view['seed']} ({view['seed_source']})",
-             f"  tags: {view['tags_used'] or '-'}"]
-    if view.get("notice"):
-        lines.append(f"  model: {view['notice']}")
-    for stage in view["stages"]:
-        took = f"{stage['duration_s']:.1f} s" if stage["duration_s"] is not None else ""
-        lines.append(f"  {stage['stage']:<16} #{stage['attempt']} {stage['queue']:<4} {stage['status']:<10} {took}")
-        if stage["error_type"]:
-            lines.append(f"      {stage['error_type']}: {stage['error_message']}")
-    path = audio_path(view, settings)
-    if path is not None:
-        lines.append(f"  audio: {path}")
-    return "\n".join(lines)
-
-
-@main.command()
-@click.option("--lyrics", default=None, help="lyrics text (or --lyrics-file)")
-@click.option("--lyrics-file", default=None, help="file with the lyrics; '-' reads stdin")
-@click.option("--tags", default=None, help="comma-separated, e.g. 'ska,upbeat'")
-@click.option("--style", default=None, help="free-text style description")
-@click.option("--seed", type=int, default=None, help="drawn at submission when omitted (and recorded)")
-@click.option("--max-ms", "max_audio_length_ms", type=int, default=None, help="song length in milliseconds")
-@click.option("--temperature", type=float, default=None)
-@click.option("--top-k", "top_k", type=int, default=None)
-@click.option("--cfg-scale", "cfg_scale", type=float, default=None)
-@click.option("--format", "output_format", type=click.Choice(["mp3", "wav"]), default=None)
-@click.option("--lyrics-backend", type=click.Choice(["rules", "llm", "off"]), default=None)
-@click.option("--tags-backend", type=click.Choice(["embedding", "llm", "given"]), default=None)
-@click.option("--wait", is_flag=True, help="wait until the job has finished")
-@click.option("--timeout", "timeout_s", type=float, default=3600.0, show_default=True, help="with --wait")
-@click.option("--json", "as_json", is_flag=True, help="print the job record as JSON (the API's shape)")
-def submit(lyrics: str | None, lyrics_file: str | None, wait: bool, timeout_s: float, as_json: bool,
-           **fields: Any) -> None:
-    """Submit a song job (same validation as the API); prints the job id, or the record with --json."""
-    from orchestrator.request_parsing import RequestInvalid, parse_job_request
-    from orchestrator.submission import submit_job
-
-    payload = {name: value for name, value in fields.items() if value is not None}
-    text = _read_lyrics(lyrics, lyrics_file)
-    payload["lyrics"] = text if text is not None else ""
-    try:
-        request = parse_job_request(payload, _settings())
-    except RequestInvalid as exc:
-        _fail_validation(exc.errors, as_json)
-    settings = _broker_settings()
-    _require_schema(settings)
-    submitted = submit_job(request, settings, source="cli")
-    if not as_json:
-        click.echo(f"job {submitted.id} queued (seed {submitted.seed}, {submitted.seed_source})")
-    view = _wait(settings, submitted.id, timeout_s, quiet=as_json) if wait else _job_view(settings, submitted.id)
-    if as_json:
-        _print_json(view)
-    elif wait:
-        click.echo(_summary(view, settings))
-    if wait and view["status"] != "succeeded":
-        sys.exit(FAILURE_EXIT)
-
-
-@main.command()
-@click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True, help="the job with every stage row, as the API returns it")
-def show(job_id: str, as_json: bool) -> None:
-    """Show a job and every stage attempt."""
-    settings = _settings()
-    view = _job_view(settings, job_id)
-    if view is None:
-        if as_json:
-            _print_json({"errors": [{"field": "id", "message": f"no job with id {job_id!r}"}]})
-        raise click.ClickException(f"no job with id {job_id!r}")
-    if as_json:
-        _print_json(view)
-    else:
-        click.echo(_summary(view, settings))
-
-
 # -- one stage by hand: the minimal reproduction -----------------------------------------------
 
 @dataclass
@@ -416,7 +300,8 @@ def _checkpoint_option(value: str | None) -> str:
 @click.option("--lyrics-file", default=None, help="'-' reads stdin")
 @click.option("--tags", default=None, help="exactly the tags string the model gets, e.g. 'ska,upbeat'")
 @click.option("--seed", type=int, default=None)
-@click.option("--max-ms", "max_audio_length_ms", type=int, default=None)
+@click.option("--max-audio-length-ms", type=int, default=None)
+@click.option("--max-ms", "max_ms_alias", type=int, default=None, hidden=True)
 @click.option("--temperature", type=float, default=None)
 @click.option("--top-k", "top_k", type=int, default=None)
 @click.option("--cfg-scale", "cfg_scale", type=float, default=None)
@@ -425,12 +310,16 @@ def _checkpoint_option(value: str | None) -> str:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="write the .npy tokens here")
 def stage_generate_tokens(job_id: str | None, attempt: int | None, lyrics: str | None, lyrics_file: str | None,
                           tags: str | None, seed: int | None, checkpoint: str | None, out: Path | None,
-                          **params: Any) -> None:
+                          max_ms_alias: int | None, **params: Any) -> None:
     """Generate music tokens for fixed inputs and print the stage output as JSON."""
     if job_id is not None:
         _run_recorded("generate_tokens", job_id, attempt, checkpoint, out)
         return
-    text = _read_lyrics(lyrics, lyrics_file)
+    from orchestrator.job_cli import read_lyrics
+
+    if max_ms_alias is not None:
+        params["max_audio_length_ms"] = params["max_audio_length_ms"] or max_ms_alias
+    text = read_lyrics(lyrics, lyrics_file, as_json=False)
     # Every field is explicit: no silent default for the tags or the seed (seed-story.md, point 1).
     payload = {"lyrics": text or "", "tags": tags or "", "seed": seed, "checkpoint": _checkpoint_option(checkpoint),
                "params": {name: value for name, value in params.items() if value is not None}}
@@ -473,9 +362,12 @@ def admin() -> None:
 def _register_commands() -> None:
     # imported here so `songpipe --help` stays fast and the web-only modules load on demand
     from orchestrator.admin.auth import hash_password_command
+    from orchestrator.job_cli import COMMANDS as JOB_COMMANDS
     from orchestrator.replay_cli import replay_command
     from tasks.reconciler_cli import reconcile
 
+    for command in JOB_COMMANDS:
+        main.add_command(command)
     main.add_command(replay_command)
     main.add_command(reconcile)
     admin.add_command(hash_password_command)

@@ -148,3 +148,23 @@ def _job_diffs(a: Job, b: Job) -> list[FieldDiff]:
     def view(job: Job) -> dict[str, Any]:
         return {"request": job.request, "seed": job.seed, "pipeline": job.pipeline, "code_version": job.code_version}
     return diff(view(a), view(b))
+
+
+def related_jobs(session: Session, job_id: str) -> list[Job]:
+    """The jobs worth comparing with `job_id`: its original, its replays and its siblings (replays of
+    the same original), newest first, for the compare page's picker."""
+    job = session.get(Job, job_id) if job_id else None
+    if job is None:
+        return []
+    root = job.replay_of or job.id
+    family = session.scalars(select(Job).where((Job.replay_of == root) | (Job.id == root) | (Job.replay_of == job.id))
+                             .order_by(Job.created_at.desc()))
+    return [j for j in family if j.id != job.id]
+
+
+def final_audio_sha(session: Session, job_id: str) -> str | None:
+    """The sha256 of the job's encoded song, for the side-by-side players."""
+    row = session.scalars(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == "encode_audio",
+                                                 StageRun.status.in_(("succeeded", "reused")))
+                          .order_by(StageRun.attempt.desc())).first()
+    return ((row.outputs or {}).get("audio") or {}).get("sha256") if row is not None else None

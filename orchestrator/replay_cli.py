@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
+from orchestrator import job_cli
 from orchestrator import replay as replay_module
 from tasks.artifact_store import ArtifactIntegrityError
 from tasks.contracts import STAGES
@@ -22,24 +22,28 @@ from tasks.settings import get_settings
 @click.option("--seed", type=int, default=None, help="override (new only)")
 @click.option("--tags", default=None, help="override, comma-separated (new only)")
 @click.option("--style", default=None, help="override (new only)")
-@click.option("--lyrics-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="override the lyrics with this file's text (new only)")
+@click.option("--lyrics-file", default=None, help="override the lyrics with this file's text (new only)")
 @click.option("--temperature", type=float, default=None)
 @click.option("--top-k", type=int, default=None)
 @click.option("--cfg-scale", type=float, default=None)
 @click.option("--max-audio-length-ms", type=int, default=None)
+@click.option("--max-ms", "max_ms_alias", type=int, default=None, hidden=True)
 @click.option("--output-format", type=click.Choice(["mp3", "wav"]), default=None)
 @click.option("--no-send", is_flag=True, help="write the rows but do not send the Celery chain")
+@click.option("--wait", is_flag=True, help="wait until the replayed job has finished; exit 1 unless it succeeded")
+@click.option("--timeout", "timeout_s", type=float, default=3600.0, show_default=True, help="with --wait")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def replay_command(job_id: str, mode: str, from_stage: str | None, seed: int | None, tags: str | None,
-                   style: str | None, lyrics_file: Path | None, temperature: float | None, top_k: int | None,
-                   cfg_scale: float | None, max_audio_length_ms: int | None, output_format: str | None,
-                   no_send: bool, as_json: bool) -> None:
-    """Replay JOB_ID from its stored inputs."""
+                   style: str | None, lyrics_file: str | None, temperature: float | None, top_k: int | None,
+                   cfg_scale: float | None, max_audio_length_ms: int | None, max_ms_alias: int | None,
+                   output_format: str | None, no_send: bool, wait: bool, timeout_s: float, as_json: bool) -> None:
+    """Replay JOB_ID from its stored inputs (exit 0 ok, 1 refused or the job failed, 2 invalid input)."""
+    max_audio_length_ms = max_audio_length_ms if max_audio_length_ms is not None else max_ms_alias
+    lyrics = job_cli.read_lyrics(None, lyrics_file, as_json) if lyrics_file else None
     overrides = {name: value for name, value in {
         "seed": seed, "tags": tags, "style": style, "temperature": temperature, "top_k": top_k,
         "cfg_scale": cfg_scale, "max_audio_length_ms": max_audio_length_ms, "output_format": output_format,
-        "lyrics": lyrics_file.read_text(encoding="utf-8") if lyrics_file else None}.items() if value is not None}
+        "lyrics": lyrics}.items() if value is not None}
     settings = get_settings()
     try:
         if mode == "retry":
@@ -52,13 +56,24 @@ def replay_command(job_id: str, mode: str, from_stage: str | None, seed: int | N
             result = replay_module.rerun_as_new(job_id, from_stage or "refine_lyrics", overrides, settings=settings,
                                                 requested_by="cli", send=not no_send)
     except (replay_module.ReplayError, ArtifactIntegrityError) as exc:
+        # one exit code per kind of error, with and without --json: 2 invalid input, 1 refused
+        extra = {"error": str(exc), "error_type": type(exc).__name__}
+        if isinstance(exc, replay_module.OverrideError):
+            extra["fields"] = exc.errors
+            errors = [{"field": name, "message": message} for name, message in exc.errors.items()]
+            job_cli.fail(errors or [{"field": "overrides", "option": "the overrides", "message": str(exc)}],
+                         as_json, extra=extra)
+        if isinstance(exc, replay_module.JobNotFound):
+            job_cli.fail_one("id", str(exc), as_json, extra=extra)
+        job_cli.fail_one("replay", str(exc), as_json, code=job_cli.FAILURE_EXIT, option="replay", extra=extra)
+    if wait and not no_send:
+        view = job_cli.wait_for_job(settings, result.job_id, timeout_s, quiet=as_json)
         if as_json:
-            body = {"error": str(exc), "error_type": type(exc).__name__}
-            if isinstance(exc, replay_module.OverrideError):
-                body["fields"] = exc.errors
-            click.echo(json.dumps(body))
-            sys.exit(2)
-        raise click.ClickException(str(exc)) from exc
+            job_cli.print_json({**result.as_dict(), "job": view})
+        else:
+            click.echo(f"replay {result.mode} of {job_id}: job {result.job_id}, from {result.from_stage}")
+            click.echo(job_cli.summary(view, settings))
+        sys.exit(job_cli.OK_EXIT if view["status"] == "succeeded" else job_cli.FAILURE_EXIT)
     if as_json:
         click.echo(json.dumps(result.as_dict()))
         return

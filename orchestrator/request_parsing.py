@@ -172,6 +172,14 @@ def max_audio_length_limit_ms(checkpoint_dir: Path) -> int | None:
     return (max_seq_len - reserve) * FRAME_MS
 
 
+def default_max_audio_length_ms(settings: Settings) -> int:
+    """The length a request gets when it names none: the contract's default, capped at what the
+    deployed model allows (the embedded tiny model: 10.24 s)."""
+    default = JobRequest.model_fields["max_audio_length_ms"].default
+    limit = max_audio_length_limit_ms(settings.resolved_checkpoint_dir)
+    return default if limit is None else min(default, limit)
+
+
 def parse_job_request(payload: Any, settings: Settings) -> JobRequest:
     """Validate a decoded payload into a JobRequest or raise RequestInvalid with every field error."""
     if not isinstance(payload, dict):
@@ -179,6 +187,9 @@ def parse_job_request(payload: Any, settings: Settings) -> JobRequest:
     errors = unstorable_text_errors(payload)
     if errors:  # the model's own messages would echo the character back; these name the field
         raise RequestInvalid(errors)
+    if "max_audio_length_ms" not in payload:
+        # the stored request then records the length used, not a default the model would refuse
+        payload = {**payload, "max_audio_length_ms": default_max_audio_length_ms(settings)}
     request: JobRequest | None = None
     try:
         request = JobRequest.model_validate(payload)

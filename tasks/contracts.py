@@ -238,10 +238,21 @@ class DecodeAudioOutput(Contract):
 
 # --- stage 5: encoding (CPU) ------------------------------------------------------------------
 
+class SongFileTags(Contract):
+    """What the encoded file carries about itself (ID3 in MP3s), so a kept file still says what it is."""
+    title: str
+    job_id: str
+    seed: int
+    model_checksum: str | None = None
+    label: str = "AI-generated"
+
+
 class EncodeAudioInput(Contract):
     wav: ArtifactRef
     output_format: OutputFormat
     bitrate: str = "192k"
+    file_tags: SongFileTags | None = None
+    loudness_target_lufs: float | None = None  # None: loudness is measured, the audio left as decoded
 
 
 class EncodeAudioOutput(Contract):
@@ -249,6 +260,9 @@ class EncodeAudioOutput(Contract):
     wav: ArtifactRef
     output_format: OutputFormat
     duration_s: float = Field(gt=0)
+    loudness_lufs: float | None = None  # integrated loudness (ITU-R BS.1770) of the decoded audio
+    output_loudness_lufs: float | None = None  # after normalisation; equal to loudness_lufs when off
+    gain_db: float = 0.0
 
 
 STAGE_CONTRACTS: dict[str, tuple[type[Contract], type[Contract]]] = {

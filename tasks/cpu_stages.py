@@ -22,11 +22,15 @@ def generate_tags(inp: GenerateTagsInput, ctx: StageContext) -> GenerateTagsOutp
 
 def encode_audio(inp: EncodeAudioInput, ctx: StageContext) -> EncodeAudioOutput:
     wav = ctx.store.get(inp.wav.sha256, inp.wav.kind)
-    encoded = audio_files.encode(wav, inp.output_format, inp.bitrate)
+    loudness = audio_files.normalise_loudness(wav, inp.loudness_target_lufs)
+    encoded = audio_files.encode(loudness.wav, inp.output_format, inp.bitrate)
+    if inp.output_format == "mp3" and inp.file_tags is not None:
+        encoded = audio_files.tag_mp3(encoded, **inp.file_tags.model_dump())
     audio = ctx.put_artifact(encoded, inp.output_format)
     samples = audio_files.decoded_samples(wav)
     return EncodeAudioOutput(audio=audio, wav=inp.wav, output_format=inp.output_format,
-                             duration_s=samples / audio_files.SAMPLE_RATE)
+                             duration_s=samples / audio_files.SAMPLE_RATE, loudness_lufs=loudness.measured_lufs,
+                             output_loudness_lufs=loudness.output_lufs, gain_db=loudness.gain_db)
 
 
 refine_lyrics_task = stage_task("refine_lyrics", RESOLVERS["refine_lyrics"], refine_lyrics)

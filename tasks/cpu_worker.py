@@ -10,11 +10,11 @@ from celery.signals import worker_process_init
 
 @worker_process_init.connect
 def _load_embedding_model(**_kwargs) -> None:
-    # the tagger's model loads once per worker process, before the first job waits for it
-    if get_settings().default_tags_backend == "embedding":
-        from tasks.embedding_tagger import warm_up
+    # the tagger's model loads once per worker process, before the first job waits for it; the
+    # process says so in Redis, so the song page can tell a waiting user what is warming up
+    from tasks.worker_readiness import warm_up_cpu_process
 
-        warm_up()
+    warm_up_cpu_process(get_settings())
 
 
 __all__ = ["app"]

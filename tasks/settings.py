@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     # continuous batching of token generation (gpu_worker/generation_engine.py): one engine per GPU worker
     # process serves up to 8 songs at once; `songpipe worker gpu` then runs Celery's threads pool
     gpu_batching: bool = False
+    loudness_target_lufs: float | None = Field(
+        default=None, description="normalise every song to this integrated loudness (e.g. -14); unset: measure only")
 
     default_lyrics_backend: Literal["rules", "llm", "off"] = "rules"
     default_tags_backend: Literal["embedding", "llm", "given"] = "embedding"

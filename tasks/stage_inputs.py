@@ -5,13 +5,14 @@ outputs) and `songpipe stage ...` (which can also take a stored input verbatim).
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from db.models import STAGE_DONE, Job
 from tasks.contracts import (DecodeAudioInput, EncodeAudioInput, GenerateTagsInput, GenerateTokensInput,
-                             JobRequest, RefineLyricsInput)
+                             JobRequest, RefineLyricsInput, SongFileTags)
 from tasks.pipeline.attempts import latest_done
 from tasks.settings import Settings
 
@@ -62,10 +63,34 @@ def decode_audio_input(session: Session, job: Job, settings: Settings) -> Decode
                             checkpoint=str(settings.resolved_checkpoint_dir))
 
 
+def _model_checksum(session: Session, job_id: str) -> str | None:
+    """One short digest of the LM files the token stage loaded (its recorded model_checksums)."""
+    row = session.scalar(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == "generate_tokens",
+                                                StageRun.status == "succeeded")
+                         .order_by(StageRun.attempt.desc()).limit(1))
+    checksums = ((row.environment or {}) if row is not None else {}).get("model_checksums")
+    if not checksums:
+        return None
+    lines = "".join(f"{name}:{digest}\n" for name, digest in sorted(checksums.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def song_title(lyrics: str) -> str:
+    """The first sung line: section markers such as [verse] are skipped."""
+    for line in lyrics.splitlines():
+        line = line.strip()
+        if line and not (line.startswith("[") and line.endswith("]")):
+            return line[:120]
+    return "untitled"
+
+
 def encode_audio_input(session: Session, job: Job, settings: Settings) -> EncodeAudioInput:
     request = job_request(job)
     decoded = upstream_outputs(session, job.id, "decode_audio")
-    return EncodeAudioInput(wav=decoded["wav"], output_format=request.output_format)
+    tags = SongFileTags(title=song_title(request.lyrics), job_id=job.id, seed=job.seed,
+                        model_checksum=_model_checksum(session, job.id))
+    return EncodeAudioInput(wav=decoded["wav"], output_format=request.output_format, file_tags=tags,
+                            loudness_target_lufs=settings.loudness_target_lufs)
 
 
 RESOLVERS = {

@@ -9,6 +9,7 @@ shows up on the compare page with the differing seed and different tokens.
 from __future__ import annotations
 
 import io
+import os
 import re
 import uuid
 from pathlib import Path
@@ -29,7 +30,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.browser]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def screenshot(page, name: str, full_page: bool = False) -> None:
+    """Only with SONGPIPE_SCREENSHOTS=docs/screenshots: a test run never writes into the tree by itself."""
+    folder = os.environ.get("SONGPIPE_SCREENSHOTS")
+    if folder:
+        path = (REPO_ROOT / folder).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(path / name), full_page=full_page)
 WORD = f"zanzibar{uuid.uuid4().hex[:6]}"
 SONG = {"lyrics": f"de doo doo doo\nde blaa blaa blaa\nis all I want to sing to you {WORD}",
         "tags": "ska, Brass Band", "seed": 4242, "max_audio_length_ms": 1600}
@@ -157,11 +167,15 @@ def test_operator_finds_debugs_retries_and_compares_jobs(sqlite_stack: Stack, br
     page.goto(f"{stack.base_url}/admin/jobs/{bad.job_id}")
     assert page.inner_text("#job-status") == "succeeded"
     decode = page.locator(".stage", has=page.locator("h3", has_text="decode_audio"))
-    headings = decode.locator("article h4").all_inner_texts()
+    headings = decode.locator("details.attempt h4").all_inner_texts()
     assert len(headings) == 2 and "attempt 1" in headings[0] and "failed" in headings[0]
     assert "attempt 2" in headings[1] and "succeeded" in headings[1]
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "admin_job.png"), full_page=True)
+    # top-down: the players and pictures come before the timeline and the attempts, and the players load
+    order = page.evaluate("""['#listen', '.timeline', '.stage'].map(s => document.querySelector(s).getBoundingClientRect().top)""")
+    assert order == sorted(order)
+    page.wait_for_function("[...document.querySelectorAll('#listen audio')].every(a => a.readyState >= 1 && a.duration > 0)")
+    assert page.locator("#listen figure.plot figcaption", has_text="codebook").count() >= 1
+    screenshot(page, "admin_job.png")
 
     # re-run the original as a new job with another seed; compare shows seed and tokens differ
     page.goto(f"{stack.base_url}/admin/jobs/{original}")
@@ -181,9 +195,15 @@ def test_operator_finds_debugs_retries_and_compares_jobs(sqlite_stack: Stack, br
     assert "tokens differ" in tokens.inner_text() and "inputs differ" in tokens.inner_text()
     assert tokens.locator("table.diff th", has_text="seed").count() == 1
     assert "same inputs" in page.inner_text("#stage-refine_lyrics")
+    # the picker offers A's replays; both songs can be listened to side by side
+    assert page.locator(f"#compare-picker a[href*='b={rerun_id}']").count() == 1
+    page.wait_for_function("['audio-a', 'audio-b'].every(id => document.getElementById(id).readyState >= 1)")
+    screenshot(page, "admin_compare.png", full_page=True)
 
     page.goto(f"{stack.base_url}/admin/jobs")
-    page.screenshot(path=str(SCREENSHOTS / "admin_jobs.png"), full_page=False)
+    row = page.locator("table.jobs tr", has=page.locator(f"a[href='/admin/jobs/{original}']"))
+    assert "ska,brass_band" in row.inner_text()  # the tags the token stage used
+    screenshot(page, "admin_jobs.png")
 
 
 def test_workers_page_lists_the_live_workers_queues_and_what_the_gpu_worker_ran_on(sqlite_stack: Stack, browser_page):
@@ -200,4 +220,28 @@ def test_workers_page_lists_the_live_workers_queues_and_what_the_gpu_worker_ran_
     assert "file(s)" in text and "torch" in text  # model file checksums and versions of the GPU worker
     page.goto(f"{stack.base_url}/admin/stats")
     durations = page.inner_text("main")
-    assert "generate_tokens" in durations and "Jobs per hour" in durations
+    assert "generate_tokens" in durations and "Jobs over time" in durations
+    assert "Queue wait per stage" in durations and page.locator("#submission-to-audio td").count() == 4
+
+
+def test_job_list_refreshes_itself_while_a_job_is_queued(sqlite_stack: Stack, browser_page):
+    from orchestrator.submission import new_job_rows
+    from tasks.contracts import JobRequest
+
+    stack, page = sqlite_stack, browser_page
+
+    def queued_job(word: str) -> str:  # rows only, no chain sent: it stays queued
+        with session_scope(stack.database_url) as session:
+            return new_job_rows(session, JobRequest(lyrics=f"refresh {word}", tags="ska", max_audio_length_ms=160),
+                                stack.settings, source="cli").id
+
+    queued_job("first")
+    page.goto(f"{stack.base_url}/admin/jobs?limit=200")
+    if "/admin/login" in page.url:
+        log_in(page, stack)
+        page.goto(f"{stack.base_url}/admin/jobs?limit=200")
+    assert int(page.get_attribute("#auto-refresh", "data-active")) >= 1
+    page.evaluate("window.__same_document = true")
+    later = queued_job("second")
+    page.wait_for_selector(f"a[href='/admin/jobs/{later}']", timeout=30_000)
+    assert page.evaluate("window.__same_document") is True  # swapped in place, not reloaded

@@ -90,9 +90,14 @@ def test_length_above_the_models_context_is_refused_with_the_limit(client, datab
     assert str(limit) in message
 
 
-def test_default_length_is_refused_when_the_model_cannot_hold_it(client, database_url):
-    body = {k: v for k, v in VALID.items() if k != "max_audio_length_ms"}  # default 240000 ms
-    refused(post(client, body), "max_audio_length_ms", database_url)
+def test_omitted_length_defaults_to_what_the_model_holds_and_is_recorded(app_settings):
+    from orchestrator.request_parsing import parse_job_request
+
+    body = {k: v for k, v in VALID.items() if k != "max_audio_length_ms"}  # the contract default: 240000 ms
+    limit = max_audio_length_limit_ms(app_settings.resolved_checkpoint_dir)
+    request = parse_job_request(body, app_settings)
+    assert request.max_audio_length_ms == limit < 240_000
+    assert request.model_dump()["max_audio_length_ms"] == limit  # what the job row stores
 
 
 def test_length_below_one_frame_is_refused(client, database_url):

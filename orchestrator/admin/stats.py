@@ -1,4 +1,5 @@
-"""The stats page: jobs per hour, failures by stage and error type, duration percentiles per stage.
+"""The stats page, over one window chosen on the page: jobs over time, failures by stage and error
+type, run time and queue wait percentiles per stage, and submission-to-audio time (what a user waits).
 
 Percentiles are computed in Python over a bounded window (SQLite has no percentile function), so
 the same code serves SQLite and PostgreSQL and the cost is capped by MAX_DURATION_SAMPLES.
@@ -32,15 +33,51 @@ def _as_utc(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
 
 
-def jobs_per_hour(session: Session, now: dt.datetime, hours: int = 24) -> list[dict[str, Any]]:
-    start = (now - dt.timedelta(hours=hours - 1)).replace(minute=0, second=0, microsecond=0)
-    buckets: dict[dt.datetime, dict[str, int]] = {start + dt.timedelta(hours=i): {} for i in range(hours)}
+BUCKETS = 24  # bars in the jobs-over-time chart, whatever the window
+
+
+def jobs_over_time(session: Session, now: dt.datetime, hours: int) -> list[dict[str, Any]]:
+    """Jobs created per bucket of hours/BUCKETS hours, by status, over the window."""
+    width = dt.timedelta(hours=hours / BUCKETS)
+    end = now.replace(minute=0, second=0, microsecond=0) + dt.timedelta(hours=1)
+    start = end - width * BUCKETS
+    buckets: list[dict[str, int]] = [{} for _ in range(BUCKETS)]
     rows = session.execute(select(Job.created_at, Job.status).where(Job.created_at >= start))
     for created_at, status in rows:
-        hour = _as_utc(created_at).replace(minute=0, second=0, microsecond=0)
-        if hour in buckets:
-            buckets[hour][status] = buckets[hour].get(status, 0) + 1
-    return [{"hour": hour, "total": sum(counts.values()), "counts": counts} for hour, counts in buckets.items()]
+        index = int((_as_utc(created_at) - start) / width)
+        if 0 <= index < BUCKETS:
+            buckets[index][status] = buckets[index].get(status, 0) + 1
+    return [{"start": start + width * i, "total": sum(counts.values()), "counts": counts}
+            for i, counts in enumerate(buckets)]
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    values = sorted(values)
+    return {"count": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
+            "max": values[-1] if values else None}
+
+
+def queue_waits(session: Session, since: dt.datetime) -> list[dict[str, Any]]:
+    """Seconds from queued to started, per stage, over attempts that started in the window."""
+    out = []
+    for stage in STAGES:
+        rows = session.execute(
+            select(StageRun.queued_at, StageRun.started_at).where(
+                StageRun.stage == stage, StageRun.started_at >= since, StageRun.queued_at.is_not(None))
+            .order_by(StageRun.started_at.desc()).limit(MAX_DURATION_SAMPLES))
+        waits = [max(0.0, (_as_utc(started) - _as_utc(queued)).total_seconds()) for queued, started in rows]
+        out.append({"stage": stage, **_summary(waits)})
+    return out
+
+
+def submission_to_audio(session: Session, since: dt.datetime) -> dict[str, Any]:
+    """Seconds from a job's submission to its encoded audio, over jobs that succeeded in the window."""
+    rows = session.execute(
+        select(Job.created_at, func.max(StageRun.finished_at)).join(StageRun, StageRun.job_id == Job.id)
+        .where(Job.status == "succeeded", Job.created_at >= since, StageRun.stage == "encode_audio",
+               StageRun.status.in_(("succeeded", "reused")))
+        .group_by(Job.id, Job.created_at).limit(MAX_DURATION_SAMPLES))
+    return _summary([(_as_utc(done) - _as_utc(created)).total_seconds() for created, done in rows if done])
 
 
 def failures(session: Session, since: dt.datetime) -> list[dict[str, Any]]:
@@ -64,9 +101,11 @@ def stage_durations(session: Session, since: dt.datetime) -> list[dict[str, Any]
 
 
 def stats_overview(session: Session, window_hours: int = 24 * 7, now: dt.datetime | None = None) -> dict[str, Any]:
+    """Everything on the page, all over the same window."""
     now = now or utcnow()
     since = now - dt.timedelta(hours=window_hours)
-    per_hour = jobs_per_hour(session, now)
-    return {"now": now, "window_hours": window_hours, "since": since, "per_hour": per_hour,
-            "per_hour_max": max([b["total"] for b in per_hour] + [1]),
-            "failures": failures(session, since), "durations": stage_durations(session, since)}
+    over_time = jobs_over_time(session, now, window_hours)
+    return {"now": now, "window_hours": window_hours, "since": since, "over_time": over_time,
+            "bucket_hours": window_hours / BUCKETS, "over_time_max": max([b["total"] for b in over_time] + [1]),
+            "failures": failures(session, since), "durations": stage_durations(session, since),
+            "queue_waits": queue_waits(session, since), "submission_to_audio": submission_to_audio(session, since)}

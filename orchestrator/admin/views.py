@@ -15,6 +15,7 @@ from typing import Any
 from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redirect, render_template, request,
                    url_for)
 from flask_wtf.csrf import CSRFError, generate_csrf
+from sqlalchemy import select
 from werkzeug.exceptions import HTTPException
 
 from db.engine import session_scope
@@ -233,8 +234,19 @@ def _list(args) -> tuple[queries.JobFilters, queries.JobPage, list[str]]:
     with db() as session:
         page = queries.list_jobs(session, filters)
         error_types = queries.known_error_types(session)
-    page.rows = [job_summary(row) for row in page.rows]
+        used = tags_used(session, [row["id"] for row in page.rows])
+    page.rows = [{**job_summary(row), "tags_used": used.get(row["id"])} for row in page.rows]
     return filters, page, error_types
+
+
+def tags_used(session, job_ids: list[str]) -> dict[str, str]:
+    """Each job's tags as the token stage got them (the latest finished generate_tags output)."""
+    if not job_ids:
+        return {}
+    rows = session.scalars(select(StageRun).where(StageRun.job_id.in_(job_ids), StageRun.stage == "generate_tags",
+                                                  StageRun.status.in_(("succeeded", "reused")))
+                           .order_by(StageRun.attempt))
+    return {row.job_id: row.outputs["tags_string"] for row in rows if (row.outputs or {}).get("tags_string")}
 
 
 @bp.route("/jobs")
@@ -448,14 +460,19 @@ def api_csrf():
 @bp.route("/compare")
 def compare_page():
     a, b = request.args.get("a", "").strip(), request.args.get("b", "").strip()
-    if not (a and b):
-        return render_template("admin/compare.html", a=a, b=b, comparison=None, error=None)
     with db() as session:  # the template reads the compared rows, so it renders inside the session
+        # the picker: the original, replays and siblings of A (plain job ids only)
+        related = compare_module.related_jobs(session, a) if a and not a.startswith("run:") else []
+        context = {"a": a, "b": b, "related": related, "comparison": None, "error": None, "audio": {}}
+        if not (a and b):
+            return render_template("admin/compare.html", **context)
         try:
             comparison = compare_module.compare(session, a, b)
         except compare_module.CompareError as exc:
-            return render_template("admin/compare.html", a=a, b=b, comparison=None, error=str(exc)), 400
-        return render_template("admin/compare.html", a=a, b=b, comparison=comparison, error=None)
+            return render_template("admin/compare.html", **{**context, "error": str(exc)}), 400
+        context["audio"] = {side: compare_module.final_audio_sha(session, job.id)
+                            for side, job in (("a", comparison.job_a), ("b", comparison.job_b)) if job is not None}
+        return render_template("admin/compare.html", **{**context, "comparison": comparison})
 
 
 @bp.route("/api/compare")

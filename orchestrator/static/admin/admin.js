@@ -8,6 +8,43 @@
     if (question && !window.confirm(question)) { event.preventDefault(); }
   });
 
+  // compare: play A, then B when A ends (one at a time, so the two can be told apart)
+  var playBoth = document.getElementById("play-both");
+  if (playBoth) {
+    playBoth.addEventListener("click", function () {
+      var a = document.getElementById(playBoth.getAttribute("data-a"));
+      var b = document.getElementById(playBoth.getAttribute("data-b"));
+      b.pause();
+      a.currentTime = 0;
+      a.onended = function () { b.currentTime = 0; b.play(); a.onended = null; };
+      a.play();
+    });
+  }
+
+  // the job list refreshes itself every 5 s while jobs are queued or running: it fetches the same
+  // page and swaps in the table and the status tabs (no navigation, so nothing races a click)
+  var refresh = document.getElementById("auto-refresh");
+  if (refresh) {
+    var refreshSoon = function () {
+      window.setTimeout(function () {
+        if (document.querySelector("form.filters :focus")) { refreshSoon(); return; }
+        fetch(window.location.href, { cache: "no-store", credentials: "same-origin" })
+          .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
+          .then(function (html) {
+            var fresh = new DOMParser().parseFromString(html, "text/html");
+            ["table.jobs tbody", "nav.tabs", "#auto-refresh"].forEach(function (selector) {
+              var now = document.querySelector(selector), next = fresh.querySelector(selector);
+              if (now && next) { now.replaceWith(document.importNode(next, true)); }
+            });
+            refresh = document.getElementById("auto-refresh");
+            if (refresh && Number(refresh.getAttribute("data-active")) > 0) { refreshSoon(); }
+          })
+          .catch(function () { refreshSoon(); });
+      }, 5000);
+    };
+    if (Number(refresh.getAttribute("data-active")) > 0) { refreshSoon(); }
+  }
+
   var body = document.body;
   var url = body.getAttribute("data-progress-url");
   var initial = body.getAttribute("data-job-status");
