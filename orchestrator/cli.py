@@ -135,7 +135,8 @@ def worker_argv(kind: str, concurrency: int | None, loglevel: str, *, gpu_batchi
         extra = ["--include", "gpu_worker.generation_engine"]
     return [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", queue,
             "--concurrency", str(concurrency or default_concurrency), "--pool", pool, *extra,
-            "--hostname", f"{kind}{device}@%h", "--loglevel", loglevel]
+            # SONGPIPE_WORKER_NAME: the node name the supervisor of `songpipe run` pings (its Procfile line)
+            "--hostname", os.environ.get("SONGPIPE_WORKER_NAME") or f"{kind}{device}@%h", "--loglevel", loglevel]
 
 
 @main.command()

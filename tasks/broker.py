@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport.virtual import Channel as VirtualChannel
@@ -111,12 +112,11 @@ def require_reachable(url: str) -> None:
 def queue_lengths(url: str, queues: Iterable[str]) -> dict[str, int]:
     """Messages waiting in each queue (all priority levels), on redis:// and redis+socket:// alike."""
     names = list(queues)
-    with redis_client(url) as client:
-        with client.pipeline() as pipe:
-            for queue in names:
-                for suffix in PRIORITY_SUFFIXES:
-                    pipe.llen(queue + suffix)
-            values = pipe.execute()
+    with redis_client(url) as client, client.pipeline() as pipe:
+        for queue in names:
+            for suffix in PRIORITY_SUFFIXES:
+                pipe.llen(queue + suffix)
+        values = pipe.execute()
     n = len(PRIORITY_SUFFIXES)
     return {queue: sum(values[i * n:(i + 1) * n]) for i, queue in enumerate(names)}
 

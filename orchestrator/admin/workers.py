@@ -58,14 +58,15 @@ def celery_inspect(timeout: float = INSPECT_TIMEOUT_S) -> dict[str, Any]:
 
 
 def queue_lengths(settings: Settings) -> dict[str, Any]:
-    from tasks.broker import BrokerNotConfigured, queue_lengths as broker_queue_lengths, resolve_broker_url
+    from tasks.broker import BrokerNotConfigured, resolve_broker_url
+    from tasks.broker import queue_lengths as broker_queue_lengths
 
     try:
         url = resolve_broker_url(settings)
         return {"error": None, "queues": broker_queue_lengths(url, (CPU_QUEUE, GPU_QUEUE))}
     except BrokerNotConfigured as exc:
         return {"error": str(exc), "queues": {}}
-    except Exception as exc:  # broker down: the page says so instead of failing
+    except Exception as exc:  # noqa: BLE001 - broker down: the page says so instead of failing
         return {"error": f"{type(exc).__name__}: {exc}", "queues": {}}
 
 
