@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from tasks import kombu_redis
 from tasks.broker import UNCONFIGURED_URL, BrokerNotConfigured, resolve_broker_url
 from tasks.contracts import GPU_STAGES, STAGES
 from tasks.settings import Settings, get_settings
@@ -88,6 +89,7 @@ def make_celery(settings: Settings, name: str = "songpipe", *, broker: str | Non
     return new
 
 
+kombu_redis.register()  # the redis:// transport with the reconnect fix (tasks/kombu_redis.py)
 app = Celery("songpipe")
 # evaluated when app.conf is first read, not now (importing this module configures nothing)
 app.add_defaults(lambda: celery_config(get_settings()))
