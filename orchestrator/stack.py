@@ -329,7 +329,8 @@ def run_stack(settings: Settings, *, host: str, port: int, procfile: Path | None
     supervisor = Supervisor(supervisor_programs, echo=echo,
                             probe_interval_s=_env_float("SONGPIPE_LIVENESS_INTERVAL_S", 5.0),
                             probe_failures=int(_env_float("SONGPIPE_LIVENESS_FAILURES", 3)),
-                            stop_timeout_s=_env_float("SONGPIPE_STOP_TIMEOUT_S", 60.0))
+                            stop_timeout_s=_env_float("SONGPIPE_STOP_TIMEOUT_S", 60.0),
+                            hold_dir=settings.data_dir / "hold")
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: supervisor.request_stop())
     recorded = False

@@ -12,6 +12,8 @@ extra daemon with its own config file and no notion of a Celery ping): see docs/
   request for the web server, a Redis PING for the embedded broker) that fails `failures` probes in a
   row is killed (SIGKILL of its group) and restarted. A worker is not judged while the broker is down:
   no worker can answer then.
+- Hold: while a file named after a program exists in `hold_dir`, that program is not (re)started
+  (maintenance, and bench/soak.py's long broker outage).
 - Stop (SIGTERM, Ctrl-C): SIGTERM to each child's main process only (Celery's warm shutdown: the
   main process lets its pool children finish the stage in hand), then SIGKILL of the group after
   `stop_timeout_s`.
@@ -26,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 Probe = Callable[[], bool | None]  # True alive, False not answering, None cannot judge now
@@ -68,6 +71,7 @@ class Supervisor:
     probe_failures: int = 3
     stop_timeout_s: float = 60.0
     log_stream: TextIO | None = None  # children's output, each line prefixed by its name
+    hold_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self._children = {p.name: _Child(p) for p in self.programs}
@@ -88,6 +92,9 @@ class Supervisor:
         threading.Thread(target=self._copy_output, args=(name, process), daemon=True,
                          name=f"supervisor-log-{name}").start()
         self.echo(f"supervisor: started {name} (pid {process.pid})")
+
+    def held(self, name: str) -> bool:
+        return self.hold_dir is not None and (self.hold_dir / name).exists()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -141,7 +148,7 @@ class Supervisor:
                               f"restarting in {child.backoff_s:g} s")
                     child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
                     child.restarts += 1
-                elif process is None and not child.gave_up and now >= child.next_start:
+                elif process is None and not child.gave_up and now >= child.next_start and not self.held(name):
                     self.start(name)
 
     # -- liveness -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ class SlowLlm:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 owner.calls += 1
                 time.sleep(owner.delay_s)

@@ -14,9 +14,10 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tests.stack_fixtures import REPO_ROOT, free_port, kill_group, wait_until
 

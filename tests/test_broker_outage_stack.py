@@ -9,11 +9,10 @@ import sys
 
 import pytest
 
-from tests import stack_fixtures
-from tests.stack_fixtures import wait_until
-
 from tests import reliability_fixtures as rf
+from tests import stack_fixtures
 from tests.slow_llm import LYRICS, SlowLlm
+from tests.stack_fixtures import wait_until
 
 pytestmark = pytest.mark.integration
 
