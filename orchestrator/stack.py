@@ -287,8 +287,9 @@ def stack_programs(settings: Settings, processes: dict[str, str], env: dict[str,
             probe = worker_ping_probe(broker, node, settings)
         elif WEB_COMMAND.search(command):
             probe = web_probe(base_url)
-        # exec: the shell expands ${VARS} and is then replaced, so our SIGTERM reaches the program
-        programs.append(Program(name, ["/bin/sh", "-c", f"exec {command}"], env=child_env, cwd=str(Path.cwd()),
+        # exec env: the shell expands ${VARS} and is replaced (our SIGTERM reaches the program itself);
+        # env lets a line start with assignments (`CUDA_VISIBLE_DEVICES=1 songpipe worker gpu`)
+        programs.append(Program(name, ["/bin/sh", "-c", f"exec env {command}"], env=child_env, cwd=str(Path.cwd()),
                                 probe=probe))
     return programs
 

@@ -92,3 +92,20 @@ def test_stop_sends_sigterm_to_the_main_process_and_waits_for_it(tmp_path):
     _stop(sup, thread)
     assert marker.exists()
     assert any("graceful stopped (0)" in line for line in lines)
+
+
+def test_procfile_lines_become_programs_with_probes_and_may_start_with_assignments(tmp_path):
+    from orchestrator.stack import parse_procfile, stack_programs
+    from tasks.settings import Settings
+
+    out = tmp_path / "out"
+    processes = parse_procfile(f"# comment\nweb: songpipe web --port 1\ngpu1: CUDA_VISIBLE_DEVICES=1 songpipe worker gpu\n"
+                               f"job: SONGPIPE_X=7 sh -c 'echo $SONGPIPE_X > {out}; sleep 30'\n")
+    programs = {p.name: p for p in stack_programs(Settings(data_dir=tmp_path), processes, {"PATH": "/usr/bin:/bin"},
+                                                  "redis://127.0.0.1:1/0", "http://127.0.0.1:1")}
+    assert programs["web"].probe is not None and programs["gpu1"].probe is not None
+    assert programs["gpu1"].env["SONGPIPE_WORKER_NAME"].startswith("gpu1@")
+    assert programs["job"].probe is None
+    sup, thread, _ = _running([programs["job"]])
+    wait_until(lambda: out.exists() and out.read_text().strip() == "7", 10, "the line ran with its assignment")
+    _stop(sup, thread)
