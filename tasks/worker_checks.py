@@ -1,17 +1,39 @@
-"""Checks every worker runs at start: a broker is configured and the schema is current."""
+"""Checks every worker runs at start (a broker is known, the schema is current), and per-child setup.
+
+The start check raises SystemExit, not an ordinary exception: Celery's Signal.send catches every
+Exception raised by a `worker_init` handler and carries on (the worker would log "ready" and
+consume on an old schema); SystemExit is a BaseException and ends the worker with our message.
+"""
+import sys
+
 from celery.signals import celeryd_after_setup, worker_init, worker_process_init
 
 from db.engine import dispose_engines
-from db.schema import require_current_schema
+from db.schema import SchemaOutOfDateError, require_current_schema
+from tasks.broker import BrokerNotConfigured
 from tasks.celery_app import broker_url
 from tasks.settings import get_settings
+
+REFUSED_EXIT = 3  # the supervisor does not restart a worker that refused to start (it would refuse again)
+
+
+def refuse_to_start(message: str) -> None:
+    print(f"songpipe worker: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(REFUSED_EXIT)
+
+
+def check_before_start() -> None:
+    settings = get_settings()
+    try:
+        broker_url(settings)
+        require_current_schema(settings.resolved_database_url)
+    except (BrokerNotConfigured, SchemaOutOfDateError) as exc:
+        refuse_to_start(str(exc))
 
 
 @worker_init.connect
 def _check_before_start(**_kwargs) -> None:
-    settings = get_settings()
-    broker_url(settings)
-    require_current_schema(settings.resolved_database_url)
+    check_before_start()
 
 
 @worker_process_init.connect

@@ -1,7 +1,7 @@
 """The workers and queues page: live Celery workers, queue lengths, and what each GPU worker holds.
 
 Live facts come from Celery's remote control (ping, active, reserved, stats: four broadcasts run
-in parallel, ~1 s in all) and from Redis (LLEN of the "cpu" and "gpu" lists). What a GPU worker
+in parallel, ~1 s in all) and from Redis (tasks.broker.queue_lengths: LLEN of the "cpu" and "gpu" lists). What a GPU worker
 runs on (device name, memory, loaded model checksums) and its last heartbeat come from SQL: each
 stage attempt records its worker's environment snapshot, so the newest row per (host, queue) is
 the newest known state of that worker - also for a worker that is down right now.
@@ -19,8 +19,6 @@ from tasks.celery_app import CPU_QUEUE, GPU_QUEUE
 from tasks.settings import Settings
 
 INSPECT_TIMEOUT_S = 1.0
-# kombu's Redis transport keeps priority levels in extra lists named queue + "\x06\x16" + level
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 
 
 def celery_inspect(timeout: float = INSPECT_TIMEOUT_S) -> dict[str, Any]:
@@ -60,22 +58,16 @@ def celery_inspect(timeout: float = INSPECT_TIMEOUT_S) -> dict[str, Any]:
 
 
 def queue_lengths(settings: Settings) -> dict[str, Any]:
-    if not settings.redis_url:
-        return {"error": "no broker configured (REDIS_URL unset)", "queues": {}}
-    import redis
+    from tasks.broker import BrokerNotConfigured, resolve_broker_url
+    from tasks.broker import queue_lengths as broker_queue_lengths
 
     try:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
-        with client.pipeline() as pipe:
-            for queue in (CPU_QUEUE, GPU_QUEUE):
-                for suffix in _PRIORITY_SUFFIXES:
-                    pipe.llen(queue + suffix)
-            values = pipe.execute()
-        client.close()
-    except Exception as exc:
+        url = resolve_broker_url(settings)
+        return {"error": None, "queues": broker_queue_lengths(url, (CPU_QUEUE, GPU_QUEUE))}
+    except BrokerNotConfigured as exc:
+        return {"error": str(exc), "queues": {}}
+    except Exception as exc:  # noqa: BLE001 - broker down: the page says so instead of failing
         return {"error": f"{type(exc).__name__}: {exc}", "queues": {}}
-    n = len(_PRIORITY_SUFFIXES)
-    return {"error": None, "queues": {CPU_QUEUE: sum(values[:n]), GPU_QUEUE: sum(values[n:])}}
 
 
 def recorded_workers(session: Session) -> list[dict[str, Any]]:
