@@ -66,9 +66,9 @@ def switch_on(settings: Settings) -> bool:
 
 def check_allowed(settings: Settings) -> None:
     """Every entry point calls this at start: production mode with the switch on refuses to run."""
-    if settings.fault_injection and settings.mode == "production":
-        raise FaultInjectionRefused("songpipe: SONGPIPE_FAULT_INJECTION=1 is not allowed with SONGPIPE_MODE=production; "
-                                    "unset one of them (fault injection is for tests)")
+    refusal = settings.fault_injection_refusal()
+    if refusal is not None:
+        raise FaultInjectionRefused(f"songpipe: {refusal}")
 
 
 def faults_in(tags: list[str] | None) -> list[Fault]:

@@ -27,8 +27,9 @@ import socket
 import threading
 import time
 import traceback as traceback_module
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
@@ -46,6 +47,7 @@ from tasks.environment import environment_snapshot, torch_snapshot
 from tasks.pipeline import chain as pipeline_chain
 from tasks.pipeline.attempts import add_attempts, end_job
 from tasks.settings import Settings, get_settings
+from tasks.worker_stop import worker_is_stopping
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ CANCEL_CHECK_INTERVAL_S = 1.0
 LEASE_HEARTBEATS = 12  # a running row is lost after this many missed heartbeats
 TRANSIENT_RETRIES = 1  # transient failures get exactly one new attempt
 TRANSIENT_RETRY_REQUESTER = "retry:transient"
+HAND_BACK_REQUESTER = "worker-stop"
+HANDED_BACK_ERROR = "WorkerStopped"
 MAX_NOTED_DUPLICATES = 20
 
 
@@ -115,6 +119,7 @@ class StageContext:
     _last_progress: float = 0.0
     _last_cancel_check: float = 0.0
     _cancelled: bool = False
+    _stopping: bool = False
     _superseded: bool = False
     _environment_recorded: bool = False  # the full snapshot is on the row (written with the inputs)
     _started: float = field(default_factory=time.monotonic)
@@ -166,12 +171,18 @@ class StageContext:
         if self._superseded:
             raise StageSuperseded(f"job {self.job_id} stage {self.stage} attempt {self.attempt} was superseded")
         now = time.monotonic()
-        if self._cancelled or now - self._last_cancel_check < CANCEL_CHECK_INTERVAL_S:
-            return self._cancelled
+        if self._cancelled or self._stopping or now - self._last_cancel_check < CANCEL_CHECK_INTERVAL_S:
+            return self._cancelled or self._stopping
         self._last_cancel_check = now
         with session_scope(self.database_url) as session:
             self._cancelled = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
-        return self._cancelled
+        # a clean stop of this worker: the stage ends like a cancel, then the runner hands it back
+        self._stopping = not self._cancelled and worker_is_stopping(self.settings)
+        return self._cancelled or self._stopping
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def put_artifact(self, data: bytes, kind: str) -> ArtifactRef:
         ref = self.store.put(data, kind)
@@ -321,7 +332,11 @@ class StageRunner:
                 raise Ignore() from exc
             except JobCancelled as exc:
                 beat.stop()
-                if not ctx.superseded:
+                if ctx.stopping and not ctx.superseded:
+                    handed_back = self._hand_back(url, job_id, attempt, ctx, started)
+                    if handed_back is not None:
+                        _send_retry(handed_back)
+                elif not ctx.superseded:
                     self._record_end_unless_superseded(url, job_id, attempt, StageStatus.CANCELLED, exc, ctx, started)
                 raise Ignore() from exc
             except BaseException as exc:
@@ -397,6 +412,28 @@ class StageRunner:
         except StageSuperseded as lost:
             log.warning("%s; its %s (%s) is not recorded", lost, status, describe_error(exc)[0])
             return None
+
+    def _hand_back(self, url: str, job_id: str, attempt: int, ctx: StageContext,
+                   started: float) -> ScheduledRetry | None:
+        """A clean worker stop: this attempt ends `lost` and a new one is queued now, not after a lease."""
+        with session_scope(url) as session:
+            job = session.get(Job, job_id)
+            max_audio_length_ms = (job.request or {}).get("max_audio_length_ms")
+            attempts = add_attempts(session, job, self.stage, requested_by=HAND_BACK_REQUESTER)
+            written = session.execute(update(StageRun).where(*ctx._held()).values(
+                status=StageStatus.LOST, error_type=HANDED_BACK_ERROR, finished_at=db_now(),
+                duration_s=time.monotonic() - started,
+                error_message=(f"handed back: the worker stopped cleanly during {self.stage}; "
+                               f"continued as attempt {attempts[self.stage]}"))
+                .execution_options(synchronize_session=False)).rowcount
+            if not written:
+                session.rollback()
+                log.warning("job %s stage %s attempt %s: not held at hand-back; left to the reconciler",
+                            job_id, self.stage, attempt)
+                return None
+        log.info("job %s stage %s attempt %s handed back on a clean stop (new attempt %s)",
+                 job_id, self.stage, attempt, attempts[self.stage])
+        return ScheduledRetry(job_id, attempts, max_audio_length_ms)
 
     def _held_row(self, session: Session, ctx: StageContext) -> StageRun:
         row = session.scalar(select(StageRun).where(*ctx._held()))

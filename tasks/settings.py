@@ -102,6 +102,13 @@ class Settings(BaseSettings):
             raise ValueError(f"must be a file mode between 0000 and 0777, got {value:o}")
         return value
 
+    def fault_injection_refusal(self) -> str | None:
+        """Why these settings must not start any process (fault injection in production), or None."""
+        if self.fault_injection and self.mode == "production":
+            return ("SONGPIPE_FAULT_INJECTION=1 is not allowed with SONGPIPE_MODE=production; "
+                    "unset one of them (fault injection is for tests)")
+        return None
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'songpipe.db'}"

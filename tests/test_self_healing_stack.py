@@ -100,13 +100,20 @@ def test_kill_9_of_the_cpu_workers_pool_child_and_of_redis_are_healed(stack):
     assert stack.wait_for_job(job_id)["status"] == "succeeded"
 
 
-def test_sigterm_while_a_song_generates_finishes_the_stage_instead_of_losing_it_to_a_lease(stack):
-    job_id = stack.submit(rf.song("slow-40", max_audio_length_ms=8000))
+def test_sigterm_while_a_song_generates_hands_the_stage_back_instead_of_losing_it_to_a_lease(stack, tiny_checkpoint_dir):
+    job_id = stack.submit(rf.song("slow-200", max_audio_length_ms=8000))  # ~20 s of generation
     wait_until(lambda: _stage(stack.job(job_id), "generate_tokens")["status"] == "running", 120, "generation")
     assert stack.stop() == 0, stack.output()[-6000:]
     with sqlite3.connect(stack.data_dir / "songpipe.db") as db:
-        rows = db.execute("SELECT attempt, status, error_type FROM stage_runs WHERE job_id = ? AND "
+        rows = db.execute("SELECT attempt, status, error_type, requested_by FROM stage_runs WHERE job_id = ? AND "
                           "stage = 'generate_tokens' ORDER BY attempt", (job_id,)).fetchall()
-    assert rows == [(1, "succeeded", None)], rows
+    # handed back at once: the attempt ends lost with the reason, its successor is queued (no lease wait)
+    assert rows == [(1, "lost", "WorkerStopped", None), (2, "queued", None, "worker-stop")], rows
     assert not (stack.data_dir / "broker_url").exists()  # a clean stop forgets the embedded broker
     assert "supervisor: gpu stopped (0)" in stack.output()
+
+    with supervised_stack(stack.data_dir.parent, tiny_checkpoint_dir) as again:
+        finished = again.wait_for_job(job_id, timeout_s=300)
+    assert finished["status"] == "succeeded"
+    tokens = [s for s in finished["stages"] if s["stage"] == "generate_tokens"]
+    assert [(s["attempt"], s["status"]) for s in tokens] == [(1, "lost"), (2, "succeeded")]
