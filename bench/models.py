@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_fast import run_cold_start, run_codec_comparison, run_lm_comparison  # noqa: E402
+from bench.bench_fast import run_codec_comparison, run_cold_start, run_lm_comparison  # noqa: E402
 from bench.table import print_table  # noqa: E402
 
 

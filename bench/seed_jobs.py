@@ -48,7 +48,7 @@ def _lyrics(rng: random.Random) -> str:
 
 def make_rows(n: int, seed: int = 0, now: dt.datetime | None = None, days: int = 30):
     rng = random.Random(seed)
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     statuses = [s for s, w in STATUS_WEIGHTS for _ in range(w)]
     hosts = [f"gpu-{i}" for i in range(4)] + [f"cpu-{i}" for i in range(4)]
     for _ in range(n):

@@ -1,7 +1,8 @@
 """Plain-text tables for benchmark output (pasteable into bench/RESULTS.md as Markdown)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def _fmt(value: Any) -> str:

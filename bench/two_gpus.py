@@ -17,8 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.table import print_table  # noqa: E402
-from tests.stack_fixtures import (_spawn, _workers_answer, database, redis_server, running_stack,  # noqa: E402
-                                  tiny_checkpoint, wait_until)
+from tests.stack_fixtures import _spawn, _workers_answer, database, redis_server, running_stack, tiny_checkpoint, wait_until  # noqa: E402
 
 SONG = {"lyrics": "de doo doo doo\nde blaa blaa blaa\nis all i want to sing to you", "tags": "ska",
         "max_audio_length_ms": 10000, "output_format": "wav"}  # the GPU host has no ffmpeg

@@ -9,14 +9,38 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, String, Text,
-                        TypeDecorator, UniqueConstraint)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from db.clock import db_now
-from db.status import (JOB_ACTIVE, JOB_STATUSES, JOB_TERMINAL, STAGE_CLAIMABLE, STAGE_DONE, STAGE_ENDED,  # noqa: F401
-                       STAGE_PENDING, STAGE_STATUSES, JobStatus, StageStatus, sql_in)
+from db.status import (  # noqa: F401
+    JOB_ACTIVE,
+    JOB_STATUSES,
+    JOB_TERMINAL,
+    STAGE_CLAIMABLE,
+    STAGE_DONE,
+    STAGE_ENDED,
+    STAGE_PENDING,
+    STAGE_STATUSES,
+    JobStatus,
+    StageStatus,
+    sql_in,
+)
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -32,7 +56,7 @@ class StatusString(TypeDecorator):
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class Base(DeclarativeBase):

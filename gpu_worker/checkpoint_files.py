@@ -9,10 +9,10 @@ validation (expected names and shapes) lives next to each model and reports thro
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import torch
 from safetensors import safe_open

@@ -48,7 +48,8 @@ import contextlib
 import copy
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

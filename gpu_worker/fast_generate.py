@@ -28,8 +28,8 @@ Prefill runs eagerly (one song at a time, the plain path's attention call).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -10,8 +10,8 @@ N = max_audio_length_ms // 80 frames in total; the context limit is checked befo
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,17 +92,17 @@ class HeartCodecConfig:
         self.validate()
 
     @classmethod
-    def published(cls) -> "HeartCodecConfig":
+    def published(cls) -> HeartCodecConfig:
         return cls()
 
     @classmethod
-    def tiny(cls) -> "HeartCodecConfig":
+    def tiny(cls) -> HeartCodecConfig:
         """Test size (spec §10): same code path and window constants, small widths."""
         return cls(dim=32, codebook_dim=8, num_attention_heads=2, attention_head_dim=8, num_layers=2,
                    num_layers_2=1, out_channels=16, in_channels=64, latent_hidden_dim=8, init_channel=4)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "HeartCodecConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> HeartCodecConfig:
         """Parse config.json: missing keys take the published value (logged), unknown keys are ignored."""
         if data.get("model_type", "heartcodec") != "heartcodec":
             raise CodecConfigError("model_type", f"expected 'heartcodec', got {data['model_type']!r}")

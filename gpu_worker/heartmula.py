@@ -9,8 +9,9 @@ appear in the state dict.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ class HeartMuLaArgs:
 
     @classmethod
     def from_flavors(cls, backbone_flavor: str, decoder_flavor: str,
-                     custom: Mapping[str, Mapping[str, Any]] | None = None, **sizes: int) -> "HeartMuLaArgs":
+                     custom: Mapping[str, Mapping[str, Any]] | None = None, **sizes: int) -> HeartMuLaArgs:
         return cls(backbone=flavor_args(backbone_flavor, custom), decoder=flavor_args(decoder_flavor, custom), **sizes)
 
 

@@ -6,8 +6,9 @@ from the same table.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 
 class FlavorError(ValueError):

@@ -17,7 +17,6 @@ from tasks.contracts import DecodeAudioInput, DecodeAudioOutput, GenerateTokensI
 from tasks.recording import JobCancelled, StageContext, stage_task
 from tasks.stage_inputs import RESOLVERS
 
-
 CHECKSUM_CACHE_NAME = "checksums.json"
 
 
@@ -58,9 +57,8 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
     try:
         if ctx.settings.gpu_batching:
             # continuous batching: the process's engine runs this song in a slot beside others
-            from gpu_worker.generation_engine import get_engine, run_in_engine
-
             from gpu_worker.fast_generate import fused_kernels_default
+            from gpu_worker.generation_engine import get_engine, run_in_engine
 
             engine = get_engine(lm.model)
             ctx.environment_extra.update(generation_path="batched", engine_slots=engine.max_songs,

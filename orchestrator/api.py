@@ -14,11 +14,11 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from db.engine import session_scope
 from db.models import Job
 from orchestrator.admission import QueueFull, RateLimited, admit  # noqa: F401  (QueueFull: web.py imports it here)
+from orchestrator.artifact_serving import artifact_response
 from orchestrator.job_views import audio_artifact, job_exists, links, load_job_view
 from orchestrator.request_parsing import RequestInvalid, error, error_body, json_depth_exceeds, parse_job_request
 from orchestrator.schemas import Errors, JobCreated, PublicJobView
 from orchestrator.submission import SubmittedJob, submit_job
-from orchestrator.artifact_serving import artifact_response
 from tasks.artifact_store import ArtifactUnavailable, open_store
 from tasks.audio_files import song_filename
 from tasks.contracts import JobRequest

@@ -64,12 +64,12 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
     if settings.proxy_hops:  # trust exactly this many X-Forwarded-* hops: remote_addr is then the client
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops,  # type: ignore[method-assign]
                                 x_host=settings.proxy_hops)
-    from orchestrator.admission import init_admission
-    from orchestrator.web import register as register_web
-    from orchestrator.api import register as register_api
     from orchestrator.admin import register as register_admin
-    from orchestrator.openapi import register as register_openapi
+    from orchestrator.admission import init_admission
+    from orchestrator.api import register as register_api
     from orchestrator.metrics_view import register as register_metrics
+    from orchestrator.openapi import register as register_openapi
+    from orchestrator.web import register as register_web
 
     register_web(app)
     register_api(app)

@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 from tasks import audio_files
-from tasks.contracts import (EncodeAudioInput, EncodeAudioOutput, GenerateTagsInput, GenerateTagsOutput,
-                             RefineLyricsInput, RefineLyricsOutput)
+from tasks.contracts import (
+    EncodeAudioInput,
+    EncodeAudioOutput,
+    GenerateTagsInput,
+    GenerateTagsOutput,
+    RefineLyricsInput,
+    RefineLyricsOutput,
+)
 from tasks.recording import StageContext, stage_task
 from tasks.stage_inputs import RESOLVERS
 

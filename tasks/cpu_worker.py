@@ -1,11 +1,13 @@
 """Entry point of the CPU worker: `celery -A tasks.cpu_worker worker -Q cpu`."""
+from celery.signals import worker_process_init
+
+from tasks import (
+    cpu_stages,  # noqa: F401  (registers refine_lyrics, generate_tags, encode_audio)
+    worker_checks,  # noqa: F401  (schema and broker checked at worker start)
+    worker_metrics,  # noqa: F401  (/metrics when SONGPIPE_METRICS_PORT is set)
+)
 from tasks.celery_app import app
 from tasks.settings import get_settings
-from tasks import worker_checks  # noqa: F401  (schema and broker checked at worker start)
-from tasks import worker_metrics  # noqa: F401  (/metrics when SONGPIPE_METRICS_PORT is set)
-from tasks import cpu_stages  # noqa: F401  (registers refine_lyrics, generate_tags, encode_audio)
-
-from celery.signals import worker_process_init
 
 
 @worker_process_init.connect

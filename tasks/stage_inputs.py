@@ -11,8 +11,15 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from db.models import STAGE_DONE, Job
-from tasks.contracts import (DecodeAudioInput, EncodeAudioInput, GenerateTagsInput, GenerateTokensInput,
-                             JobRequest, RefineLyricsInput, SongFileTags)
+from tasks.contracts import (
+    DecodeAudioInput,
+    EncodeAudioInput,
+    GenerateTagsInput,
+    GenerateTokensInput,
+    JobRequest,
+    RefineLyricsInput,
+    SongFileTags,
+)
 from tasks.pipeline.attempts import latest_done
 from tasks.settings import Settings
 
@@ -65,9 +72,7 @@ def decode_audio_input(session: Session, job: Job, settings: Settings) -> Decode
 
 def _model_checksum(session: Session, job_id: str) -> str | None:
     """One short digest of the LM files the token stage loaded (its recorded model_checksums)."""
-    row = session.scalar(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == "generate_tokens",
-                                                StageRun.status == "succeeded")
-                         .order_by(StageRun.attempt.desc()).limit(1))
+    row = latest_done(session, job_id, "generate_tokens").get("generate_tokens")
     checksums = ((row.environment or {}) if row is not None else {}).get("model_checksums")
     if not checksums:
         return None

@@ -12,8 +12,8 @@ Fixtures (see tests/stack_fixtures.py for the machinery):
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # Without an NVIDIA GPU, Triton kernels (gpu_worker/fused_ops.py) can only run through Triton's
 # interpreter; it is chosen when triton is first imported, so it is set before any test imports it.
@@ -22,8 +22,8 @@ if not Path("/dev/nvidia0").exists() and not Path("/dev/nvidiactl").exists():
 
 import pytest  # noqa: E402
 
-from tests import stack_fixtures
 from tasks.settings import Settings
+from tests import stack_fixtures
 
 DATABASE_KINDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 

@@ -19,9 +19,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tests import stack_fixtures
 from tests.stack_fixtures import REPO_ROOT, Stack, free_port, kill_group, wait_until

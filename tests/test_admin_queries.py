@@ -29,7 +29,7 @@ from tasks.settings import Settings
 
 SEEDED = 300
 PASSWORD = "admin-secret-1"
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 @pytest.fixture(scope="module")

@@ -250,7 +250,7 @@ def test_brackets_inside_strings_do_not_count_as_nesting(tiny_checkpoint_dir, tm
     from tasks.settings import Settings
 
     sent: list = []
-    monkeypatch.setattr("orchestrator.chain.send_chain", lambda *args: sent.append(args))
+    monkeypatch.setattr("tasks.pipeline.chain.send_chain", lambda *args: sent.append(args))
     settings = Settings(data_dir=tmp_path, checkpoint_dir=tiny_checkpoint_dir)
     upgrade(settings.resolved_database_url)
     client = create_app(settings).test_client()
@@ -305,7 +305,7 @@ def test_any_publish_error_after_the_commit_answers_201_not_a_500(tiny_checkpoin
     def broken(*_args):
         raise RuntimeError("serializer exploded")
 
-    monkeypatch.setattr("orchestrator.chain.send_chain", broken)
+    monkeypatch.setattr("tasks.pipeline.chain.send_chain", broken)
     settings = Settings(data_dir=tmp_path, checkpoint_dir=tiny_checkpoint_dir)
     upgrade(settings.resolved_database_url)
     response = post(create_app(settings).test_client(), VALID)

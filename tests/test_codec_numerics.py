@@ -23,7 +23,6 @@ from gpu_worker.heartcodec import (
     timestep_features,
 )
 
-
 # ------------------------------------------------------------------ an estimator block, written out in float64
 
 def reference_block(x: torch.Tensor, mod: torch.Tensor, w: dict[str, torch.Tensor], heads: int) -> torch.Tensor:

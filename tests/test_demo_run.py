@@ -15,8 +15,8 @@ import pytest
 
 from orchestrator.stack import DEMO_REQUEST
 from tasks.audio_files import SAMPLE_RATE, decoded_samples, rms_dbfs
-from tests.test_audible_audio import AUDIBLE_DBFS
 from tests.stack_fixtures import free_port
+from tests.test_audible_audio import AUDIBLE_DBFS
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,6 @@ from gpu_worker.heartmula_checkpoint import (
     TINY_LM_FOLDER,
     heartmula_args_from_config,
     load_heartmula,
-    random_state_dict,
     tiny_state_dict,
     write_broken_heartmula_variants,
     write_tiny_heartmula,

@@ -62,7 +62,7 @@ def test_a_very_fast_heartbeat_never_drops_the_transient_retry(database_url, tmp
 def test_stage_times_are_written_with_the_databases_clock_not_the_hosts(database_url, tmp_path, monkeypatch):
     settings = settings_for(database_url, tmp_path, heartbeat_s=0.05)
     job_id = submit(settings)
-    skewed = lambda: dt.datetime.now(dt.timezone.utc) + SKEW  # noqa: E731
+    skewed = lambda: dt.datetime.now(dt.UTC) + SKEW  # noqa: E731
     monkeypatch.setattr("tasks.recording.utcnow", skewed)
     monkeypatch.setattr("db.models.utcnow", skewed)
     run_stage(settings, job_id, echo_lyrics)
@@ -86,7 +86,7 @@ def test_the_reconciler_judges_leases_by_the_databases_clock(database_url, tmp_p
                                     worker_hostname="elsewhere", worker_pid=1))
             session.get(Job, job_id).status = "running"
     # the reconciler's host runs hours ahead: with its own clock every heartbeat would look stale
-    monkeypatch.setattr("db.models.utcnow", lambda: dt.datetime.now(dt.timezone.utc) + SKEW)
+    monkeypatch.setattr("db.models.utcnow", lambda: dt.datetime.now(dt.UTC) + SKEW)
     decisions = reconciler.reconcile_once(settings, broker_view=set, sender=Sent(), confirm_delay_s=0)
     assert {(d.job_id, d.action) for d in decisions if d.job_id in (fresh, stale)} == {(stale, "resent")}
     assert refine_row(settings, fresh).status == "running"

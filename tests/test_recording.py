@@ -103,7 +103,7 @@ def test_second_delivery_while_running_with_fresh_heartbeat_backs_off(settings):
     job_id = _job(settings)
     with session_scope(settings.resolved_database_url) as session:
         row = session.scalar(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == "refine_lyrics"))
-        row.status, row.heartbeat_at = "running", dt.datetime.now(dt.timezone.utc)
+        row.status, row.heartbeat_at = "running", dt.datetime.now(dt.UTC)
     with pytest.raises(Ignore):
         run_stage(settings, job_id, echo_lyrics)
     assert _row(settings, job_id, "refine_lyrics").status == "running"

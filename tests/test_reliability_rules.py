@@ -23,7 +23,7 @@ from tasks.stage_inputs import RESOLVERS
 from tasks.time_limits import MAX_HARD_TIME_LIMIT_S, VISIBILITY_TIMEOUT_S, stage_limits, visibility_timeout_s
 from tests.model_fixtures import echo_lyrics, raising, run_stage
 
-NOW = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
 
 @pytest.fixture()
@@ -246,7 +246,7 @@ def test_a_holder_that_lost_its_lease_discards_its_result(settings):
 
 def test_a_skipped_duplicate_delivery_is_noted_on_the_row(settings):
     job_id = _job(settings)
-    _set(settings, job_id, "refine_lyrics", status="running", heartbeat_at=dt.datetime.now(dt.timezone.utc))
+    _set(settings, job_id, "refine_lyrics", status="running", heartbeat_at=dt.datetime.now(dt.UTC))
     with pytest.raises(Ignore):
         run_stage(settings, job_id, echo_lyrics, celery_task_id="dup")
     noted = _rows(settings, job_id, "refine_lyrics")[0].environment["duplicate_deliveries"]
@@ -318,7 +318,6 @@ def test_submissions_beyond_the_per_client_rate_get_429_with_retry_after(app_set
 
 def test_the_queue_cap_refuses_with_503_and_stores_nothing(app_settings, monkeypatch):
     from orchestrator.app import create_app
-
     from tests.stack_fixtures import count_rows
 
     monkeypatch.setattr("tasks.pipeline.chain.send_chain", lambda *args: None)

@@ -17,9 +17,15 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
-from schemathesis.checks import (allow_header_conformance, content_type_conformance, negative_data_rejection,
-                                 not_a_server_error, response_headers_conformance, response_schema_conformance,
-                                 status_code_conformance)
+from schemathesis.checks import (
+    allow_header_conformance,
+    content_type_conformance,
+    negative_data_rejection,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from orchestrator.openapi import deployment_backends, document
 from orchestrator.openapi import spec as openapi_spec

@@ -40,7 +40,7 @@ def redis_url(redis_service) -> str:
 @pytest.fixture
 def no_send(monkeypatch) -> list:
     sent: list = []
-    monkeypatch.setattr("orchestrator.chain.send_chain", lambda *args: sent.append(args))
+    monkeypatch.setattr("tasks.pipeline.chain.send_chain", lambda *args: sent.append(args))
     return sent
 
 

@@ -19,9 +19,9 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import click
 from flask import Flask, abort, current_app, g, jsonify, redirect, request, session, url_for

@@ -7,8 +7,8 @@ they reference and its replay links in one query each.
 from __future__ import annotations
 
 import base64
-import heapq
 import datetime as dt
+import heapq
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +52,7 @@ class JobFilters:
     page: int = 1  # offset pages for the other sorts
 
     @classmethod
-    def from_args(cls, args) -> "JobFilters":
+    def from_args(cls, args) -> JobFilters:
         def text(name: str) -> str | None:
             value = (args.get(name) or "").strip()
             return value or None
@@ -101,7 +101,7 @@ def _parse_date(value: str | None, name: str, *, end: bool = False) -> dt.dateti
     except ValueError as exc:
         raise BadFilter(f"{name} must be a date like 2026-01-31") from exc
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+        parsed = parsed.replace(tzinfo=dt.UTC)
     if end and len(value) <= 10:  # a bare date means "through the end of that day"
         parsed += dt.timedelta(days=1)
     return parsed
@@ -226,7 +226,7 @@ def _page_from_matches(session: Session, filters: JobFilters) -> tuple[list[dict
 
 def _naive_utc(value: dt.datetime) -> dt.datetime:
     """Comparable across SQLite (naive UTC) and PostgreSQL (aware) values."""
-    return value.astimezone(dt.timezone.utc).replace(tzinfo=None) if value.tzinfo else value
+    return value.astimezone(dt.UTC).replace(tzinfo=None) if value.tzinfo else value
 
 
 def status_counts(session: Session, filters: JobFilters) -> dict[str, int]:

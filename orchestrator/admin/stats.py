@@ -30,7 +30,7 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 
 def _as_utc(value: dt.datetime) -> dt.datetime:
-    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 BUCKETS = 24  # bars in the jobs-over-time chart, whatever the window

@@ -8,7 +8,8 @@ so no row waits forever in `queued` (docs/state-machine.md).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
