@@ -67,7 +67,7 @@ def run_codec_benchmark(device: str = "cuda", quick: bool = False) -> list[dict]
     rows = []
     for case, frames in (("1 window, first call", WINDOW_FRAMES), ("1 window", WINDOW_FRAMES),
                          (f"{frames_to_seconds(song_frames):.0f} s song", song_frames)):
-        seconds, peak = _timed(dev, lambda: decode(frames))
+        seconds, peak = _timed(dev, lambda frames=frames: decode(frames))
         rows.append(_row(case, frames, plan_windows(frames).num_windows, seconds, peak, weights_gib))
 
     # Where one window's time goes: the estimator's Euler solve vs the SQ-Codec decoder.

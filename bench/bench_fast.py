@@ -114,9 +114,9 @@ def time_fast(model, prompts, cfg: float, frames: int, device, sync_every: int, 
     """ms per frame step (all songs) between the first and last read-back of a warmed-up run."""
     hook = _fast_no_eos(device)
     params = _params(cfg, frames)
-    for attempt in range(2):  # first run: engine, warm-up, graph capture
+    for _attempt in range(2):  # first run: engine, warm-up, graph capture
         stamps: list[float] = []
-        progress = [lambda done, total: stamps.append(time.perf_counter())] + [None] * (len(prompts) - 1)
+        progress = [lambda done, total, stamps=stamps: stamps.append(time.perf_counter())] + [None] * (len(prompts) - 1)
         generate_fast(model, prompts, params, logits_hook=hook, sync_every=sync_every, progress=progress, **options,
                       generators=[torch.Generator(device=device).manual_seed(i) for i in range(len(prompts))])
     # stamps: after steps sync_every, 2*sync_every, ... (each after a device read-back), then the final one
@@ -216,6 +216,13 @@ def _codec_label(precision: str, compiled: bool, sq_dtype: torch.dtype | None, s
 def _fast_codec_row(codec, codes: torch.Tensor, reference: torch.Tensor, label: str, dev: torch.device,
                     probe: tuple | None = None, **options) -> dict[str, Any]:
     """One FastCodec variant: first call (compile + capture + one window), the song, SNR, per-window split."""
+    row = _measure_fast_codec(codec, codes, reference, label, dev, probe, **options)
+    _free(dev)  # the FastCodec, its graphs and the song's audio went with _measure_fast_codec's frame
+    return row
+
+
+def _measure_fast_codec(codec, codes: torch.Tensor, reference: torch.Tensor, label: str, dev: torch.device,
+                        probe: tuple | None, **options) -> dict[str, Any]:
     gen = lambda: torch.Generator(device=dev).manual_seed(0)  # noqa: E731
     window = codes[:, :372]
     fast = FastCodec(codec, **options)
@@ -239,8 +246,6 @@ def _fast_codec_row(codec, codes: torch.Tensor, reference: torch.Tensor, label: 
                 "compiled": fast.compiled, "compile s": fast.compile_seconds})
     if fast.compile_error:
         row["compile error"] = fast.compile_error[:80]
-    del fast, audio, latents
-    _free(dev)
     return row
 
 

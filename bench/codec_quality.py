@@ -63,9 +63,9 @@ def main() -> int:
     fast.decode(next(iter(songs.values()))[:, :372], generator=torch.Generator(device=device).manual_seed(0))
     rows, worst = [], float("inf")
     for name, codes in songs.items():
-        fp32_s, reference = _timed(device, lambda: codec.decode(
+        fp32_s, reference = _timed(device, lambda codes=codes: codec.decode(
             codes, generator=torch.Generator(device=device).manual_seed(args.seed)))
-        fast_s, audio = _timed(device, lambda: fast.decode(
+        fast_s, audio = _timed(device, lambda codes=codes: fast.decode(
             codes, generator=torch.Generator(device=device).manual_seed(args.seed)))
         snr = snr_db(reference, audio)
         worst = min(worst, snr)

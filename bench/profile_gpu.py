@@ -146,7 +146,7 @@ def time_kernels(songs: int = 1) -> None:
     rows = [{"kernel": "torch.topk(z, 50)", "us/call": per_call(lambda: torch.topk(z, 50, dim=-1))}]
     for warps in (4, 8, 16, 32):
         rows.append({"kernel": f"topk_race_sample, {warps} warps", "us/call": per_call(
-            lambda: fused_ops.topk_race_sample(z, noise, top_k=50, rows=2, row_offset=0, num_warps=warps))})
+            lambda warps=warps: fused_ops.topk_race_sample(z, noise, top_k=50, rows=2, row_offset=0, num_warps=warps))})
     print_table(f"sampling kernels, {songs} song(s)", rows)
 
 

@@ -138,7 +138,8 @@ def worker_argv(kind: str, concurrency: int | None, loglevel: str, *, gpu_batchi
 
 @main.command()
 @click.argument("kind", type=click.Choice(sorted(WORKERS)))
-@click.option("--concurrency", "-c", type=int, default=None, help="cpu: 2; gpu: always 1 per GPU (SONGPIPE_GPU_BATCHING=1: one thread per engine slot)")
+@click.option("--concurrency", "-c", type=int, default=None,
+              help="cpu: 2; gpu: always 1 per GPU (SONGPIPE_GPU_BATCHING=1: one thread per engine slot)")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 def worker(kind: str, concurrency: int | None, loglevel: str) -> None:
     """Exec a Celery worker for the cpu or gpu queue (for the gpu: one per GPU, CUDA_VISIBLE_DEVICES)."""

@@ -81,7 +81,8 @@ def form_payload(form: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, s
     """Form strings -> JobRequest-shaped payload, plus errors for values that are not numbers at all."""
     errors: list[dict[str, str]] = []
     # browsers send textarea line breaks as CRLF; the API's lyrics use LF
-    payload: dict[str, Any] = {"lyrics": form.get("lyrics", "").replace("\r\n", "\n"), "output_format": form.get("output_format", "mp3")}
+    payload: dict[str, Any] = {"lyrics": form.get("lyrics", "").replace("\r\n", "\n"),
+                               "output_format": form.get("output_format", "mp3")}
     for name in ("style", "tags", "lyrics_backend", "tags_backend"):
         if form.get(name, "").strip():
             payload[name] = form[name]

@@ -19,7 +19,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("var"), description="where the SQLite file, artifacts and tiny checkpoint live")
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
-    artifact_dir: Path | None = Field(default=None, description="artifact store root; share it across hosts (NFS) in multi-host setups")
+    artifact_dir: Path | None = Field(default=None,
+                                      description="artifact store root; share it across hosts (NFS) in multi-host setups")
     # an S3-protocol bucket (s3://bucket/prefix) instead of the directory: what several hosts share;
     # endpoint and credentials come from the usual AWS_* variables (docs/storage.md)
     artifact_url: str | None = None

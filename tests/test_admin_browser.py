@@ -171,7 +171,8 @@ def test_operator_finds_debugs_retries_and_compares_jobs(sqlite_stack: Stack, br
     assert len(headings) == 2 and "attempt 1" in headings[0] and "failed" in headings[0]
     assert "attempt 2" in headings[1] and "succeeded" in headings[1]
     # top-down: the players and pictures come before the timeline and the attempts, and the players load
-    order = page.evaluate("""['#listen', '.timeline', '.stage'].map(s => document.querySelector(s).getBoundingClientRect().top)""")
+    order = page.evaluate("['#listen', '.timeline', '.stage']"
+                          ".map(s => document.querySelector(s).getBoundingClientRect().top)")
     assert order == sorted(order)
     page.wait_for_function("[...document.querySelectorAll('#listen audio')].every(a => a.readyState >= 1 && a.duration > 0)")
     assert page.locator("#listen figure.plot figcaption", has_text="codebook").count() >= 1

@@ -124,7 +124,8 @@ def test_compose_runs_every_role_from_the_songpipe_image():
     assert {"db upgrade", "reconcile", "worker cpu", "worker gpu"} <= commands
     assert any(command.startswith("web ") for command in commands)
     # each worker has its own metrics port
-    ports = [s["environment"]["SONGPIPE_METRICS_PORT"] for s in services.values() if "SONGPIPE_METRICS_PORT" in s.get("environment", {})]
+    ports = [s["environment"]["SONGPIPE_METRICS_PORT"] for s in services.values()
+             if "SONGPIPE_METRICS_PORT" in s.get("environment", {})]
     assert len(ports) == len(set(ports)) == 2
 
 

@@ -113,7 +113,7 @@ def test_a_song_alone_and_inside_a_batch_of_3_gets_the_same_logits_and_tokens(lm
     trio = generate_fast(lm.model, [prompts[0], prompts[1], prompts[2]], PARAMS, generators=gens(5, 11, 9),
                          logits_hook=batched.fast)
     assert torch.equal(trio[1].frames, solo.frames)
-    for (song, frame, codebook), logits in alone.seen.items():
+    for (_song, frame, codebook), logits in alone.seen.items():
         torch.testing.assert_close(batched.seen[(1, frame, codebook)], logits, rtol=1e-5, atol=1e-5)
     for index, seed in ((0, 5), (2, 9)):  # the batch mates get their own plain-path results
         plain = generate(lm.model, prompts[index], PARAMS, generator=gens(seed)[0], logits_hook=no_eos)

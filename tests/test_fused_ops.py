@@ -20,7 +20,10 @@ pytest.importorskip("triton")  # a test dependency (setup.cfg [test]); CUDA buil
 import torch.nn.functional as F  # noqa: E402
 
 from gpu_worker.generate import forbidden_ids_mask, top_k_race  # noqa: E402
-from tests.model_fixtures import EOS, VOCAB, lm, tiny_params, tiny_prompts  # noqa: E402,F401
+from tests import model_fixtures  # noqa: E402
+from tests.model_fixtures import EOS, VOCAB, tiny_params, tiny_prompts  # noqa: E402,F401
+
+lm = model_fixtures.lm  # the tiny checkpoint (a module-scoped fixture)
 
 # Without a GPU the kernels are interpreted on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1
 # there); with one they are compiled for CUDA tensors.

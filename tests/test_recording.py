@@ -5,6 +5,7 @@ import datetime as dt
 
 import pytest
 from celery.exceptions import Ignore
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from db.engine import session_scope
@@ -72,7 +73,7 @@ def test_output_that_breaks_the_contract_is_a_recorded_failure(settings):
     def empty(inp, ctx):
         return RefineLyricsOutput.model_construct(lyrics="   ", backend_used="rules")
 
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         run_stage(settings, job_id, empty)
     row = _row(settings, job_id, "refine_lyrics")
     assert row.status == "failed" and "lyrics" in row.error_message

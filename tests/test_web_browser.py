@@ -219,7 +219,8 @@ def test_stages_after_a_failure_show_as_skipped(page, sqlite_stack: Stack):
         job.status, job.failed_stage = "failed", "generate_tokens"
         job.error_type, job.error_message = "RuntimeError", "injected for the test"
     page.goto(f"{sqlite_stack.base_url}/jobs/{job_id}")
-    page.wait_for_function("document.querySelector(\"#stage-rows tr[data-stage='encode_audio'] .badge\").textContent === 'skipped'")
+    page.wait_for_function("document.querySelector(\"#stage-rows tr[data-stage='encode_audio'] .badge\")"
+                           ".textContent === 'skipped'")
     for stage in ("decode_audio", "encode_audio"):
         badge = page.locator(f"#stage-rows tr[data-stage='{stage}'] .badge")
         assert badge.inner_text() == "skipped" and "status-skipped" in badge.get_attribute("class")
