@@ -125,6 +125,16 @@ def test_the_submission_rate_is_shared_by_every_web_process(app_settings, redis_
     assert count_rows(settings.resolved_database_url)["jobs"] == before["jobs"] + 1
 
 
+def test_a_broker_outage_admits_submissions_and_stores_them_for_the_reconciler(app_settings, no_send):
+    from tests.stack_fixtures import free_port
+
+    settings = app_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})  # nothing listens
+    before = count_rows(settings.resolved_database_url)
+    answer = create_app(settings).test_client().post("/api/jobs", json=VALID)
+    assert answer.status_code == 201, answer.get_json()
+    assert count_rows(settings.resolved_database_url)["jobs"] == before["jobs"] + 1
+
+
 def test_the_form_answers_a_rate_limited_client_with_429_retry_after_and_a_message(app_settings, redis_url,
                                                                                    no_send):
     settings = app_settings.model_copy(update={"redis_url": redis_url, "submissions_per_minute": 1})
