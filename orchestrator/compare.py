@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Job, StageRun
+from db.status import STAGE_DONE
 from tasks.contracts import STAGES
 from tasks.pipeline.attempts import representative_runs
 
@@ -132,13 +133,13 @@ def _resolve(session: Session, ref: str) -> Job | StageRun:
 
 def compare(session: Session, a_ref: str, b_ref: str) -> Comparison:
     a, b = _resolve(session, a_ref), _resolve(session, b_ref)
-    if type(a) is not type(b):
-        raise CompareError("compare two jobs or two stage attempts, not one of each")
-    if isinstance(a, StageRun):
+    if isinstance(a, StageRun) and isinstance(b, StageRun):
         if a.stage != b.stage:
             raise CompareError(f"run:{a.id} is stage {a.stage} but run:{b.id} is stage {b.stage}")
-        ja, jb = session.get(Job, a.job_id), session.get(Job, b.job_id)
+        ja, jb = session.get_one(Job, a.job_id), session.get_one(Job, b.job_id)
         return Comparison("attempts", a_ref, b_ref, ja, jb, _job_diffs(ja, jb), [_compare_runs(a.stage, a, b)])
+    if not (isinstance(a, Job) and isinstance(b, Job)):
+        raise CompareError("compare two jobs or two stage attempts, not one of each")
     runs_a, runs_b = _representative_runs(session, a.id), _representative_runs(session, b.id)
     stages = [_compare_runs(stage, runs_a.get(stage), runs_b.get(stage)) for stage in STAGES]
     return Comparison("jobs", a_ref, b_ref, a, b, _job_diffs(a, b), stages)
@@ -165,6 +166,6 @@ def related_jobs(session: Session, job_id: str) -> list[Job]:
 def final_audio_sha(session: Session, job_id: str) -> str | None:
     """The sha256 of the job's encoded song, for the side-by-side players."""
     row = session.scalars(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == "encode_audio",
-                                                 StageRun.status.in_(("succeeded", "reused")))
+                                                 StageRun.status.in_(STAGE_DONE))
                           .order_by(StageRun.attempt.desc())).first()
     return ((row.outputs or {}).get("audio") or {}).get("sha256") if row is not None else None

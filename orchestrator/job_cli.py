@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 import click
 
+from db.status import JOB_STATUSES, STAGE_CLAIMABLE
 from tasks.settings import Settings, get_settings, reset_settings_cache
 
 OK_EXIT, FAILURE_EXIT, VALIDATION_EXIT = 0, 1, 2
@@ -86,11 +87,13 @@ def wait_for_job(settings: Settings, job_id: str, timeout_s: float, quiet: bool)
     deadline = time.monotonic() + timeout_s
     while True:
         view = load_job_view(settings, job_id)
+        if view is None:
+            raise click.ClickException(f"no job with id {job_id!r}")
         for stage in view["stages"]:
             key = (stage["stage"], stage["attempt"])
             if seen.get(key) != stage["status"]:
                 seen[key] = stage["status"]
-                if not quiet and stage["status"] not in ("queued", "pending"):
+                if not quiet and stage["status"] not in STAGE_CLAIMABLE:
                     click.echo(f"  {stage['stage']:<16} {stage['status']}", err=True)
         if view["status"] in TERMINAL_JOB_STATUSES:
             return view
@@ -180,9 +183,8 @@ def submit(lyrics: str | None, lyrics_file: str | None, wait: bool, timeout_s: f
     if not as_json:
         click.echo(f"job {submitted.id} queued (seed {submitted.seed}, {submitted.seed_source}, "
                    f"{request.max_audio_length_ms / 1000:g} s)")
-    from orchestrator.job_views import load_job_view
-
-    view = wait_for_job(settings, submitted.id, timeout_s, quiet=as_json) if wait else load_job_view(settings, submitted.id)
+    view = wait_for_job(settings, submitted.id, timeout_s, quiet=as_json) if wait \
+        else job_view_or_fail(settings, submitted.id, as_json)
     finish(view, settings, as_json, wait)
 
 
@@ -230,7 +232,7 @@ def recent_jobs(settings: Settings, limit: int, status: str | None) -> list[dict
 
 @click.command("list")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
-@click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]), default=None)
+@click.option("--status", type=click.Choice(JOB_STATUSES), default=None)
 @click.option("--json", "as_json", is_flag=True, help="print the jobs as a JSON list")
 def list_jobs(limit: int, status: str | None, as_json: bool) -> None:
     """List the newest jobs (id, status, created, length, tags used, title)."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from db.status import JOB_TERMINAL, STAGE_CLAIMABLE, STAGE_DONE
 from tasks.settings import Settings
 from tasks.stage_inputs import song_title
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-NOT_STARTED = ("queued", "pending")
+TERMINAL = JOB_TERMINAL
+NOT_STARTED = STAGE_CLAIMABLE
 
 
 def display_status(stage: dict[str, Any], job: dict[str, Any], latest_attempt: dict[str, int]) -> str:
@@ -36,7 +37,7 @@ def latest_attempts(job: dict[str, Any]) -> dict[str, int]:
 
 
 def _latest_outputs(job: dict[str, Any], name: str) -> dict[str, Any] | None:
-    done = [s for s in job["stages"] if s["stage"] == name and s["status"] in ("succeeded", "reused") and s["outputs"]]
+    done = [s for s in job["stages"] if s["stage"] == name and s["status"] in STAGE_DONE and s["outputs"]]
     return done[-1]["outputs"] if done else None
 
 

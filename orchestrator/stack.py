@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from db.status import JOB_TERMINAL, STAGE_DONE
 from orchestrator.supervisor import Program, Supervisor
 from tasks.settings import Settings
 
@@ -45,7 +46,7 @@ DEMO_REQUEST: dict[str, Any] = {
     # a fixed seed: the demo is reproducible (replay it from the dashboard and get the same tokens)
     "seed": 1,
 }
-TERMINAL = ("succeeded", "failed", "cancelled")
+TERMINAL = JOB_TERMINAL
 
 
 # -- broker ------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def audio_path(job: dict[str, Any], settings: Settings) -> Path | None:
     from tasks.artifact_store import open_store
 
     for stage in reversed(job.get("stages", [])):
-        if stage["stage"] == "encode_audio" and stage["status"] in ("succeeded", "reused") and stage["outputs"]:
+        if stage["stage"] == "encode_audio" and stage["status"] in STAGE_DONE and stage["outputs"]:
             return open_store(settings).local_path(stage["outputs"]["audio"]["sha256"])
     return None
 

@@ -30,6 +30,7 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from db.status import STAGE_DONE
 from tasks import metrics
 from tasks.settings import Settings, get_settings
 
@@ -137,7 +138,7 @@ def observe_attempt(database_url: str, job_id: str, stage: str, attempt: int) ->
         if index > 0:  # a later stage's row exists from submission on; it can run once the previous ended
             previous = session.scalar(select(StageRun.finished_at).where(
                 StageRun.job_id == job_id, StageRun.stage == STAGES[index - 1],
-                StageRun.status.in_(("succeeded", "reused"))).order_by(StageRun.attempt.desc()).limit(1))
+                StageRun.status.in_(STAGE_DONE)).order_by(StageRun.attempt.desc()).limit(1))
             if previous is not None:
                 ready = max(ready, _aware(previous))
         started, finished = _aware(row.started_at), _aware(row.finished_at)

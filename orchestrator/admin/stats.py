@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobStatus, StageRun, StageStatus, utcnow
+from db.status import STAGE_DONE
 from tasks.contracts import STAGES
 
 MAX_DURATION_SAMPLES = 20_000  # newest succeeded attempts considered per stage
@@ -65,7 +66,8 @@ def queue_waits(session: Session, since: dt.datetime) -> list[dict[str, Any]]:
             select(StageRun.queued_at, StageRun.started_at).where(
                 StageRun.stage == stage, StageRun.started_at >= since, StageRun.queued_at.is_not(None))
             .order_by(StageRun.started_at.desc()).limit(MAX_DURATION_SAMPLES))
-        waits = [max(0.0, (_as_utc(started) - _as_utc(queued)).total_seconds()) for queued, started in rows]
+        waits = [max(0.0, (_as_utc(started) - _as_utc(queued)).total_seconds()) for queued, started in rows
+                 if queued is not None and started is not None]  # both are, by the query
         out.append({"stage": stage, **_summary(waits)})
     return out
 
@@ -74,8 +76,8 @@ def submission_to_audio(session: Session, since: dt.datetime) -> dict[str, Any]:
     """Seconds from a job's submission to its encoded audio, over jobs that succeeded in the window."""
     rows = session.execute(
         select(Job.created_at, func.max(StageRun.finished_at)).join(StageRun, StageRun.job_id == Job.id)
-        .where(Job.status == "succeeded", Job.created_at >= since, StageRun.stage == "encode_audio",
-               StageRun.status.in_(("succeeded", "reused")))
+        .where(Job.status == JobStatus.SUCCEEDED, Job.created_at >= since, StageRun.stage == "encode_audio",
+               StageRun.status.in_(STAGE_DONE))
         .group_by(Job.id, Job.created_at).limit(MAX_DURATION_SAMPLES))
     return _summary([(_as_utc(done) - _as_utc(created)).total_seconds() for created, done in rows if done])
 
@@ -94,7 +96,7 @@ def stage_durations(session: Session, since: dt.datetime) -> list[dict[str, Any]
         values = sorted(v for (v,) in session.execute(
             select(StageRun.duration_s).where(StageRun.stage == stage, StageRun.status == StageStatus.SUCCEEDED,
                                               StageRun.finished_at >= since, StageRun.duration_s.is_not(None))
-            .order_by(StageRun.finished_at.desc()).limit(MAX_DURATION_SAMPLES)))
+            .order_by(StageRun.finished_at.desc()).limit(MAX_DURATION_SAMPLES)) if v is not None)
         out.append({"stage": stage, "count": len(values), "p50": percentile(values, 50),
                     "p95": percentile(values, 95), "max": values[-1] if values else None})
     return out

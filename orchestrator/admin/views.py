@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from db.engine import session_scope
 from db.models import JOB_STATUSES, Artifact, StageRun, StageStatus, utcnow
+from db.status import STAGE_DONE
 from orchestrator import compare as compare_module
 from orchestrator import images, replay
 from orchestrator.admin import auth, queries, stats, workers
@@ -243,7 +244,7 @@ def tags_used(session, job_ids: list[str]) -> dict[str, str]:
     if not job_ids:
         return {}
     rows = session.scalars(select(StageRun).where(StageRun.job_id.in_(job_ids), StageRun.stage == "generate_tags",
-                                                  StageRun.status.in_(("succeeded", "reused")))
+                                                  StageRun.status.in_(STAGE_DONE))
                            .order_by(StageRun.attempt))
     return {row.job_id: row.outputs["tags_string"] for row in rows if (row.outputs or {}).get("tags_string")}
 
