@@ -1,5 +1,5 @@
 """Entry point of the CPU worker: `celery -A tasks.cpu_worker worker -Q cpu`."""
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from tasks import (
     cpu_stages,  # noqa: F401  (registers refine_lyrics, generate_tags, encode_audio)
@@ -10,10 +10,22 @@ from tasks.celery_app import app
 from tasks.settings import get_settings
 
 
+@worker_init.connect
+def _load_models_before_consuming(**_kwargs) -> None:
+    # in the main process, before it takes any message or answers a ping: readiness means ready, and
+    # the pool children inherit the loaded model instead of each loading it again. One torch thread
+    # here: a multi-threaded OpenMP region before fork can hang the children.
+    import torch
+
+    torch.set_num_threads(1)
+    from tasks.worker_readiness import warm_up_cpu_process
+
+    warm_up_cpu_process(get_settings())
+
+
 @worker_process_init.connect
 def _load_embedding_model(**_kwargs) -> None:
-    # the tagger's model loads once per worker process, before the first job waits for it; the
-    # process says so in Redis, so the song page can tell a waiting user what is warming up
+    # a child (also one that replaced a dead one) reports in; the model is already loaded in it
     from tasks.worker_readiness import warm_up_cpu_process
 
     warm_up_cpu_process(get_settings())

@@ -38,7 +38,7 @@ def test_the_embedded_broker_is_recorded_in_the_data_dir(stack):
 
 def test_submit_show_and_replay_from_a_second_shell_reach_the_embedded_broker(stack):
     assert "REDIS_URL" not in stack.env
-    submitted = stack.cli("submit", "--lyrics", rf.SHORT_SONG["lyrics"], "--tags", "ska", "--max-ms", "1600",
+    submitted = stack.cli("submit", "--lyrics", rf.SHORT_SONG["lyrics"], "--tags", "ska", "--max-audio-length-ms", "1600",
                           "--wait", "--json")
     assert submitted.returncode == 0, submitted.stderr + submitted.stdout
     job = json.loads(submitted.stdout)
@@ -49,6 +49,14 @@ def test_submit_show_and_replay_from_a_second_shell_reach_the_embedded_broker(st
     assert stack.wait_for_job(new_id)["status"] == "succeeded"
     shown = stack.cli("show", new_id, "--json")
     assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "succeeded"
+
+
+def test_cancel_from_a_second_shell_ends_a_generating_job(stack):
+    job_id = stack.submit(rf.song("slow-300", max_audio_length_ms=8000))
+    wait_until(lambda: _stage(stack.job(job_id), "generate_tokens")["status"] == "running", 120, "generation")
+    cancelled = stack.cli("cancel", job_id)
+    assert cancelled.returncode == 0, cancelled.stderr + cancelled.stdout
+    assert stack.wait_for_job(job_id)["status"] == "cancelled"
 
 
 def test_the_workers_page_shows_queue_lengths_on_the_default_setup(stack):

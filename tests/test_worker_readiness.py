@@ -35,3 +35,37 @@ def test_without_a_broker_reporting_is_a_no_op(tmp_path):
     quiet = Settings(data_dir=tmp_path, redis_url=None)
     worker_readiness.report(quiet, "cpu", "ready", "x")  # must not raise
     assert worker_readiness.states(quiet, "cpu") == []
+
+
+def test_a_cpu_worker_answers_its_first_ping_only_after_the_tag_model_is_loaded(settings, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from celery import Celery
+
+    from tests import stack_fixtures
+
+    with stack_fixtures.database("sqlite", tmp_path / "db") as url:
+        env = {**os.environ, "REDIS_URL": settings.redis_url, "DATABASE_URL": url,
+               "SONGPIPE_DATA_DIR": str(tmp_path / "data")}
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tasks.cpu_worker", "worker", "-Q", "cpu", "-c", "1",
+             "-n", "cpu-readiness@test", "--without-gossip", "--without-mingle", "-l", "WARNING"],
+            env=env, cwd=stack_fixtures.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        probe = Celery("readiness-probe", broker=settings.redis_url)
+        try:
+            answered: list = []
+
+            def pinged() -> bool:
+                assert worker.poll() is None, "the CPU worker exited"
+                answered[:] = probe.control.ping(destination=["cpu-readiness@test"], timeout=0.5) or []
+                return bool(answered)
+
+            stack_fixtures.wait_until(pinged, 300, "the CPU worker's first ping")
+            reported = worker_readiness.states(settings, "cpu")
+            assert reported and all(entry["state"] == "ready" for entry in reported), reported
+        finally:
+            probe.close()
+            stack_fixtures.kill_group(worker)
