@@ -6,8 +6,9 @@ import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -100,3 +101,8 @@ def dispose_engines() -> None:
             get_engine(url).dispose(close=False)
     get_engine.cache_clear()
     _session_factory.cache_clear()
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE matched: Session.execute is typed to return a Result, but DML hands back a CursorResult."""
+    return cast(CursorResult[Any], result).rowcount

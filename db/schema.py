@@ -26,7 +26,10 @@ def alembic_config(url: str) -> Config:
 
 
 def head_revision() -> str:
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    if head is None:
+        raise RuntimeError("db/migrations has no revisions")
+    return head
 
 
 def current_revision(url: str) -> str | None:

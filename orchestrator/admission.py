@@ -18,10 +18,10 @@ import math
 import time
 
 from flask import Flask, current_app
-from redis.exceptions import RedisError
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
+from redis.exceptions import RedisError
 
 from db.engine import session_scope
 from orchestrator.submission import queued_job_count

@@ -100,7 +100,7 @@ def get_audio(job_id: str):
         if not job_exists(session, job_id):
             return _unknown_job(job_id)
         artifact = audio_artifact(session, job_id)
-        title = song_title((session.get(Job, job_id).request or {}).get("lyrics", ""))
+        title = song_title((session.get_one(Job, job_id).request or {}).get("lyrics", ""))
     if artifact is None:
         return errors_response([error("audio", f"job {job_id} has no finished audio yet")], 404)
     extension = {"audio/mpeg": "mp3", "audio/wav": "wav"}.get(artifact.media_type, artifact.kind)

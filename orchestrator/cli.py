@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,7 +243,7 @@ def _recorded_stage(settings: Settings, job_id: str, stage: str, attempt: int | 
 
 def _run_stage(stage: str, inputs_payload: dict[str, Any], source: dict[str, Any], out: Path | None,
                recorded_outputs: dict[str, Any] | None) -> None:
-    from pydantic import ValidationError
+    from pydantic import BaseModel, ValidationError
 
     from orchestrator.request_parsing import field_errors
     from tasks.artifact_store import open_store
@@ -256,7 +257,9 @@ def _run_stage(stage: str, inputs_payload: dict[str, Any], source: dict[str, Any
     settings = _settings()
     from gpu_worker import stages
 
-    compute = {"generate_tokens": stages.generate_tokens, "decode_audio": stages.decode_audio}[stage]
+    computes: dict[str, Callable[[Any, Any], BaseModel]] = {"generate_tokens": stages.generate_tokens,
+                                                            "decode_audio": stages.decode_audio}
+    compute = computes[stage]
     ctx = LocalStageContext(stage, settings, open_store(settings))
     started = time.monotonic()
     outputs = output_model.model_validate(compute(inputs, ctx).model_dump())

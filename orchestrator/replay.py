@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from db.engine import session_scope
+from db.engine import rowcount, session_scope
 from db.models import JOB_ACTIVE, Job, JobStatus, StageRun, StageStatus, utcnow
 from orchestrator.submission import new_job_rows
 from tasks.artifact_store import ArtifactIntegrityError, artifact_shas, open_store
@@ -145,12 +145,12 @@ def retry(job_id: str, from_stage: str | None = None, *, settings: Settings | No
         upstream = _reusable_upstream(session, job_id, stage)
         verify_reused_outputs(upstream, settings)
         # claim the job atomically: two concurrent retries cannot both pass (works without row locks)
-        claimed = session.execute(
+        claimed = rowcount(session.execute(
             update(Job).where(Job.id == job_id, Job.status.not_in(ACTIVE_STATUSES))
             .values(status=JobStatus.QUEUED, failed_stage=None, error_type=None, error_message=None, finished_at=None,
                     cancel_requested=False, cancel_reason=None, cancel_requested_by=None,
                     cancel_requested_at=None, updated_at=utcnow())
-            .execution_options(synchronize_session=False)).rowcount
+            .execution_options(synchronize_session=False)))
         if not claimed:
             raise ReplayConflict(f"job {job_id} was queued by someone else meanwhile")
         attempts = add_attempts(session, job_id, stage, requested_by=_who("retry", requested_by))
@@ -235,7 +235,7 @@ def _send(result: ReplayResult, settings: Settings,
         sender = pipeline_chain.send_chain
     try:
         with session_scope(settings.resolved_database_url) as session:
-            length = session.get(Job, result.job_id).request.get("max_audio_length_ms")
+            length = session.get_one(Job, result.job_id).request.get("max_audio_length_ms")
         sender(result.job_id, result.attempts, length)
     except Exception as exc:  # noqa: BLE001 - whatever the broker client raised, the record is safe
         log.warning("replay %s of job %s stored but not sent (%s: %s); the reconciler will send it",

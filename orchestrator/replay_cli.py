@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -57,7 +58,7 @@ def replay_command(job_id: str, mode: str, from_stage: str | None, seed: int | N
                                                 requested_by="cli", send=not no_send)
     except (replay_module.ReplayError, ArtifactIntegrityError) as exc:
         # one exit code per kind of error, with and without --json: 2 invalid input, 1 refused
-        extra = {"error": str(exc), "error_type": type(exc).__name__}
+        extra: dict[str, Any] = {"error": str(exc), "error_type": type(exc).__name__}
         if isinstance(exc, replay_module.OverrideError):
             extra["fields"] = exc.errors
             errors = [{"field": name, "message": message} for name, message in exc.errors.items()]

@@ -20,7 +20,9 @@ def _load_models_before_consuming(**_kwargs) -> None:
     torch.set_num_threads(1)
     from tasks.worker_readiness import warm_up_cpu_process
 
+    print("songpipe worker: warming up (the tag model) before taking work", flush=True)
     warm_up_cpu_process(get_settings())
+    print("songpipe worker: warm, taking work", flush=True)
 
 
 @worker_process_init.connect

@@ -98,6 +98,7 @@ def chat(settings: Settings, messages: list[dict], *, json_mode: bool = False,
             error, retry = f"{type(exc).__name__}: {exc}", True
         content = None
         if error is None:
+            assert text is not None  # no error: the request answered 200
             try:
                 content = _content(text)
             except ValueError as exc:

@@ -7,7 +7,7 @@ text as given). Every result is non-empty and within the budget, or this stage f
 from __future__ import annotations
 
 from tasks import lyrics_llm, lyrics_rules
-from tasks.contracts import LlmExchange, RefineLyricsInput, RefineLyricsOutput
+from tasks.contracts import LlmExchange, LyricsBackend, RefineLyricsInput, RefineLyricsOutput
 from tasks.llm_client import InvalidAnswer, LlmError, LlmStageError, chat
 from tasks.settings import Settings
 
@@ -44,7 +44,7 @@ def check_budget(lyrics: str, max_frames: int) -> int:
     return tokens
 
 
-def _rules(inp: RefineLyricsInput, text: str, backend: str, **extra) -> RefineLyricsOutput:
+def _rules(inp: RefineLyricsInput, text: str, backend: LyricsBackend, **extra) -> RefineLyricsOutput:
     refined = lyrics_rules.refine(text)
     if not refined.text.strip():
         raise LyricsError(f"lyrics: nothing singable is left after removing markers, stage directions and "

@@ -106,7 +106,7 @@ def normalise_text(text: str) -> str:
     text = unicodedata.normalize("NFC", _LINE_BREAKS.sub("\n", text))
     text = _INVISIBLE.sub("", text)
     text = "".join(ch for ch in text if ch == "\n" or unicodedata.category(ch) != "Cc" or ch == "\t")
-    lines = []
+    lines: list[str] = []
     for line in text.split("\n"):
         lines.extend(p.strip() for p in _PHRASE_SPLIT.split(_SPACES.sub(" ", line).strip()))
     return "\n".join(lines)
@@ -250,7 +250,12 @@ def refine(lyrics: str) -> RefinedLyrics:
     """Clean and structure lyrics (see the module doc). The text may come out empty: the caller checks."""
     removed: list[str] = []
     text = normalise_text(lyrics)
-    text = _EMOJI.sub(lambda m: removed.append(m.group(0)) or "", text)
+
+    def remove_emoji(m: re.Match[str]) -> str:
+        removed.append(m.group(0))
+        return ""
+
+    text = _EMOJI.sub(remove_emoji, text)
     blocks: list[_Block] = []
     current: _Block | None = None
     for line in text.split("\n"):
@@ -293,5 +298,7 @@ def refine(lyrics: str) -> RefinedLyrics:
     if not any(b.lines for b in kept):
         kept = []
     body = "\n\n".join("\n".join([f"[{b.kind}]", *b.lines]) for b in kept)
-    return RefinedLyrics(text=body, sections=[b.kind for b in kept], removed_directions=removed,
+    sections = [b.kind for b in kept if b.kind is not None]
+    assert len(sections) == len(kept), "_infer_kinds names every block"
+    return RefinedLyrics(text=body, sections=sections, removed_directions=removed,
                          direction_tags=_direction_tags(removed))

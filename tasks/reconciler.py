@@ -36,11 +36,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.clock import as_utc, database_now
-from db.engine import session_scope
+from db.engine import rowcount, session_scope
 from db.models import JOB_ACTIVE, STAGE_CLAIMABLE, Job, JobStatus, StageRun, StageStatus
 from tasks.celery_app import CPU_QUEUE, GPU_QUEUE, task_name
 from tasks.contracts import STAGES
@@ -137,8 +137,8 @@ def find_candidates(session: Session, settings: Settings, now: dt.datetime) -> t
     lease = dt.timedelta(seconds=lease_s(settings))
     rows = session.scalars(select(StageRun).join(Job, Job.id == StageRun.job_id).where(Job.status.in_(ACTIVE)))
     by_job: dict[str, list[StageRun]] = {}
-    for row in rows:
-        by_job.setdefault(row.job_id, []).append(row)
+    for run in rows:
+        by_job.setdefault(run.job_id, []).append(run)
     candidates: list[_Candidate] = []
     finished: list[str] = []
     for job_id, job_rows in by_job.items():
@@ -172,7 +172,7 @@ def _settle(session: Session, settings: Settings, cand: _Candidate, now: dt.date
         return None
     cutoff = now - dt.timedelta(seconds=lease_s(settings))
     if cand.kind == "stale":
-        guard = (StageRun.status == StageStatus.RUNNING,
+        guard: tuple[ColumnElement[bool], ...] = (StageRun.status == StageStatus.RUNNING,
                  or_(StageRun.heartbeat_at.is_(None), StageRun.heartbeat_at < cutoff))
         seen = as_utc(row.heartbeat_at or row.started_at) or now
         ran_s = (seen - (as_utc(row.started_at) or seen)).total_seconds()
@@ -202,9 +202,9 @@ def _settle(session: Session, settings: Settings, cand: _Candidate, now: dt.date
     else:
         status, action = LOST, "resent"
         message = f"{error_type}: {where}; superseded by a new attempt"
-    changed = session.execute(update(StageRun).where(StageRun.id == row.id, *guard).values(
+    changed = rowcount(session.execute(update(StageRun).where(StageRun.id == row.id, *guard).values(
         status=status, error_type=error_type if status != StageStatus.CANCELLED else None, error_message=message,
-        finished_at=now).execution_options(synchronize_session=False)).rowcount
+        finished_at=now).execution_options(synchronize_session=False)))
     if not changed:
         return None  # a worker claimed it, or its heartbeat came back: nothing is stuck
     if status != LOST:
@@ -258,7 +258,7 @@ def reconcile_once(settings: Settings, *, broker_view: BrokerView | None = None,
             decision = _settle(session, settings, cand, now)
             length = None
             if decision is not None:
-                length = (session.get(Job, cand.job_id).request or {}).get("max_audio_length_ms")
+                length = (session.get_one(Job, cand.job_id).request or {}).get("max_audio_length_ms")
         if decision is None:
             continue
         decisions.append(decision)

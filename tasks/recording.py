@@ -38,7 +38,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.clock import db_now
-from db.engine import session_scope
+from db.engine import rowcount, session_scope
 from db.models import JOB_ACTIVE, STAGE_CLAIMABLE, STAGE_DONE, Artifact, Job, JobStatus, StageRun, StageStatus, utcnow
 from tasks.artifact_store import ArtifactStore, artifact_shas, open_store
 from tasks.celery_app import app, queue_for, task_name
@@ -140,8 +140,8 @@ class StageContext:
 
     def _write_held(self, **values: Any) -> None:
         with session_scope(self.database_url) as session:
-            written = session.execute(update(StageRun).where(*self._held()).values(**values)
-                                      .execution_options(synchronize_session=False)).rowcount
+            written = rowcount(session.execute(update(StageRun).where(*self._held()).values(**values)
+                                               .execution_options(synchronize_session=False)))
         if not written:
             self._superseded = True
             raise StageSuperseded(f"job {self.job_id} stage {self.stage} attempt {self.attempt} is no longer "
@@ -223,8 +223,8 @@ class _Heartbeat:
 
     def _beat(self) -> None:
         with session_scope(self.ctx.database_url) as session:
-            written = session.execute(update(StageRun).where(*self.ctx._held()).values(heartbeat_at=db_now())
-                                      .execution_options(synchronize_session=False)).rowcount
+            written = rowcount(session.execute(update(StageRun).where(*self.ctx._held()).values(heartbeat_at=db_now())
+                                               .execution_options(synchronize_session=False)))
         if not written and not self._stop.is_set():
             self.ctx._superseded = True
             raise StageSuperseded(f"job {self.ctx.job_id} stage {self.ctx.stage} attempt {self.ctx.attempt} is no "
@@ -310,13 +310,13 @@ class StageRunner:
                     raise JobCancelled(f"job {job_id} was cancelled before stage {self.stage} started")
                 t0 = time.monotonic()
                 with session_scope(url) as session:
-                    job = session.get(Job, job_id)
+                    job = session.get_one(Job, job_id)
                     ctx.job_request = dict(job.request or {})
                     inputs = self.input_model.model_validate(self.resolve(session, job, settings).model_dump())
-                    written = session.execute(update(StageRun).where(*ctx._held()).values(
+                    written = rowcount(session.execute(update(StageRun).where(*ctx._held()).values(
                         inputs=inputs.model_dump(mode="json"),
                         environment=environment_snapshot(queue=queue_for(self.stage)))
-                        .execution_options(synchronize_session=False)).rowcount
+                        .execution_options(synchronize_session=False)))
                     if not written:
                         raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")
                 ctx._environment_recorded = True  # committed
@@ -372,7 +372,7 @@ class StageRunner:
         host, pid = _holder()
         outcome = "ignore"
         with session_scope(url) as session:
-            job = session.get(Job, job_id)
+            job = session.get_one(Job, job_id)
             if job is None:
                 raise LookupError(f"job {job_id} does not exist")
             row = session.scalar(select(StageRun).where(*_row_key(job_id, self.stage, attempt)))
@@ -380,12 +380,12 @@ class StageRunner:
                 raise LookupError(f"job {job_id} has no {self.stage} attempt {attempt}")
             claimed = 0
             if job.status in JOB_ACTIVE:
-                claimed = session.execute(
+                claimed = rowcount(session.execute(
                     update(StageRun).where(*_row_key(job_id, self.stage, attempt),
                                            StageRun.status.in_(STAGE_CLAIMABLE))
                     .values(status=StageStatus.RUNNING, started_at=db_now(), heartbeat_at=db_now(), celery_task_id=celery_task_id,
                             worker_hostname=host, worker_pid=pid, deliveries=StageRun.deliveries + 1)
-                    .execution_options(synchronize_session=False)).rowcount
+                    .execution_options(synchronize_session=False)))
             if not claimed:
                 session.refresh(row)
                 log.warning("job %s stage %s attempt %s: delivery %s skipped, row is %s (job %s)", job_id,
@@ -417,15 +417,15 @@ class StageRunner:
                    started: float) -> ScheduledRetry | None:
         """A clean worker stop: this attempt ends `lost` and a new one is queued now, not after a lease."""
         with session_scope(url) as session:
-            job = session.get(Job, job_id)
+            job = session.get_one(Job, job_id)
             max_audio_length_ms = (job.request or {}).get("max_audio_length_ms")
             attempts = add_attempts(session, job, self.stage, requested_by=HAND_BACK_REQUESTER)
-            written = session.execute(update(StageRun).where(*ctx._held()).values(
+            written = rowcount(session.execute(update(StageRun).where(*ctx._held()).values(
                 status=StageStatus.LOST, error_type=HANDED_BACK_ERROR, finished_at=db_now(),
                 duration_s=time.monotonic() - started,
                 error_message=(f"handed back: the worker stopped cleanly during {self.stage}; "
                                f"continued as attempt {attempts[self.stage]}"))
-                .execution_options(synchronize_session=False)).rowcount
+                .execution_options(synchronize_session=False)))
             if not written:
                 session.rollback()
                 log.warning("job %s stage %s attempt %s: not held at hand-back; left to the reconciler",
@@ -451,16 +451,16 @@ class StageRunner:
             row = self._held_row(session, ctx)
             finished = db_now()  # the database's clock, like every lease time (db/clock.py)
             environment = _end_environment(row, ctx)
-            written = session.execute(update(StageRun).where(*ctx._held()).values(
+            written = rowcount(session.execute(update(StageRun).where(*ctx._held()).values(
                 status=StageStatus.SUCCEEDED, outputs=payload, artifacts=artifact_shas(payload), finished_at=finished,
                 heartbeat_at=finished, duration_s=time.monotonic() - started, environment=environment,
                 recording_s=recording + (time.monotonic() - t0))
-                .execution_options(synchronize_session=False)).rowcount
+                .execution_options(synchronize_session=False)))
             if not written:  # superseded between the read and the write: this result must not count
                 ctx._superseded = True
                 raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")
             if self.stage == STAGES[-1]:
-                job = session.get(Job, job_id)
+                job = session.get_one(Job, job_id)
                 job.status = JobStatus.SUCCEEDED
                 job.finished_at = finished
 
@@ -474,7 +474,7 @@ class StageRunner:
         retry: ScheduledRetry | None = None
         with session_scope(url) as session:
             row = self._held_row(session, ctx)
-            job = session.get(Job, job_id)
+            job = session.get_one(Job, job_id)
             if status == StageStatus.FAILED and is_transient(exc) and not job.cancel_requested:
                 retry = self._schedule_transient_retry(session, job)
                 if retry is not None:
@@ -488,8 +488,8 @@ class StageRunner:
             if exchanges:  # a failed LLM backend's raw requests and answers are evidence too
                 values["outputs"] = {"llm_exchanges": [e.model_dump(mode="json") if hasattr(e, "model_dump") else e
                                                        for e in exchanges]}
-            written = session.execute(update(StageRun).where(*ctx._held()).values(**values)
-                                      .execution_options(synchronize_session=False)).rowcount
+            written = rowcount(session.execute(update(StageRun).where(*ctx._held()).values(**values)
+                                               .execution_options(synchronize_session=False)))
             if not written:
                 ctx._superseded = True
                 raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")

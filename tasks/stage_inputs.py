@@ -6,7 +6,7 @@ outputs) and `songpipe stage ...` (which can also take a stored input verbatim).
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -24,6 +24,7 @@ from tasks.pipeline.attempts import latest_done
 from tasks.settings import Settings
 
 DONE_STATUSES = STAGE_DONE  # kept for callers of the old name
+T = TypeVar("T")
 
 
 class MissingUpstreamOutput(LookupError):
@@ -42,9 +43,16 @@ def job_request(job: Job) -> JobRequest:
     return JobRequest.model_validate(job.request)
 
 
+def _resolved(value: T | None, name: str) -> T:
+    """A backend the submission resolved (None in a request means the deployment default)."""
+    if value is None:
+        raise ValueError(f"the job's {name} was not resolved at submission")
+    return value
+
+
 def refine_lyrics_input(session: Session, job: Job, settings: Settings) -> RefineLyricsInput:
     request = job_request(job)
-    return RefineLyricsInput(lyrics=request.lyrics, backend=request.lyrics_backend,
+    return RefineLyricsInput(lyrics=request.lyrics, backend=_resolved(request.lyrics_backend, "lyrics_backend"),
                              allow_fallback=request.allow_fallback, max_frames=request.params.max_frames)
 
 
@@ -52,8 +60,8 @@ def generate_tags_input(session: Session, job: Job, settings: Settings) -> Gener
     request = job_request(job)
     refined = upstream_outputs(session, job.id, "refine_lyrics")
     return GenerateTagsInput(style=request.style, user_tags=request.tags, lyrics=refined["lyrics"],
-                             extra_tags=refined.get("direction_tags", []), backend=request.tags_backend,
-                             allow_fallback=request.allow_fallback)
+                             extra_tags=refined.get("direction_tags", []),
+                             backend=_resolved(request.tags_backend, "tags_backend"), allow_fallback=request.allow_fallback)
 
 
 def generate_tokens_input(session: Session, job: Job, settings: Settings) -> GenerateTokensInput:

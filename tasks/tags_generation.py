@@ -10,7 +10,7 @@ tags outside the vocabulary (only ever the user's) last. The output is never emp
 from __future__ import annotations
 
 from tasks import embedding_tagger, tags_llm
-from tasks.contracts import MAX_TAGS, GenerateTagsInput, GenerateTagsOutput, LlmExchange, parse_tags
+from tasks.contracts import MAX_TAGS, GenerateTagsInput, GenerateTagsOutput, LlmExchange, TagsBackend, parse_tags
 from tasks.llm_client import InvalidAnswer, LlmError, LlmStageError, chat
 from tasks.settings import Settings
 from tasks.tag_vocabulary import ScoredTag, get_vocabulary
@@ -35,7 +35,7 @@ def _fixed_tags(inp: GenerateTagsInput) -> tuple[list[str], list[str]]:
     """The user's tags, and stage 1's tags that neither repeat nor contradict them."""
     vocab = get_vocabulary()
     user = _normalised("user_tags", inp.user_tags)
-    extra = []
+    extra: list[str] = []
     for tag in _normalised("extra_tags", inp.extra_tags):
         seen = {vocab.canonical(t) or t for t in user + extra}
         if (vocab.canonical(tag) or tag) not in seen and not any(vocab.conflict(tag, t) for t in user + extra):
@@ -43,7 +43,7 @@ def _fixed_tags(inp: GenerateTagsInput) -> tuple[list[str], list[str]]:
     return user, extra
 
 
-def _assemble(user: list[str], extra: list[str], generated: list[ScoredTag], backend: str,
+def _assemble(user: list[str], extra: list[str], generated: list[ScoredTag], backend: TagsBackend,
               **fields) -> GenerateTagsOutput:
     vocab = get_vocabulary()
     chosen: dict[str, float] = {}

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import JOB_STATUSES, Artifact, Job, StageRun
@@ -184,7 +184,7 @@ def _page_in_sql(session: Session, filters: JobFilters) -> tuple[list[dict[str, 
             stmt = stmt.where(or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id)))
         else:
             stmt = stmt.where(or_(Job.created_at > created_at, and_(Job.created_at == created_at, Job.id > job_id)))
-    order = (column.desc(), Job.id.desc()) if descending else (column.asc(), Job.id.asc())
+    order: tuple[ColumnElement[Any], ...] = (column.desc(), Job.id.desc()) if descending else (column.asc(), Job.id.asc())
     if column is Job.finished_at:
         order = (column.is_(None), *order)  # unfinished jobs last, on every database
     stmt = stmt.order_by(*order).limit(filters.limit + 1)
@@ -199,7 +199,7 @@ def _page_from_matches(session: Session, filters: JobFilters) -> tuple[list[dict
     (LIKE '%word%' can use no index) before finding a page, so read the sort key and id of the
     matches in one sequential scan, page them in Python, and load only the page's rows."""
     column, descending = SORTS[filters.sort]
-    candidates = [(value, job_id) for value, job_id in
+    candidates: list[tuple[Any, str]] = [(value, job_id) for value, job_id in
                   session.execute(select(column, Job.id).where(*_conditions(filters, with_status=True)))]
     keyset = filters.sort.startswith("created_")
     if keyset and filters.cursor:
@@ -239,8 +239,8 @@ def status_counts(session: Session, filters: JobFilters) -> dict[str, int]:
         stmt = select(*(func.count().filter(Job.status == status) for status in JOB_STATUSES)).where(*conditions)
         counts.update(zip(JOB_STATUSES, session.execute(stmt).one()))
     else:
-        stmt = select(Job.status, func.count()).where(*conditions).group_by(Job.status)
-        counts.update({status: count for status, count in session.execute(stmt)})
+        grouped = select(Job.status, func.count()).where(*conditions).group_by(Job.status)
+        counts.update({status: count for status, count in session.execute(grouped)})
     return counts
 
 
@@ -248,7 +248,7 @@ def known_error_types(session: Session, limit: int = 50) -> list[str]:
     """Distinct error types for the filter's drop-down (walks the error_type index)."""
     stmt = select(Job.error_type).where(Job.error_type.is_not(None)).group_by(Job.error_type) \
         .order_by(Job.error_type).limit(limit)
-    return [value for (value,) in session.execute(stmt)]
+    return [value for (value,) in session.execute(stmt) if value is not None]
 
 
 # -- one job ----------------------------------------------------------------------------------

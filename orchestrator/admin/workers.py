@@ -45,7 +45,8 @@ def celery_inspect(timeout: float = INSPECT_TIMEOUT_S) -> dict[str, Any]:
             "name": node,
             "host": node.split("@", 1)[-1],
             "alive": node in results["ping"],
-            "queues": sorted(q.get("name") for q in results["active_queues"].get(node, []) if isinstance(q, dict)),
+            "queues": sorted(q["name"] for q in results["active_queues"].get(node, [])
+                             if isinstance(q, dict) and isinstance(q.get("name"), str)),
             "active": results["active"].get(node, []),
             "reserved": results["reserved"].get(node, []),
             "pid": stats.get("pid"),

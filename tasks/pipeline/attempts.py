@@ -15,6 +15,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.clock import db_now
+from db.engine import rowcount
 from db.models import STAGE_CLAIMABLE, STAGE_DONE, Job, JobStatus, StageRun, StageStatus
 from tasks.celery_app import queue_for
 from tasks.contracts import STAGES
@@ -71,11 +72,11 @@ def next_attempt_numbers(session: Session, job_id: str, stages: Iterable[str]) -
 
 def supersede_unstarted(session: Session, job_id: str, stages: Iterable[str], reason: str) -> int:
     """Older attempts of `stages` that never started (still claimable) become superseded."""
-    return session.execute(
+    return rowcount(session.execute(
         update(StageRun).where(StageRun.job_id == job_id, StageRun.stage.in_(list(stages)),
                                StageRun.status.in_(STAGE_CLAIMABLE))
         .values(status=StageStatus.SUPERSEDED, error_message=reason, finished_at=db_now())
-        .execution_options(synchronize_session=False)).rowcount
+        .execution_options(synchronize_session=False)))
 
 
 def add_attempts(session: Session, job: Job | str, from_stage: str, *, requested_by: str,
@@ -99,10 +100,10 @@ def add_attempts(session: Session, job: Job | str, from_stage: str, *, requested
 
 def skip_unstarted(session: Session, job_id: str, reason: str) -> int:
     """Every unstarted row of an ending job becomes skipped (written with the job's terminal status)."""
-    return session.execute(
+    return rowcount(session.execute(
         update(StageRun).where(StageRun.job_id == job_id, StageRun.status.in_(STAGE_CLAIMABLE))
         .values(status=StageStatus.SKIPPED, error_message=reason, finished_at=db_now())
-        .execution_options(synchronize_session=False)).rowcount
+        .execution_options(synchronize_session=False)))
 
 
 def end_job(session: Session, job: Job, status: JobStatus | str, stage: str, error_type: str | None, message: str,
@@ -129,11 +130,11 @@ def end_waiting_cancelled_job(session: Session, job: Job, now: dt.datetime) -> S
     row, _ = frontier(latest_by_stage(session, job.id))
     if row is None or row.status not in STAGE_CLAIMABLE:
         return None
-    changed = session.execute(
+    changed = rowcount(session.execute(
         update(StageRun).where(StageRun.id == row.id, StageRun.status.in_(STAGE_CLAIMABLE))
         .values(status=StageStatus.CANCELLED, finished_at=now,
                 error_message=f"cancelled before it started: {job.cancel_reason or 'cancel requested'}")
-        .execution_options(synchronize_session=False)).rowcount
+        .execution_options(synchronize_session=False)))
     if not changed:
         return None
     end_job(session, job, JobStatus.CANCELLED, row.stage, None, job.cancel_reason or "cancelled", now)
