@@ -281,8 +281,11 @@ def stack_programs(settings: Settings, processes: dict[str, str], env: dict[str,
     programs = []
     for name, command in processes.items():
         probe = None
+        grace_s = 120.0
         child_env = dict(env)
         if WORKER_COMMAND.search(command):
+            # a worker answers its first ping only once its models are loaded (a slow disk, a busy CPU)
+            grace_s = _env_float("SONGPIPE_WORKER_START_GRACE_S", 300.0)
             node = f"{name}@{host}"
             child_env["SONGPIPE_WORKER_NAME"] = node  # `songpipe worker` names its node after the line
             probe = worker_ping_probe(broker, node, settings)
@@ -291,7 +294,7 @@ def stack_programs(settings: Settings, processes: dict[str, str], env: dict[str,
         # exec env: the shell expands ${VARS} and is replaced (our SIGTERM reaches the program itself);
         # env lets a line start with assignments (`CUDA_VISIBLE_DEVICES=1 songpipe worker gpu`)
         programs.append(Program(name, ["/bin/sh", "-c", f"exec env {command}"], env=child_env, cwd=str(Path.cwd()),
-                                probe=probe))
+                                probe=probe, start_grace_s=grace_s))
     return programs
 
 
