@@ -10,7 +10,7 @@ import datetime as dt
 import json
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, overload
 
 from flask import Blueprint, Response, abort, current_app, flash, jsonify, redirect, render_template, request, url_for
 from flask_wtf.csrf import CSRFError, generate_csrf
@@ -85,6 +85,13 @@ def _http_error(exc: HTTPException):
     return render_template("admin/error.html", code=exc.code, message=exc.description), exc.code
 
 
+def _actor() -> str:
+    """Who acts: every route that calls this is behind auth.require_admin, so someone is logged in."""
+    user = auth.current_user()
+    assert user is not None, "auth.require_admin lets no anonymous request through"
+    return user.name
+
+
 def _replay_error_status(exc: Exception) -> int:
     if isinstance(exc, replay.JobNotFound):
         return 404
@@ -101,6 +108,12 @@ def _api_error(exc: Exception):
 
 
 # -- template helpers -------------------------------------------------------------------------
+
+@overload
+def as_utc(value: dt.datetime) -> dt.datetime: ...
+@overload
+def as_utc(value: dt.datetime | None) -> dt.datetime | None: ...
+
 
 def as_utc(value: dt.datetime | None) -> dt.datetime | None:
     if value is None:
@@ -134,11 +147,12 @@ def _fmt_json(value: Any) -> str:
 def _fmt_bytes(value: int | None) -> str:
     if value is None:
         return "—"
+    size: float = value
     for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return str(value)
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return str(size)
 
 
 @bp.app_template_global("adm_is_long")
@@ -354,7 +368,7 @@ def _overrides_from_form(form) -> dict[str, Any]:
 def retry_job(job_id: str):
     try:
         result = replay.retry(job_id, request.form.get("from_stage") or None, settings=settings(),
-                              requested_by=auth.current_user().name)
+                              requested_by=_actor())
     except (replay.ReplayError, ArtifactIntegrityError) as exc:
         flash(f"retry refused: {exc}", "error")
     else:
@@ -369,7 +383,7 @@ def rerun_job(job_id: str):
     try:
         overrides = _overrides_from_form(request.form)
         result = replay.rerun_as_new(job_id, request.form.get("from_stage") or "refine_lyrics", overrides,
-                                     settings=settings(), requested_by=auth.current_user().name)
+                                     settings=settings(), requested_by=_actor())
     except (replay.ReplayError, ArtifactIntegrityError) as exc:
         flash(f"re-run refused: {exc}", "error")
         return redirect(url_for("admin.job_detail", job_id=job_id))
@@ -382,7 +396,7 @@ def rerun_job(job_id: str):
 def cancel_job(job_id: str):
     try:
         changed = replay.cancel(job_id, reason=request.form.get("reason") or None,
-                                requested_by=auth.current_user().name, settings=settings())
+                                requested_by=_actor(), settings=settings())
     except replay.ReplayError as exc:
         flash(f"cancel refused: {exc}", "error")
     else:
@@ -419,7 +433,7 @@ def _api_replay(fields: tuple[str, ...], usage: str, start) -> tuple[Response, i
 @auth.require_admin
 def api_retry(job_id: str):
     return _api_replay(("from_stage",), "retry takes from_stage", lambda body: replay.retry(
-        job_id, body.get("from_stage"), settings=settings(), requested_by=auth.current_user().name))
+        job_id, body.get("from_stage"), settings=settings(), requested_by=_actor()))
 
 
 def _rerun(job_id: str, body: dict[str, Any]) -> replay.ReplayResult:
@@ -427,7 +441,7 @@ def _rerun(job_id: str, body: dict[str, Any]) -> replay.ReplayResult:
     if not isinstance(overrides, dict):
         raise replay.OverrideError("overrides must be a JSON object", errors={"overrides": "not an object"})
     return replay.rerun_as_new(job_id, body.get("from_stage") or "refine_lyrics", overrides,
-                               settings=settings(), requested_by=auth.current_user().name)
+                               settings=settings(), requested_by=_actor())
 
 
 @bp.route("/api/jobs/<job_id>/rerun", methods=["POST"])
@@ -442,7 +456,7 @@ def api_rerun(job_id: str):
 def api_cancel(job_id: str):
     try:
         body = _json_body()
-        changed = replay.cancel(job_id, reason=body.get("reason"), requested_by=auth.current_user().name,
+        changed = replay.cancel(job_id, reason=body.get("reason"), requested_by=_actor(),
                                 settings=settings())
     except replay.ReplayError as exc:
         return _api_error(exc)
@@ -562,7 +576,8 @@ class _PictureCache:
     """Pictures of content-addressed artifacts never change: keep the last few in memory."""
 
     def __init__(self, size: int = 64):
-        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+        self.size, self._lock = size, threading.Lock()
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
 
     def get(self, key: tuple, make) -> bytes:
         with self._lock:
