@@ -167,6 +167,7 @@ class FastCodec:
         """The estimator (compiled or eager) on inputs already in `input_dtype`, under the caller's precision."""
         rope = self._rope(inputs.shape[1])
         if self._compile_pending:  # the first compiled call compiles; a failure falls back to eager
+            assert self._compiled_estimator is not None  # pending: torch.compile returned it
             started = time.perf_counter()
             try:
                 out = self._compiled_estimator(inputs, timestep, rope)
@@ -187,8 +188,10 @@ class FastCodec:
         if not self.use_graphs:
             with self._precision():
                 return self._run_estimator(inputs.to(self.input_dtype), timestep).to(self.codec.dtype)
-        if self._graph is None or self._inputs.shape != inputs.shape:
+        if self._graph is None or self._inputs is None or self._inputs.shape != inputs.shape:
             self._capture(inputs.shape)
+        assert self._graph is not None and self._inputs is not None and self._timestep is not None \
+            and self._velocity is not None  # _capture set them
         self._inputs.copy_(inputs)
         self._timestep.copy_(timestep)
         self._graph.replay()
@@ -207,16 +210,18 @@ class FastCodec:
             self._warm_up_and_capture()
 
     def _warm_up_and_capture(self) -> None:
+        inputs, timestep = self._inputs, self._timestep
+        assert inputs is not None and timestep is not None  # _capture allocated them
         self._graph = None
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), self._precision():
             # warm-up: compiles (or falls back), autotunes, creates kernels and cuBLAS handles
-            self._run_estimator(self._inputs, self._timestep)
+            self._run_estimator(inputs, timestep)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"), self._precision():
-            self._velocity = self._run_estimator(self._inputs, self._timestep).to(self.codec.dtype)
+            self._velocity = self._run_estimator(inputs, timestep).to(self.codec.dtype)
         self._graph = graph
 
     def solve(self, mu: torch.Tensor, prefix: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:

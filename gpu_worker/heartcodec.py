@@ -372,19 +372,25 @@ class Estimator(nn.Module):
 
     def rope_tables(self, seq_len: int, *, device: torch.device, dtype: torch.dtype) -> RopeTables:
         """Both stacks' RoPE cos/sin for `seq_len` positions and activations of `dtype`, as `forward` builds them."""
-        return tuple(rope_cos_sin(seq_len, blocks[0].attn.head_dim, device=device, dtype=dtype)
-                     for blocks in (self.transformer_blocks, self.transformer_blocks_2))
+        return (rope_cos_sin(seq_len, _head_dim(self.transformer_blocks), device=device, dtype=dtype),
+                rope_cos_sin(seq_len, _head_dim(self.transformer_blocks_2), device=device, dtype=dtype))
 
     @staticmethod
     def _stack(s: torch.Tensor, t: torch.Tensor, adaln: AdaLNSingle, blocks: nn.ModuleList,
                table: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         mod, emb = adaln(t, s.dtype)
         if rope is None:
-            rope = rope_cos_sin(s.shape[1], blocks[0].attn.head_dim, device=s.device, dtype=s.dtype)
+            rope = rope_cos_sin(s.shape[1], _head_dim(blocks), device=s.device, dtype=s.dtype)
         for block in blocks:
             s = block(s, mod, rope)
         shift, scale = (table[None] + emb[:, None]).chunk(2, dim=1)
         return F.layer_norm(s, (s.shape[-1],), eps=NORM_EPS) * (1 + scale) + shift
+
+
+def _head_dim(blocks: nn.ModuleList) -> int:
+    first = blocks[0]
+    assert isinstance(first, TransformerBlock)
+    return first.attn.head_dim
 
 
 # ------------------------------------------------------------------------------------------ RVQ + flow matching
@@ -412,10 +418,15 @@ class ResidualVQ(nn.Module):
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [Q, T] (validated, long) -> features [T, dim]; plain indexing of each codebook table."""
-        summed = self.layers[0]._codebook.embed[0][codes[0]]
+        summed = self._table(0)[codes[0]]
         for q in range(1, len(self.layers)):
-            summed = summed + self.layers[q]._codebook.embed[0][codes[q]]
+            summed = summed + self._table(q)[codes[q]]
         return self.project_out(summed)
+
+    def _table(self, q: int) -> torch.Tensor:
+        layer = self.layers[q]
+        assert isinstance(layer, VQLayer)
+        return layer._codebook.embed[0]
 
 
 class FlowMatching(nn.Module):
@@ -444,6 +455,7 @@ class FlowMatching(nn.Module):
         n = 0 if prefix is None else prefix.shape[0]
         in_context = torch.zeros_like(z)
         if n:
+            assert prefix is not None
             in_context[:n] = prefix
         # Conditional row 1 sees mu, unconditional row 0 sees zeros (not zero_cond_embedding1).
         cond = torch.stack([torch.zeros_like(mu), mu])
@@ -454,6 +466,7 @@ class FlowMatching(nn.Module):
         t, dt = t_span[0], t_span[1] - t_span[0]
         for step in range(1, NUM_STEPS + 1):
             if n:
+                assert prefix is not None
                 x[:n] = float(1 - (1 - 1e-6) * t) * z[:n] + float(t) * prefix
             inputs = torch.cat([x.expand(2, -1, -1), in_context.expand(2, -1, -1), cond], dim=-1)
             timestep = torch.full((2,), float(t), device=mu.device, dtype=torch.float32)
@@ -463,6 +476,7 @@ class FlowMatching(nn.Module):
             if step < NUM_STEPS:
                 dt = t_span[step + 1] - t
         if n:
+            assert prefix is not None
             x[:n] = prefix
         return x
 
@@ -699,7 +713,8 @@ class HeartCodec(nn.Module):
                 first = w + 1 - len(solved)
                 for i in range(len(solved)):
                     overlap_add(out, audio[i].float(), first + i)
-                solved, audio = [], None
+                solved = []
+                del audio
         return out[:, :plan.cropped_samples].cpu()
 
 

@@ -153,7 +153,7 @@ def _encoder_tensors(config: HeartCodecConfig, generator: torch.Generator, legac
 AUDIBLE_RMS = 0.1  # -20 dBFS: the tiny checkpoint's noise is heard, not a DC offset
 
 
-def _conv_fan_in(module: torch.nn.Module) -> float:
+def _conv_fan_in(module: torch.nn.Conv1d | torch.nn.ConvTranspose1d) -> float:
     weight = module.weight
     if isinstance(module, torch.nn.ConvTranspose1d):  # [Cin, Cout, k]: each output sees Cin * k / stride taps
         return weight.shape[0] * weight.shape[2] / module.stride[0]
@@ -180,6 +180,7 @@ def make_audible_(model: HeartCodec, *, seed: int, target_rms: float = AUDIBLE_R
     audio = model.scalar_model.decode_batch(latents)
     last = convs[-1]
     last.weight.mul_(target_rms / float(audio.std()))
+    assert last.bias is not None, "the SQ decoder's last conv has a bias"
     last.bias.fill_(-float(audio.mean()) * target_rms / float(audio.std()))
 
 

@@ -100,6 +100,9 @@ class RMSNorm(nn.Module):
 class KVCache(nn.Module):
     """Static preallocated keys/values `[B, kv_heads, max_seq_len, head_dim]` (KV heads only, not expanded)."""
 
+    k_cache: torch.Tensor  # buffers (register_buffer), typed for the checker
+    v_cache: torch.Tensor
+
     def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
                  *, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
@@ -133,6 +136,8 @@ class Attention(nn.Module):
         q = apply_rotary_emb(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim), freqs_cis)
         k = apply_rotary_emb(self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim), freqs_cis)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.kv_cache is None:
+            raise RuntimeError("call setup_caches() before running the transformer")
         keys, values = self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))
         if kv_len is not None:  # attend over filled slots only; None keeps static shapes
             keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
@@ -189,6 +194,7 @@ class Transformer(nn.Module):
 
     def setup_caches(self, batch_size: int, cache_len: int, *, dtype: torch.dtype, device: torch.device) -> None:
         for layer in self.layers:
+            assert isinstance(layer, TransformerBlock)
             layer.attn.kv_cache = KVCache(batch_size, cache_len, self.args.num_kv_heads, self.args.head_dim,
                                           dtype=dtype, device=device)
         self.setup_rope(dtype=dtype, device=device)
@@ -211,9 +217,16 @@ class Transformer(nn.Module):
         """Causal mask `[group * S, slots]` in the folded-GQA query layout of `Attention`, built once per call."""
         if kv_len is not None and input_pos.shape[0] == 1:
             return None  # one query at the last filled position sees every filled slot
-        slots = kv_len if kv_len is not None else self.layers[0].attn.kv_cache.k_cache.shape[2]
+        slots = kv_len if kv_len is not None else self._cache_slots()
         causal = torch.arange(slots, device=input_pos.device)[None, :] <= input_pos[:, None]  # [S, slots]
         return causal.repeat(self.args.num_heads // self.args.num_kv_heads, 1)
+
+    def _cache_slots(self) -> int:
+        first = self.layers[0]
+        assert isinstance(first, TransformerBlock)
+        if first.attn.kv_cache is None:
+            raise RuntimeError("call setup_caches() before running the transformer")
+        return first.attn.kv_cache.k_cache.shape[2]
 
 
 class HeartMuLa(nn.Module):
