@@ -48,7 +48,7 @@ from gpu_worker.generate import (
     forbidden_ids_mask,
     top_k_race,
 )
-from gpu_worker.heartmula import HeartMuLa, Transformer, compute_dtype
+from gpu_worker.heartmula import HeartMuLa, Transformer, TransformerBlock, compute_dtype
 from gpu_worker.prompt import Prompt
 from gpu_worker.token_validation import CODEBOOK_SIZE, validate_codes
 
@@ -78,19 +78,22 @@ def fuse_projections_(stack: Transformer) -> list[_LayerWeights]:
     """q|k|v and w1|w3 as one weight each; the modules' own parameters become views of them (idempotent)."""
     out = []
     for layer in stack.layers:
+        assert isinstance(layer, TransformerBlock)
         attn, mlp = layer.attn, layer.mlp
         parts = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
-        if getattr(attn, "fused_qkv", None) is None or attn.fused_qkv.data_ptr() != parts[0].data_ptr():
-            attn.fused_qkv = torch.cat(parts)
+        fused_qkv: torch.Tensor | None = getattr(attn, "fused_qkv", None)
+        if fused_qkv is None or fused_qkv.data_ptr() != parts[0].data_ptr():
+            fused_qkv = attn.fused_qkv = torch.cat(parts)
             sizes = [p.shape[0] for p in parts]
-            for module, view in zip((attn.q_proj, attn.k_proj, attn.v_proj), attn.fused_qkv.split(sizes)):
+            for module, view in zip((attn.q_proj, attn.k_proj, attn.v_proj), fused_qkv.split(sizes)):
                 module.weight = nn.Parameter(view, requires_grad=False)
         gates = [mlp.w1.weight, mlp.w3.weight]
-        if getattr(mlp, "fused_w13", None) is None or mlp.fused_w13.data_ptr() != gates[0].data_ptr():
-            mlp.fused_w13 = torch.cat(gates)
-            for module, view in zip((mlp.w1, mlp.w3), mlp.fused_w13.split([g.shape[0] for g in gates])):
+        fused_w13: torch.Tensor | None = getattr(mlp, "fused_w13", None)
+        if fused_w13 is None or fused_w13.data_ptr() != gates[0].data_ptr():
+            fused_w13 = mlp.fused_w13 = torch.cat(gates)
+            for module, view in zip((mlp.w1, mlp.w3), fused_w13.split([g.shape[0] for g in gates])):
                 module.weight = nn.Parameter(view, requires_grad=False)
-        out.append(_LayerWeights(attn.fused_qkv, attn.output_proj.weight, mlp.fused_w13, mlp.w2.weight,
+        out.append(_LayerWeights(fused_qkv, attn.output_proj.weight, fused_w13, mlp.w2.weight,
                                  layer.sa_norm.scale, layer.mlp_norm.scale))
     return out
 
@@ -172,10 +175,20 @@ def _causal_fold_mask(seq: int, group: int, device: torch.device) -> torch.Tenso
 
 def _rope_tables(stack: Transformer, complex_rope: bool) -> tuple[torch.Tensor, ...]:
     """Per-position rotation tables `[max_seq_len, hd/2]`: (cos, sin), or one complex table."""
-    freqs = stack.freqs_cis
     if complex_rope:
-        return (torch.view_as_complex(freqs.contiguous()),)
+        return (torch.view_as_complex(_freqs(stack).contiguous()),)
+    return _cos_sin_tables(stack)
+
+
+def _cos_sin_tables(stack: Transformer) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = _freqs(stack)
     return freqs[..., 0].contiguous(), freqs[..., 1].contiguous()
+
+
+def _freqs(stack: Transformer) -> torch.Tensor:
+    if stack.freqs_cis is None:
+        raise RuntimeError("the transformer has no RoPE tables: call setup_rope() first")
+    return stack.freqs_cis
 
 
 def _rope_at(tables: tuple[torch.Tensor, ...], index) -> tuple[torch.Tensor, ...]:
@@ -228,8 +241,8 @@ class FrameEngine:
         self.forbidden = forbidden_ids_mask(args.audio_vocab_size, audio_eos_id, device=dev)
         if self.fused:
             # fp32 cos / sin tables [positions, hd/2]; per-start position rows for the decoder
-            self.bb_cos_sin = _rope_tables(model.backbone, complex_rope=False)
-            self.dec_cos_sin = _rope_tables(model.decoder, complex_rope=False)
+            self.bb_cos_sin = _cos_sin_tables(model.backbone)
+            self.dec_cos_sin = _cos_sin_tables(model.decoder)
             self.dec_base = [torch.full((n,), start, dtype=torch.long, device=dev) for start in range(slots)]
             # Vocabulary heads as [V, d] weights padded to a multiple of 128 rows (zeros): cuBLAS then runs
             # its fast GEMM instead of a gemv at half the bandwidth for the odd V = 8197; logits are sliced.
@@ -258,7 +271,7 @@ class FrameEngine:
         self.all_songs = torch.ones(b, dtype=torch.bool, device=dev)
         self.max_frames = max_frames
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._pool = None
+        self._pool: torch.cuda._POOL_HANDLE | None = None
         if self.use_graphs:
             self._warm_up()
 
@@ -660,8 +673,9 @@ def generate_fast(model: HeartMuLa, prompts: Sequence[Prompt] | Prompt,
         done = state["count"][song]
         if errors[song] is None and done == 0:
             errors[song] = EmptySongError("EOS at frame 0: the model ended the song before its first frame")
-        if errors[song] is not None:
-            results.append(errors[song])
+        error = errors[song]
+        if error is not None:
+            results.append(error)
             continue
         if progress_list[song] is not None:
             progress_list[song](done, totals[song])

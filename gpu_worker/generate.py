@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -68,10 +69,13 @@ class SamplingParams:
         return self.cfg_scale > 1
 
 
+StopReason = Literal["eos", "max_length"]
+
+
 @dataclass
 class GenerationResult:
     frames: torch.Tensor  # [8, T] int32 on CPU, every value 0..8191
-    stop_reason: str  # "eos" or "max_length"
+    stop_reason: StopReason
     prompt_length: int
 
 
@@ -201,7 +205,7 @@ def generate(model: HeartMuLa, prompt: Prompt, params: SamplingParams, *, genera
     h = model.embed_prompt(prompt.tokens.to(device), prompt.mask.to(device), prompt.muq_idx, batch)
     last_h = model.backbone_step(h, torch.arange(length, device=device), kv_len=length)
     frames: list[torch.Tensor] = []
-    stop_reason = "max_length"
+    stop_reason: StopReason = "max_length"
     for index in range(total):
         if index > 0:  # feed the previous frame at the next position
             position = length + index - 1

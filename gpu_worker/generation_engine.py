@@ -120,7 +120,7 @@ class _Request:
     future: Future
     submitted: float = field(default_factory=time.monotonic)
     cancel_requested: bool = False
-    slot: int | None = None
+    slot: int = -1  # its FrameEngine slot once admitted (-1: waiting)
     steps: int = 0  # frame steps since frame 0 (host-side upper bound of the song's position)
     batch_size: int = 1
     admitted: float = 0.0
@@ -354,10 +354,12 @@ class GenerationEngine:
             fe = self._frames
             if admit:
                 fe = self._frame_engine(admit[0].key) if not live else fe
+                assert fe is not None  # live songs run on self._frames
                 self._admit(fe, admit)
                 live = live + admit
             if not live:
                 continue
+            assert fe is not None  # live songs run on self._frames
             must_finish = any(r.steps >= r.total - 1 for r in live)
             if admit or must_finish or since_sync >= self.sync_every:
                 since_sync = 0
@@ -398,9 +400,9 @@ class GenerationEngine:
         fe.first_frame(mask.to(self.device))
         live = sum(r is not None for r in self._slots)
         self.stats["max_live"] = max(self.stats["max_live"], live)
-        for request in self._slots:
-            if request is not None:
-                request.batch_size = max(request.batch_size, live)
+        for occupant in self._slots:
+            if occupant is not None:
+                occupant.batch_size = max(occupant.batch_size, live)
 
     def _read_back(self, fe: FrameEngine, live: list[_Request]) -> list[_Request]:
         """The one host sync: retire finished / cancelled songs, report progress; returns the still-live."""
@@ -442,8 +444,8 @@ class GenerationEngine:
             for request, _, _ in finished:
                 self._slots[request.slot] = None
             self.stats["songs_done"] += len(finished)
-        for request, result, exc in finished:
-            _resolve(request.future, result=result, exc=exc)
+        for request, result, error in finished:
+            _resolve(request.future, result=result, exc=error)
         return still
 
     def _finish(self, fe: FrameEngine, request: _Request, state: dict) -> tuple:
@@ -497,7 +499,8 @@ def get_engine(model: HeartMuLa, *, max_songs: int = DEFAULT_MAX_SONGS) -> Gener
     with _registry_lock:
         engine = _engines.get(key)
         if engine is not None and engine.model is model:
-            if not engine.closed and (not engine.broken or _is_device_error(engine.error)):
+            error = engine.error
+            if not engine.closed and (error is None or _is_device_error(error)):
                 return engine
             engine.shutdown(wait=False)
         engine = _engines[key] = GenerationEngine(model, max_songs=max_songs,

@@ -41,7 +41,7 @@ def tokens_from_bytes(data: bytes) -> np.ndarray:
 
 
 def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateTokensOutput:
-    from gpu_worker.generate import GenerationCancelled, SamplingParams, generate
+    from gpu_worker.generate import GenerationCancelled, GenerationResult, SamplingParams, generate
     from gpu_worker.prompt import build_prompt
 
     device = resolve_device(ctx.settings)
@@ -54,6 +54,7 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
                             cfg_scale=inp.params.cfg_scale, max_audio_length_ms=inp.params.max_audio_length_ms)
     generator = torch.Generator(device=device).manual_seed(inp.seed)
     report = lambda done, total: ctx.progress(done, total, "frames")  # noqa: E731
+    result: GenerationResult
     try:
         if ctx.settings.gpu_batching:
             # continuous batching: the process's engine runs this song in a slot beside others
@@ -64,8 +65,9 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
             ctx.environment_extra.update(generation_path="batched", engine_slots=engine.max_songs,
                                          bucket=engine.bucket, complex_rope=engine.complex_rope,
                                          fused_kernels=fused_kernels_default(lm.model))
-            result = run_in_engine(lm.model, prompt, params, inp.seed, ctx, engine=engine)
-            ctx.environment_extra.update(batch_size=result.batch_size, queued_s=round(result.queued_s, 3))
+            batched = run_in_engine(lm.model, prompt, params, inp.seed, ctx, engine=engine)
+            ctx.environment_extra.update(batch_size=batched.batch_size, queued_s=round(batched.queued_s, 3))
+            result = batched
         elif device.type == "cuda":
             # the CUDA-graph frame step (Triton kernels where fused_kernels); same draws as the plain path,
             # bf16 logits within tolerance
@@ -73,8 +75,10 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
 
             ctx.environment_extra.update(generation_path="fast", bucket=512, complex_rope=True,
                                          fused_kernels=fused_kernels_default(lm.model))
-            result = generate_fast(lm.model, prompt, params, generators=[generator], progress=report,
-                                   should_cancel=ctx.should_cancel)[0]
+            song = generate_fast(lm.model, prompt, params, generators=[generator], progress=report,
+                                 should_cancel=ctx.should_cancel)[0]
+            assert isinstance(song, GenerationResult)  # without return_exceptions a failed song raises
+            result = song
         else:
             ctx.environment_extra.update(generation_path="plain")
             result = generate(lm.model, prompt, params, generator=generator, progress=report,

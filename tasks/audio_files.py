@@ -13,10 +13,11 @@ import subprocess
 import warnings
 import wave
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 
-SAMPLE_RATE = 48_000
+SAMPLE_RATE: Final = 48_000  # Final: the contracts' Literal[48000]
 CHANNELS = 2
 
 
