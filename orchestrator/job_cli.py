@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import click
 
-from db.status import JOB_STATUSES, STAGE_CLAIMABLE
+from db.status import STAGE_CLAIMABLE, JobStatus
 from tasks.settings import Settings, get_settings, reset_settings_cache
 
 OK_EXIT, FAILURE_EXIT, VALIDATION_EXIT = 0, 1, 2
@@ -232,7 +232,7 @@ def recent_jobs(settings: Settings, limit: int, status: str | None) -> list[dict
 
 @click.command("list")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
-@click.option("--status", type=click.Choice(JOB_STATUSES), default=None)
+@click.option("--status", type=click.Choice([status.value for status in JobStatus]), default=None)
 @click.option("--json", "as_json", is_flag=True, help="print the jobs as a JSON list")
 def list_jobs(limit: int, status: str | None, as_json: bool) -> None:
     """List the newest jobs (id, status, created, length, tags used, title)."""
