@@ -5,8 +5,8 @@ validates with), the responses from orchestrator.schemas (what the views build t
 with). OpenAPI 3.1 uses JSON Schema 2020-12, pydantic's own dialect, so nothing is converted.
 
 The document follows the deployment it is served by: the length limit of the configured
-checkpoint (and, when that limit is below the model's default length, the field becomes required,
-since omitting it would be refused), and the lyrics/tags backends this deployment can run.
+checkpoint (an omitted length gets the longest that checkpoint allows, so the default shown is
+that), and the lyrics/tags backends this deployment can run.
 """
 from __future__ import annotations
 
@@ -60,9 +60,8 @@ def job_request_schema(schema: dict[str, Any], length_limit_ms: int | None, back
     length["description"] = "song length in ms; the configured checkpoint's context caps it"
     if length_limit_ms is not None:
         length["maximum"] = length_limit_ms
-        if length.get("default", 0) > length_limit_ms:
-            del length["default"]  # the model's default does not fit this checkpoint: it must be given
-            schema["required"] = sorted({*schema.get("required", []), "max_audio_length_ms"})
+        # request_parsing gives an omitted length min(model default, this limit) and stores it
+        length["default"] = min(length.get("default", length_limit_ms), length_limit_ms)
     for field, allowed in backends.items():
         props[field] = {"anyOf": [{"enum": allowed, "type": "string"}, {"type": "null"}], "default": None,
                         "description": "null: this deployment's default"}

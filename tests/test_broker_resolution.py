@@ -94,9 +94,10 @@ def test_queue_lengths_on_an_embedded_socket_url(tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("module", ["tasks.cpu_worker", "gpu_worker.celery_worker"])
 def test_a_worker_started_on_an_empty_database_exits_naming_db_upgrade(tmp_path, redis_service, module):
-    env = stack_environment(tmp_path, f"sqlite:///{tmp_path}/empty.db", redis_service.claim_db(), tmp_path / "ckpt")
-    result = subprocess.run([sys.executable, "-m", "celery", "-A", module, "worker", "-P", "solo", "-l", "INFO"],
-                            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    with redis_service.db() as redis_url:
+        env = stack_environment(tmp_path, f"sqlite:///{tmp_path}/empty.db", redis_url, tmp_path / "ckpt")
+        result = subprocess.run([sys.executable, "-m", "celery", "-A", module, "worker", "-P", "solo", "-l", "INFO"],
+                                env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
     assert "songpipe db upgrade" in result.stderr
     assert " ready." not in result.stdout + result.stderr
@@ -104,8 +105,9 @@ def test_a_worker_started_on_an_empty_database_exits_naming_db_upgrade(tmp_path,
 
 @pytest.mark.integration
 def test_the_reconciler_on_an_empty_database_exits_naming_db_upgrade(tmp_path, redis_service):
-    env = stack_environment(tmp_path, f"sqlite:///{tmp_path}/empty.db", redis_service.claim_db(), tmp_path / "ckpt")
-    result = subprocess.run([sys.executable, "-m", "tasks.reconciler_cli"], env=env, cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=120)
+    with redis_service.db() as redis_url:
+        env = stack_environment(tmp_path, f"sqlite:///{tmp_path}/empty.db", redis_url, tmp_path / "ckpt")
+        result = subprocess.run([sys.executable, "-m", "tasks.reconciler_cli"], env=env, cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=120)
     assert result.returncode == 3, result.stdout + result.stderr
     assert "songpipe db upgrade" in result.stderr and "Traceback" not in result.stderr

@@ -206,11 +206,12 @@ def test_a_worker_whose_metrics_port_is_taken_refuses_to_start(tmp_path, redis_s
     import subprocess
     import sys
 
-    with socket.socket() as taken, stack_fixtures.database("sqlite", tmp_path / "db") as url:
+    with socket.socket() as taken, stack_fixtures.database("sqlite", tmp_path / "db") as url, \
+            redis_service.db() as redis_url:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = stack_fixtures.stack_environment(tmp_path, url, redis_service.claim_db(), tiny_checkpoint_dir,
+        env = stack_fixtures.stack_environment(tmp_path, url, redis_url, tiny_checkpoint_dir,
                                                {"SONGPIPE_METRICS_PORT": str(port)})
         result = subprocess.run(
             [sys.executable, "-m", "celery", "-A", "tasks.cpu_worker", "worker", "-Q", "cpu", "-c", "1",

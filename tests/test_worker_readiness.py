@@ -2,6 +2,8 @@
 in Redis (a real Redis DB of its own)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from tasks import worker_readiness
@@ -11,8 +13,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def settings(redis_service, tmp_path) -> Settings:
-    return Settings(data_dir=tmp_path, redis_url=redis_service.claim_db())
+def settings(redis_service, tmp_path) -> Iterator[Settings]:
+    with redis_service.db() as url:
+        yield Settings(data_dir=tmp_path, redis_url=url)
 
 
 def test_no_worker_reported_says_none_has(settings):
