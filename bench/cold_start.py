@@ -3,12 +3,13 @@
     python bench/cold_start.py            # writes a random 3B checkpoint (fp32 safetensors) first
     python bench/cold_start.py --checkpoint ROOT
 
-Two runs, each a fresh process loading the LM the worker's way (model_cache.get_lm), report from the
+Three runs, each a fresh process loading the LM the worker's way (model_cache.get_lm), report from the
 process start: imports and CUDA context, the LM loaded (bf16 on the GPU, files hashed for the record),
 the first frame (engine, prefill, frame 0: the fused Triton kernels compile here) and the second
 (graph capture). The first run has an empty TRITON_CACHE_DIR (a new machine); the second reuses what
-the first compiled (a worker restarted on its machine). The page cache is warm for both (the
-checkpoint was just written).
+the first compiled (a worker restarted on its machine) and the model checksums the first stored in
+the checksum cache; the third is that restart without the checksum cache, so every file is hashed
+again beside the load. The page cache is warm for all (the checkpoint was just written).
 """
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ def child(checkpoint: Path) -> None:
     import torch
 
     from bench.bench_lm import random_prompt
-    from gpu_worker import model_cache
+    from gpu_worker import file_checksums, model_cache
     from gpu_worker.fast_generate import generate_fast
     from gpu_worker.generate import SamplingParams
 
     dev = torch.device("cuda")
     torch.zeros(1, device=dev)
+    if os.environ.get("SONGPIPE_BENCH_CHECKSUM_CACHE"):  # as the GPU stage does with its data directory
+        file_checksums.use_cache_file(os.environ["SONGPIPE_BENCH_CHECKSUM_CACHE"])
     marks = {"imports + CUDA context": time.perf_counter() - STARTED}
     lm = model_cache.get_lm(checkpoint, dev, torch.bfloat16)
     torch.cuda.synchronize()
@@ -48,9 +51,11 @@ def child(checkpoint: Path) -> None:
     print("RESULT " + json.dumps(marks), flush=True)
 
 
-def run_child(checkpoint: Path, cache_root: Path) -> dict[str, float]:
+def run_child(checkpoint: Path, cache_root: Path, checksum_cache: Path | None) -> dict[str, float]:
     env = {**os.environ, "TRITON_CACHE_DIR": str(cache_root / "triton"),
            "TORCHINDUCTOR_CACHE_DIR": str(cache_root / "inductor")}
+    if checksum_cache is not None:
+        env["SONGPIPE_BENCH_CHECKSUM_CACHE"] = str(checksum_cache)
     out = subprocess.run([sys.executable, __file__, "--child", str(checkpoint)],
                          env=env, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
@@ -85,8 +90,11 @@ def main() -> None:
             del model
             torch.cuda.empty_cache()
         rows = []
-        for run in ("new machine: empty Triton cache", "worker restart: Triton cache of the run above"):
-            marks = run_child(checkpoint, work)
+        checksums = work / "checksums.json"
+        for run, cache in (("new machine: empty Triton and checksum caches", checksums),
+                           ("worker restart: both caches of the run above", checksums),
+                           ("worker restart without the checksum cache (files hashed again)", None)):
+            marks = run_child(checkpoint, work, cache)
             row = {"run": run}
             row.update({f"{name} s": seconds for name, seconds in marks.items()})
             rows.append(row)
