@@ -2,8 +2,9 @@
 
 Digests are cached per (absolute path, size, mtime_ns) in memory and, once a worker names a cache
 file (`use_cache_file`), on disk in the data directory. A digest served from the disk cache is
-re-hashed in a background thread: a file rewritten in place with the same size and mtime is then
-logged as an error and its entry corrected, so a bad cache never outlives one process.
+re-hashed later in a background thread (after VERIFY_DELAY_S, one file at a time, so it stays off
+the load's and the first frame's critical path): a file rewritten in place with the same size and
+mtime is then logged as an error and its entry corrected, so a bad cache never outlives one process.
 """
 from __future__ import annotations
 
@@ -13,15 +14,20 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+VERIFY_DELAY_S = 120.0  # a worker's start (weights load, kernels compile, first song) goes first
 
 _Key = tuple[str, int, int]
 _lock = threading.Lock()
 _digests: dict[_Key, str] = {}
 _cache_file: Path | None = None
-_verifying: dict[_Key, threading.Thread] = {}
+_unverified: set[_Key] = set()  # digests taken from the disk cache and not yet hashed again
+_queued: list[_Key] = []
+_verifier: threading.Thread | None = None
 
 
 def _key(path: Path) -> _Key:
@@ -54,23 +60,24 @@ def use_cache_file(path: Path | str | None) -> None:
             return
         for entry in stored.get("files", []):
             key = (entry["path"], int(entry["size"]), int(entry["mtime_ns"]))
-            _digests.setdefault(key, entry["sha256"])
-            _verifying.setdefault(key, _unstarted_verification(key))
-
-
-def _unstarted_verification(key: _Key) -> threading.Thread:
-    return threading.Thread(target=_verify, args=(key,), name="songpipe-checksum-verify", daemon=True)
+            if key not in _digests:
+                _digests[key] = entry["sha256"]
+                _unverified.add(key)
 
 
 def sha256_file(path: Path | str) -> str:
     """The file's sha256: from the caches when its size and mtime are unchanged, else hashed now."""
+    global _verifier
     key = _key(Path(path))
     with _lock:
         cached = _digests.get(key)
-        pending = _verifying.get(key)
+        if cached is not None and key in _unverified:
+            _unverified.discard(key)  # a digest from disk that is used: hash it again, later
+            _queued.append(key)
+            if _verifier is None or not _verifier.is_alive():
+                _verifier = threading.Thread(target=_verify_queued, name="songpipe-checksum-verify", daemon=True)
+                _verifier.start()
     if cached is not None:
-        if pending is not None and not pending.is_alive() and pending.ident is None:
-            pending.start()  # a digest from disk: checked again beside the work that uses it
         return cached
     digest = hash_file(path)
     with _lock:
@@ -80,11 +87,21 @@ def sha256_file(path: Path | str) -> str:
 
 
 def wait_for_verification(timeout_s: float | None = None) -> None:
-    """For tests and clean shutdowns: join the background re-hashes started so far."""
+    """For tests and clean shutdowns: join the background re-hashing started so far."""
     with _lock:
-        threads = [thread for thread in _verifying.values() if thread.ident is not None]
-    for thread in threads:
-        thread.join(timeout_s)
+        verifier = _verifier
+    if verifier is not None:
+        verifier.join(timeout_s)
+
+
+def _verify_queued() -> None:
+    time.sleep(VERIFY_DELAY_S)
+    while True:
+        with _lock:
+            if not _queued:
+                return
+            key = _queued.pop(0)
+        _verify(key)
 
 
 def _verify(key: _Key) -> None:
@@ -127,5 +144,6 @@ def reset() -> None:
     global _cache_file
     with _lock:
         _digests.clear()
-        _verifying.clear()
+        _unverified.clear()
+        _queued.clear()
         _cache_file = None

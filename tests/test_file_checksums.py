@@ -12,10 +12,12 @@ from gpu_worker import file_checksums
 
 
 @pytest.fixture(autouse=True)
-def _fresh_caches():
+def _fresh_caches(monkeypatch):
+    monkeypatch.setattr(file_checksums, "VERIFY_DELAY_S", 0.0)
     file_checksums.reset()
     yield
-    file_checksums.wait_for_verification(10)
+    if file_checksums.VERIFY_DELAY_S == 0.0:
+        file_checksums.wait_for_verification(10)
     file_checksums.reset()
 
 
@@ -72,3 +74,17 @@ def test_an_unreadable_cache_file_means_hashing_from_scratch(tmp_path):
     cache.write_text("{not json")
     file_checksums.use_cache_file(cache)
     assert file_checksums.sha256_file(weights) == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_the_re_verification_waits_until_the_worker_has_started(tmp_path, monkeypatch):
+    weights = _write(tmp_path / "w.bin", b"weights")
+    cache = tmp_path / "checksums.json"
+    file_checksums.use_cache_file(cache)
+    file_checksums.sha256_file(weights)
+    file_checksums.reset()
+    monkeypatch.setattr(file_checksums, "VERIFY_DELAY_S", 3600.0)
+    file_checksums.use_cache_file(cache)
+    hashed: list[str] = []
+    monkeypatch.setattr(file_checksums, "hash_file", lambda p: hashed.append(str(p)) or "")
+    assert file_checksums.sha256_file(weights) == hashlib.sha256(b"weights").hexdigest()
+    assert hashed == []  # served from the cache; the check is queued behind the delay, not run now
