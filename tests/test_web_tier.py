@@ -456,3 +456,11 @@ def test_songpipe_web_restarts_its_workers_on_hup_and_drains_on_term(app_setting
     finally:
         if server.poll() is None:
             stack_fixtures.kill_group(server)
+
+
+def test_the_web_app_refuses_an_out_of_date_schema_naming_the_upgrade(tmp_path):
+    from db.schema import SchemaOutOfDateError
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path}/empty.db")
+    with pytest.raises(SchemaOutOfDateError, match="songpipe db upgrade"):
+        create_app(settings)
