@@ -30,11 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from db.status import JOB_TERMINAL
 from tests import stack_fixtures
 from tests.reliability_fixtures import song
 from tests.supervised_stack import SupervisedStack, job_pids_of, supervised_stack
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 KILL_TARGETS = ("web", "cpu", "cpu-child", "gpu", "gpu-child", "reconcile", "redis")
 
 
@@ -152,7 +152,7 @@ def outcome(database_url: str, ids: list[str]) -> dict:
         row = jobs.get(job_id)
         if row is None:
             counts["lost"] += 1
-        elif row.status in TERMINAL:
+        elif row.status in JOB_TERMINAL:
             counts[row.status] += 1
             if row.status == "failed":
                 failed[f"{row.failed_stage}: {row.error_type}"] += 1

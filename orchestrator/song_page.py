@@ -12,19 +12,16 @@ from db.status import JOB_TERMINAL, STAGE_CLAIMABLE, STAGE_DONE
 from tasks.settings import Settings
 from tasks.stage_inputs import song_title
 
-TERMINAL = JOB_TERMINAL
-NOT_STARTED = STAGE_CLAIMABLE
-
 
 def display_status(stage: dict[str, Any], job: dict[str, Any], latest_attempt: dict[str, int]) -> str:
     """The stage's recorded status, except that a stage that can no longer run reads as such:
     an older attempt replaced by a newer one is "superseded", a stage still waiting in a finished
     job is "skipped". Records that already say skipped/superseded pass through unchanged."""
-    if stage["status"] not in NOT_STARTED:
+    if stage["status"] not in STAGE_CLAIMABLE:
         return stage["status"]
     if stage["attempt"] < latest_attempt.get(stage["stage"], stage["attempt"]):
         return "superseded"
-    if job["status"] in TERMINAL:
+    if job["status"] in JOB_TERMINAL:
         return "skipped"
     return stage["status"]
 
@@ -43,7 +40,7 @@ def _latest_outputs(job: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 def waiting_reason(job: dict[str, Any], settings: Settings) -> str | None:
     """Why a queued job has not started, in words: which worker it waits for and what it is doing."""
-    if job["status"] != "queued" or any(s["status"] not in NOT_STARTED for s in job["stages"]):
+    if job["status"] != "queued" or any(s["status"] not in STAGE_CLAIMABLE for s in job["stages"]):
         return None
     from tasks.worker_readiness import describe_wait
 

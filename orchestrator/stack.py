@@ -46,7 +46,6 @@ DEMO_REQUEST: dict[str, Any] = {
     # a fixed seed: the demo is reproducible (replay it from the dashboard and get the same tokens)
     "seed": 1,
 }
-TERMINAL = JOB_TERMINAL
 
 
 # -- broker ------------------------------------------------------------------------------------
@@ -197,7 +196,7 @@ def run_demo(base_url: str, redis_url: str, settings: Settings, echo: Echo, *,
         job: dict[str, Any] = {}
         while time.monotonic() < deadline:
             _, job = _http_json(f"{base_url}/api/jobs/{job_id}")
-            if job.get("status") in TERMINAL:
+            if job.get("status") in JOB_TERMINAL:
                 break
             time.sleep(1.0)
         outcome.job, outcome.status = job, job.get("status", "unknown")

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
-from db.models import STAGE_DONE, Job
+from db.models import Job
 from tasks.contracts import (
     DecodeAudioInput,
     EncodeAudioInput,
@@ -23,7 +23,6 @@ from tasks.contracts import (
 from tasks.pipeline.attempts import latest_done
 from tasks.settings import Settings
 
-DONE_STATUSES = STAGE_DONE  # kept for callers of the old name
 T = TypeVar("T")
 
 
