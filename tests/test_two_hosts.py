@@ -168,9 +168,10 @@ def test_a_partition_of_b_during_generation_ends_like_a_crash(two_host_stack, ho
 
     def generating() -> bool:
         rows = _rows(stack, submitted["id"], "generate_tokens")
-        return bool(rows) and rows[-1]["status"] == "running" and rows[-1]["progress"].get("done", 0) >= 1
+        # claimed and running on B (its first progress write may lag on a busy machine)
+        return bool(rows) and rows[-1]["status"] == "running"
 
-    stack_fixtures.wait_until(generating, 180, "generation on B", 0.2)
+    stack_fixtures.wait_until(generating, 300, "generation on B", 0.2)
     redis_port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
     assert hosts.b_reaches(redis_port)
     hosts.cut()
