@@ -102,10 +102,9 @@ def _row(setting: str, path: str, songs: int, rows: int, ms: float, model, fille
 
 def time_plain(model, prompt, cfg: float, frames: int, warmup: int, device) -> float:
     hook = _plain_no_eos(device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    generate(model, prompt, _params(cfg, warmup), generator=generator, logits_hook=hook)
+    generate(model, prompt, _params(cfg, warmup), seed=0, logits_hook=hook)
     stamps: list[float] = []
-    generate(model, prompt, _params(cfg, frames), generator=generator, logits_hook=hook, progress_every=1,
+    generate(model, prompt, _params(cfg, frames), seed=0, logits_hook=hook, progress_every=1,
              progress=lambda done, total: stamps.append(time.perf_counter()))
     return statistics.median(b - a for a, b in zip(stamps[:-2], stamps[1:-1])) * 1e3
 
@@ -118,7 +117,7 @@ def time_fast(model, prompts, cfg: float, frames: int, device, sync_every: int, 
         stamps: list[float] = []
         progress = [lambda done, total, stamps=stamps: stamps.append(time.perf_counter())] + [None] * (len(prompts) - 1)
         generate_fast(model, prompts, params, logits_hook=hook, sync_every=sync_every, progress=progress, **options,
-                      generators=[torch.Generator(device=device).manual_seed(i) for i in range(len(prompts))])
+                      seeds=list(range(len(prompts))))
     # stamps: after steps sync_every, 2*sync_every, ... (each after a device read-back), then the final one
     marks = stamps[:-1]
     return (marks[-1] - marks[0]) / ((len(marks) - 1) * sync_every) * 1e3
@@ -147,16 +146,16 @@ def run_lm_comparison(device: str = "cuda", quick: bool = False, batches=(1, 2, 
     hook_p, hook_f = _plain_no_eos(dev), _fast_no_eos(dev)
     for cfg in (1.5, 1.0):
         ref = generate(model, prompts[0], _params(cfg, check_frames), logits_hook=hook_p,
-                       generator=torch.Generator(device=dev).manual_seed(123)).frames
+                       seed=123).frames
         fast = generate_fast(model, prompts[0], _params(cfg, check_frames), logits_hook=hook_f,
-                             generators=[torch.Generator(device=dev).manual_seed(123)])[0].frames
+                             seeds=[123])[0].frames
         first, rate = _agreement(ref, fast)
         checks.append({"check": f"plain vs fast, same seed, cfg {cfg}", "frames": check_frames,
                        "first differing frame": first, "equal frames": rate})
     solo = generate_fast(model, prompts[1], _params(1.5, check_frames), logits_hook=hook_f,
-                         generators=[torch.Generator(device=dev).manual_seed(7)])[0].frames
+                         seeds=[7])[0].frames
     quad = generate_fast(model, prompts[:4], _params(1.5, check_frames), logits_hook=hook_f,
-                         generators=[torch.Generator(device=dev).manual_seed(s) for s in (1, 7, 2, 3)])[1].frames
+                         seeds=[1, 7, 2, 3])[1].frames
     first, rate = _agreement(solo, quad)
     checks.append({"check": "fast: song alone vs inside 4 songs", "frames": check_frames,
                    "first differing frame": first, "equal frames": rate})
@@ -188,7 +187,7 @@ def _random_codec_and_song(dev: torch.device, quick: bool) -> tuple:
     codec = build_random_heartcodec(config, device=dev, dtype=torch.float32, seed=0)
     frames = 700 if quick else 3000
     codes = torch.randint(0, config.codebook_size, (config.num_quantizers, frames),
-                          generator=torch.Generator().manual_seed(frames))
+                          seed=frames)
     return codec, codes
 
 
@@ -307,7 +306,7 @@ def run_cold_start(device: str = "cuda", quick: bool = False, work_dir: str | No
             _free(dev)
             start = time.perf_counter()
             generate_fast(model, prompt, _params(1.5, frames), logits_hook=_fast_no_eos(dev),
-                          generators=[torch.Generator(device=dev).manual_seed(0)])
+                          seeds=[0])
             _sync(dev)
             rows.append({"step": what, "seconds": time.perf_counter() - start,
                          "cold start total s": loaded + time.perf_counter() - start})
@@ -374,18 +373,19 @@ def run_gpu_checks(device: str = "cuda", quick: bool = False, frames: int = 100)
     prompts = [random_prompt(args, (30 if quick else 300) - 7 * i, seed=i) for i in range(3)]
     rows: list[dict[str, Any]] = []
 
-    # 1. the engine's draws into its noise buffer equal the plain path's fresh [1, V] draws
-    engine = FrameEngine(model, num_songs=3, rows=2, cache_len=512, max_frames=4, cfg_scale=1.5, temperature=1.0,
-                         top_k=50, audio_eos_id=AUDIO_EOS_ID, use_graphs=False)
+    # 1. the engine's in-graph draws equal the plain path's per-frame draws (counter-based noise)
+    from gpu_worker.sampling_noise import song_noise
+
+    engine = FrameEngine(model, num_songs=3, rows=2, cache_len=512, max_frames=4, audio_eos_id=AUDIO_EOS_ID,
+                         use_graphs=False)
     same = True
     for song in range(3):
-        a, b = torch.Generator(device=dev).manual_seed(song), torch.Generator(device=dev).manual_seed(song)
-        for _ in range(3):
-            engine.draw_noise(song, a)
-            fresh = torch.stack([torch.empty(1, args.audio_vocab_size, device=dev).exponential_(1.0, generator=b)[0]
-                                 for _ in range(8)])
-            same &= torch.equal(engine.noise[song], fresh)
-    rows.append({"check": "noise buffer draws == plain path draws (3 songs x 3 frames)", "result": same})
+        engine.seed[song] = 1000 + song
+        for frame in range(3):
+            engine.count[song] = frame
+            engine._draw()
+            same &= torch.equal(engine.noise[song], song_noise(1000 + song, frame, 8, args.audio_vocab_size, dev))
+    rows.append({"check": "in-graph noise == plain path noise (3 songs x 3 frames)", "result": same})
     del engine
     release_engines()
 
@@ -395,8 +395,7 @@ def run_gpu_checks(device: str = "cuda", quick: bool = False, frames: int = 100)
         out = {}
         for graphs in (False, dev.type == "cuda"):
             out[graphs] = generate_fast(model, prompts[:songs], _params(1.5, frames), logits_hook=hook,
-                                        use_graphs=graphs, generators=[torch.Generator(device=dev).manual_seed(s)
-                                                                       for s in range(songs)])
+                                        use_graphs=graphs, seeds=list(range(songs)))
             release_engines()
         agreement = [_agreement(a.frames, b.frames) for a, b in zip(out[False], out.get(True, out[False]))]
         rows.append({"check": f"graph == eager tokens, {songs} song(s), {frames} frames",
@@ -412,7 +411,7 @@ def run_gpu_checks(device: str = "cuda", quick: bool = False, frames: int = 100)
         return hook(None, codebook, logits)
 
     ref = generate(model, prompts[0], _params(1.5, forced_frames), logits_hook=plain_record,
-                   generator=torch.Generator(device=dev).manual_seed(5)).frames
+                   seed=5).frames
 
     def force(seen: dict):
         def fast_hook(frame_index, codebook, logits):
@@ -428,12 +427,12 @@ def run_gpu_checks(device: str = "cuda", quick: bool = False, frames: int = 100)
 
     fast_seen: dict = {}
     generate_fast(model, prompts[0], _params(1.5, forced_frames), logits_hook=force(fast_seen)[0], use_graphs=False,
-                  generators=[torch.Generator(device=dev).manual_seed(5)])
+                  seeds=[5])
     release_engines()
     fp32_seen: dict = {}
     reference = copy.deepcopy(model).float()
     generate(reference, prompts[0], _params(1.5, forced_frames), logits_hook=force(fp32_seen)[1],
-             generator=torch.Generator(device=dev).manual_seed(5))
+             seed=5)
     del reference
     _free(dev)
 

@@ -111,10 +111,9 @@ def eos_blocker(device: torch.device):
 def time_decode(model: HeartMuLa, prompt: Prompt, cfg_scale: float, frames: int, warmup_frames: int,
                 device: torch.device) -> dict[str, Any]:
     params = SamplingParams(temperature=1.0, top_k=50, cfg_scale=cfg_scale, max_audio_length_ms=frames * 80)
-    generator = torch.Generator(device=device).manual_seed(0)
     warmup = SamplingParams(temperature=1.0, top_k=50, cfg_scale=cfg_scale, max_audio_length_ms=warmup_frames * 80)
     no_eos = eos_blocker(device)
-    generate(model, prompt, warmup, generator=generator, logits_hook=no_eos)
+    generate(model, prompt, warmup, seed=0, logits_hook=no_eos)
     _sync(device)
     _reset_peak(device)
     stamps: list[float] = []
@@ -124,7 +123,7 @@ def time_decode(model: HeartMuLa, prompt: Prompt, cfg_scale: float, frames: int,
         stamps.append(time.perf_counter())
 
     start = time.perf_counter()
-    generate(model, prompt, params, generator=generator, progress=stamp, progress_every=1,
+    generate(model, prompt, params, seed=0, progress=stamp, progress_every=1,
              logits_hook=no_eos)
     # stamps[0] follows prefill + frame 0; the last one follows the final copy to the host
     per_frame = [b - a for a, b in zip(stamps[:-2], stamps[1:-1])]

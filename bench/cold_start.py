@@ -45,7 +45,7 @@ def child(checkpoint: Path) -> None:
     prompt = random_prompt(lm.model.args, 300, seed=0)
     for frames, name in ((1, "first frame"), (2, "second frame")):
         params = SamplingParams(temperature=1.0, top_k=50, cfg_scale=1.5, max_audio_length_ms=frames * 80)
-        generate_fast(lm.model, prompt, params, generators=[torch.Generator(device=dev).manual_seed(0)])
+        generate_fast(lm.model, prompt, params, seeds=[0])
         torch.cuda.synchronize()
         marks[name] = time.perf_counter() - STARTED
     print("RESULT " + json.dumps(marks), flush=True)

@@ -84,7 +84,7 @@ def profile_lm(position: int, frames: int, fused: bool | None) -> None:
 
     def song() -> None:
         generate_fast(model, [prompt], _params(1.5, frames), sync_every=frames,
-                      generators=[torch.Generator(device=dev).manual_seed(0)],
+                      seeds=[0],
                       **({} if fused is None else {"fused_kernels": fused}))
 
     song()  # engine, warm-up, capture
@@ -144,9 +144,11 @@ def time_kernels(songs: int = 1) -> None:
         return start.elapsed_time(end) * 1e3 / 200
 
     rows = [{"kernel": "torch.topk(z, 50)", "us/call": per_call(lambda: torch.topk(z, 50, dim=-1))}]
+    top_k = torch.full((z.shape[0],), 50, device=z.device)
     for warps in (4, 8, 16, 32):
         rows.append({"kernel": f"topk_race_sample, {warps} warps", "us/call": per_call(
-            lambda warps=warps: fused_ops.topk_race_sample(z, noise, top_k=50, rows=2, row_offset=0, num_warps=warps))})
+            lambda warps=warps: fused_ops.topk_race_sample(z, noise, top_k=top_k, rows=2, row_offset=0,
+                                                           num_warps=warps))})
     print_table(f"sampling kernels, {songs} song(s)", rows)
 
 
@@ -159,7 +161,7 @@ def check_determinism(songs: int = 3, frames: int = 60) -> None:
 
     def tokens(graphs: bool, fused: bool) -> list[torch.Tensor]:
         out = generate_fast(model, prompts, _params(1.5, frames), use_graphs=graphs, fused_kernels=fused,
-                            generators=[torch.Generator(device=dev).manual_seed(s) for s in range(songs)])
+                            seeds=list(range(songs)))
         release_engines()
         return [r.frames for r in out]
 

@@ -7,8 +7,10 @@ starts a fresh one for the next task. The parent sees the child vanish (WorkerLo
 reject_on_worker_lost, puts the message back once; the re-delivery finds its attempt recorded as
 failed and backs off at the claim, so nothing is computed twice and the failure is not retried.
 
-A transient out-of-memory error (fragmentation) also ends the process: its one retry (a new
-attempt, sent by the stage wrapper) must start on a clean allocator.
+A transient out-of-memory error (fragmentation) also ends a prefork child: its one retry (a new
+attempt, sent by the stage wrapper) must start on a clean allocator. In the batching worker (threads
+pool, one process for every song of the GPU) an OOM ends only that song's attempt: the engine empties
+the allocator's cache, frees the slot, and the retry joins the running batch.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def handle_gpu_failure(exc: BaseException, ctx) -> None:
             _simulated_poison = str(exc)
         log.error("job %s stage %s: CUDA context is poisoned (%s); this worker process will be replaced",
                   ctx.job_id, ctx.stage, exc)
-    elif is_out_of_memory(exc):
+    elif is_out_of_memory(exc) and _is_pool_child():
         _replace_reason = "out of device memory (a retry gets a fresh process and allocator)"
     if _replace_reason is not None:
         ctx.environment_extra["worker_process"] = {"pid": os.getpid(), "replaced_after_this_failure": True,

@@ -15,6 +15,13 @@ def resolve_device(settings: Settings) -> torch.device:
     return device
 
 
+def gpu_batching_enabled(settings: Settings) -> bool:
+    """Continuous batching: as set, else on for a CUDA device (the default) and off on the CPU."""
+    if settings.gpu_batching is not None:
+        return settings.gpu_batching
+    return resolve_device(settings).type == "cuda"
+
+
 def lm_dtype(settings: Settings, device: torch.device) -> torch.dtype:
     if settings.lm_dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -13,9 +13,11 @@ What changes against the plain path (spec §9 levers 1-4), and what does not:
   fused weights (same values, no extra memory; the plain path keeps working on the same model).
 * RoPE is one complex multiply (the same products and sums; fp32 FMA contraction may differ in the
   last bit), and the backbone's additive attention mask is built once per frame, not per layer.
-* Randomness: each song's Exponential(1) draws come from its own generator, outside the graph, in
-  exactly the plain path's shapes and order (8 tensors [1, V] per frame, codebook order), into a static
-  buffer the graph reads. Draws after a song's end are wasted, never used.
+* Randomness: a frame's Exponential(1) draws are a function of (seed, frame, codebook, id)
+  (gpu_worker/sampling_noise.py), computed inside the frame step from each slot's seed and frame count:
+  the plain path's numbers, with no per-song work outside the graph.
+* Sampling settings (temperature, top-k, CFG scale) are per-slot device tensors read by the frame step,
+  so songs with different settings share a frame and no setting is baked into a captured graph.
 * No host sync inside the loop: EOS / length / error flags live on the device and are read back every
   `sync_every` frames (progress and cancellation run then); frames after a song's end are discarded.
 * `fused_kernels` (default on CUDA with bf16/fp16 weights and Triton present): the frame step's norms,
@@ -45,11 +47,13 @@ from gpu_worker.generate import (
     GenerationResult,
     SamplingParams,
     check_prompt,
+    check_seed,
     forbidden_ids_mask,
     top_k_race,
 )
 from gpu_worker.heartmula import HeartMuLa, Transformer, TransformerBlock, compute_dtype
 from gpu_worker.prompt import Prompt
+from gpu_worker.sampling_noise import race_noise
 from gpu_worker.token_validation import CODEBOOK_SIZE, validate_codes
 
 ProgressFn = Callable[[int, int], None]
@@ -207,7 +211,7 @@ class FrameEngine:
     """
 
     def __init__(self, model: HeartMuLa, *, num_songs: int, rows: int, cache_len: int, max_frames: int,
-                 cfg_scale: float, temperature: float, top_k: int, audio_eos_id: int,
+                 audio_eos_id: int,
                  bucket: int = 512, use_graphs: bool | None = None, logits_hook: FastLogitsHook | None = None,
                  complex_rope: bool = True, fused_kernels: bool | None = None):
         args = model.args
@@ -216,7 +220,6 @@ class FrameEngine:
         self.device, self.dtype = model.device, model.dtype
         self.num_songs, self.rows, self.num_rows = num_songs, rows, num_songs * rows
         self.cache_len, self.bucket = cache_len, bucket
-        self.cfg_scale, self.temperature, self.top_k = cfg_scale, temperature, top_k
         self.audio_eos_id = audio_eos_id
         self.logits_hook = logits_hook
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
@@ -259,6 +262,11 @@ class FrameEngine:
 
         b, v = num_songs, args.audio_vocab_size
         self.noise = torch.ones(b, slots, v, dtype=torch.float32, device=dev)
+        # per-slot sampling settings and seeds, written at prefill, read by the frame step
+        self.seed = torch.zeros(b, dtype=torch.long, device=dev)
+        self.temperature = torch.ones(b, dtype=torch.float32, device=dev)
+        self.top_k = torch.ones(b, dtype=torch.long, device=dev)
+        self.cfg_scale = torch.ones(b, dtype=torch.float32, device=dev)
         self.last_h = torch.zeros(n, bb.embed_dim, dtype=compute_dtype(self.dtype), device=dev)
         self.prev = torch.zeros(b, slots, dtype=torch.long, device=dev)
         self.pos = torch.zeros(b, dtype=torch.long, device=dev)
@@ -288,8 +296,10 @@ class FrameEngine:
         self.count[song] = 0
 
     @torch.inference_mode()
-    def prefill(self, song: int, prompt: Prompt, limit: int) -> None:
+    def prefill(self, song: int, prompt: Prompt, params: SamplingParams, seed: int) -> None:
         """Run the prompt of slot `song` through the backbone (eager) and arm the slot for frame 0."""
+        if params.uses_cfg and self.rows == 1:
+            raise ValueError("this engine has one row per song: it cannot run classifier-free guidance")
         model, rows, length = self.model, self.rows, prompt.length
         r0 = song * rows
         h = model.embed_prompt(prompt.tokens.to(self.device), prompt.mask.to(self.device), prompt.muq_idx, rows)
@@ -307,16 +317,15 @@ class FrameEngine:
             h = _block(h, w, model.backbone, rope, write, mask)
         self.last_h[r0:r0 + rows].copy_(_rms_norm(h[:, -1], model.backbone.norm.scale, bb.norm_eps))
         self.pos[song] = length  # frame 0 goes in at position `length`
-        self.limit[song] = limit
+        self.limit[song] = params.max_frames
+        self.seed[song] = seed
+        self.temperature[song] = params.temperature
+        self.top_k[song] = params.top_k
+        self.cfg_scale[song] = params.cfg_scale
         self.count[song] = 0
         self.eos[song] = False
         self.error[song] = -1
         self.done[song] = False
-
-    def draw_noise(self, song: int, generator: torch.Generator) -> None:
-        """One frame of the plain path's draws for `song`: 8 x Exponential(1) `[1, V]`, codebook order."""
-        for codebook in range(self.args.audio_num_codebooks):
-            self.noise[song, codebook].exponential_(1.0, generator=generator)
 
     @torch.inference_mode()
     def first_frame(self, songs: torch.Tensor) -> None:
@@ -430,12 +439,18 @@ class FrameEngine:
         return _rms_norm(h[:, -1], self.model.decoder.norm.scale, dec.norm_eps).to(compute_dtype(h.dtype))
 
     def _guided(self, logits: torch.Tensor) -> torch.Tensor:
-        """generate.cfg_mix per song: `[N, V]` raw logits -> `[B, V]` fp32."""
+        """generate.cfg_mix per song: `[N, V]` raw logits -> `[B, V]` fp32; a slot with scale 1 takes
+        its conditional row as it is (the plain path's one-row song)."""
         if self.rows == 1:
             return logits
         pairs = logits.view(self.num_songs, 2, -1)
         cond, uncond = pairs[:, 0].float(), pairs[:, 1].float()
-        return uncond + self.cfg_scale * (cond - uncond)
+        scale = self.cfg_scale[:, None]
+        return torch.where(scale > 1, uncond + scale * (cond - uncond), cond)
+
+    def _draw(self) -> None:
+        """This frame's draws for every slot, from its seed and frame count (inside the graph)."""
+        race_noise(self.seed, self.count, self.args.audio_num_codebooks, self.args.audio_vocab_size, out=self.noise)
 
     def _sample(self, logits: torch.Tensor, codebook: int, frame_index: torch.Tensor) -> torch.Tensor:
         guided = self._guided(logits)
@@ -455,7 +470,7 @@ class FrameEngine:
                                         temperature=self.temperature)
         else:
             guided = self.logits_hook(self.count, codebook, self._guided(logits.float()))
-            z = (guided / self.temperature).masked_fill(self.forbidden, NEG_INF)
+            z = (guided / self.temperature[:, None]).masked_fill(self.forbidden, NEG_INF)
         return fused_ops.topk_race_sample(z, self.noise[:, codebook], top_k=self.top_k, rows=self.rows,
                                           row_offset=codebook * self.args.audio_vocab_size)
 
@@ -475,6 +490,7 @@ class FrameEngine:
         self._record(torch.stack(codes, dim=1), songs)
 
     def _sample_and_record(self, last_h: torch.Tensor, songs: torch.Tensor) -> None:
+        self._draw()
         if self.fused:
             self._sample_and_record_fused(last_h, songs)
             return
@@ -520,7 +536,6 @@ class _EngineKey:
     rows: int
     cache_len: int
     max_frames: int
-    sampling: tuple
     eos: int
     bucket: int
     use_graphs: bool
@@ -561,17 +576,17 @@ def _per_song(value, count: int, name: str) -> list:
 
 @torch.inference_mode()
 def generate_fast(model: HeartMuLa, prompts: Sequence[Prompt] | Prompt,
-                  params: SamplingParams | Sequence[SamplingParams], *, generators: Sequence[torch.Generator],
+                  params: SamplingParams | Sequence[SamplingParams], *, seeds: Sequence[int],
                   progress: ProgressFn | Sequence[ProgressFn | None] | None = None,
                   should_cancel: CancelFn | Sequence[CancelFn | None] | None = None,
                   sync_every: int = 25, logits_hook: FastLogitsHook | None = None,
                   return_exceptions: bool = False, bucket: int | None = None,
                   use_graphs: bool | None = None, complex_rope: bool = True,
                   fused_kernels: bool | None = None) -> list[GenerationResult | Exception]:
-    """Generate B songs together; song i uses `generators[i]` only and gets the plain path's result.
+    """Generate B songs together; song i draws from `seeds[i]` only and gets the plain path's result.
 
-    `params` is one SamplingParams, or one per song; temperature, top_k and cfg_scale must agree across
-    the batch (they are baked into the captured frame), max_audio_length_ms may differ. Every
+    `params` is one SamplingParams, or one per song (any settings; with CFG on for any song every song
+    has two rows, a scale-1 song ignoring its second). Every
     `sync_every` frames the device flags are read back: `progress[i](done, total)` and
     `should_cancel[i]()` run then (a bare callable serves every song), and `progress` once more at the
     end. Errors (GenerationCancelled, EmptySongError, no eligible id) are raised for the first failing
@@ -582,11 +597,7 @@ def generate_fast(model: HeartMuLa, prompts: Sequence[Prompt] | Prompt,
     if count == 0:
         raise ValueError("no prompts")
     param_list = _per_song(params if isinstance(params, Sequence) else [params] * count, count, "params")
-    first = param_list[0]
-    for p in param_list[1:]:
-        if (p.temperature, p.top_k, p.cfg_scale) != (first.temperature, first.top_k, first.cfg_scale):
-            raise ValueError("temperature, top_k and cfg_scale must be the same for every song of a batch")
-    generator_list = _per_song(generators, count, "generators")
+    seed_list = _per_song(seeds, count, "seeds")
     progress_list = _per_song(progress, count, "progress")
     cancel_list = _per_song(should_cancel, count, "should_cancel")
     if sync_every < 1:
@@ -597,40 +608,34 @@ def generate_fast(model: HeartMuLa, prompts: Sequence[Prompt] | Prompt,
         raise ValueError(f"all prompts must share one audio_eos_id, got {sorted(eos_ids)}")
     limit = args.backbone.max_seq_len
     totals = [p.max_frames for p in param_list]
-    for prompt, total, generator in zip(prompt_list, totals, generator_list):
+    for prompt, total, seed, p in zip(prompt_list, totals, seed_list, param_list):
         if prompt.length + total > limit:
             raise ContextLimitError(
                 f"prompt length L={prompt.length} + max frames N={total} = {prompt.length + total} exceeds the "
                 f"context limit {limit} (max_seq_len); shorten the lyrics or max_audio_length_ms")
-        if generator.device.type != device.type:
-            raise ValueError(f"generator is on {generator.device}, the model on {device}")
+        if p.top_k > args.audio_vocab_size:
+            raise ValueError(f"top_k must be in 1..{args.audio_vocab_size}, got {p.top_k}")
+        check_seed(seed)
         check_prompt(model, prompt)
-    if first.top_k > args.audio_vocab_size:
-        raise ValueError(f"top_k must be in 1..{args.audio_vocab_size}, got {first.top_k}")
 
     graphs = (device.type == "cuda") if use_graphs is None else use_graphs
     bucket = bucket or (512 if graphs else 64)
     need = max(p.length + t for p, t in zip(prompt_list, totals))
     cache_len = min(limit, math.ceil(need / bucket) * bucket)
-    rows = 2 if first.uses_cfg else 1
+    rows = 2 if any(p.uses_cfg for p in param_list) else 1
     max_frames = max(totals)
     fused = fused_kernels_default(model) if fused_kernels is None else fused_kernels
-    key = _EngineKey(id(model), count, rows, cache_len, max_frames,
-                     (first.temperature, first.top_k, first.cfg_scale), eos_ids.pop(), bucket, graphs, complex_rope,
+    key = _EngineKey(id(model), count, rows, cache_len, max_frames, eos_ids.pop(), bucket, graphs, complex_rope,
                      fused)
     engine = _engine_for(model, key, lambda: FrameEngine(
-        model, num_songs=count, rows=rows, cache_len=cache_len, max_frames=max_frames,
-        cfg_scale=first.cfg_scale, temperature=first.temperature, top_k=first.top_k,
-        audio_eos_id=key.eos, bucket=bucket, use_graphs=graphs, logits_hook=logits_hook,
-        complex_rope=complex_rope, fused_kernels=fused))
+        model, num_songs=count, rows=rows, cache_len=cache_len, max_frames=max_frames, audio_eos_id=key.eos,
+        bucket=bucket, use_graphs=graphs, logits_hook=logits_hook, complex_rope=complex_rope, fused_kernels=fused))
     if engine.logits_hook is not logits_hook:
         engine.logits_hook = logits_hook
         engine.graphs.clear()  # a different hook means a different frame: capture again
 
-    for song, (prompt, total) in enumerate(zip(prompt_list, totals)):
-        engine.prefill(song, prompt, total)
-    for song, generator in enumerate(generator_list):
-        engine.draw_noise(song, generator)
+    for song, (prompt, p, seed) in enumerate(zip(prompt_list, param_list, seed_list)):
+        engine.prefill(song, prompt, p, seed)
     engine.first_frame(engine.all_songs)
 
     errors: list[Exception | None] = [None] * count
@@ -656,9 +661,6 @@ def generate_fast(model: HeartMuLa, prompts: Sequence[Prompt] | Prompt,
                     progress_list[song](done, totals[song])
             if not any(live) or step == max_steps:
                 break
-        for song in range(count):
-            if live[song]:
-                engine.draw_noise(song, generator_list[song])
         step += 1
         engine.step(max(p.length - 1 + step for p, alive in zip(prompt_list, live) if alive))
 

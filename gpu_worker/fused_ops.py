@@ -179,16 +179,19 @@ if triton is not None:
         tl.store(out_ptr + row * out_stride + cols, (activated * up).to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _guided_logits_kernel(logits_ptr, logits_stride, forbidden_ptr, out_ptr, vocab, cfg_scale, temperature,
+    def _guided_logits_kernel(logits_ptr, logits_stride, forbidden_ptr, out_ptr, vocab, cfg_ptr, temperature_ptr,
                               ROWS: tl.constexpr, BLOCK: tl.constexpr):
         song = tl.program_id(0)
+        cfg_scale = tl.load(cfg_ptr + song)
+        temperature = tl.load(temperature_ptr + song)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < vocab
         cond = tl.load(logits_ptr + (song * ROWS) * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
         if ROWS == 2:
             uncond = tl.load(logits_ptr + (song * ROWS + 1) * logits_stride + cols, mask=inside,
                              other=0.0).to(tl.float32)
-            guided = uncond + cfg_scale * (cond - uncond)
+            # a scale-1 song takes its conditional row as it is (the plain path's one-row song)
+            guided = tl.where(cfg_scale > 1.0, uncond + cfg_scale * (cond - uncond), cond)
         else:
             guided = cond
         z = guided / temperature
@@ -196,12 +199,13 @@ if triton is not None:
         tl.store(out_ptr + song * vocab + cols, tl.where(banned, float("-inf"), z), mask=inside)
 
     @triton.jit
-    def _topk_race_kernel(z_ptr, noise_ptr, noise_stride, code_ptr, row_ptr, vocab, top_k, row_offset,
+    def _topk_race_kernel(z_ptr, noise_ptr, noise_stride, code_ptr, row_ptr, vocab, top_k_ptr, row_offset,
                           ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """top_k_race for one song, whole row in registers: exact k-th largest by a radix select over
         order-preserving integer keys (32 counting steps), then keep z >= it, softmax, argmax(p / noise)
         (first index)."""
         song = tl.program_id(0)
+        top_k = tl.load(top_k_ptr + song).to(tl.int32)
         cols = tl.arange(0, BLOCK)
         inside = cols < vocab
         z = tl.load(z_ptr + song * vocab + cols, mask=inside, other=float("-inf")) + 0.0  # -0.0 -> +0.0
@@ -315,11 +319,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def guided_logits(logits: torch.Tensor, forbidden: torch.Tensor, *, rows: int, cfg_scale: float,
-                  temperature: float) -> torch.Tensor:
+def guided_logits(logits: torch.Tensor, forbidden: torch.Tensor, *, rows: int, cfg_scale: torch.Tensor,
+                  temperature: torch.Tensor) -> torch.Tensor:
     """Raw logits `[B * rows, V]` (row 0 of each song conditional; rows may be padded views of wider
     rows), `forbidden` int8 `[V]` -> fp32 `[B, V]`: (uncond + cfg (cond - uncond)) / temperature with the
-    forbidden ids at -inf (generate.cfg_mix, then top_k_race's z)."""
+    forbidden ids at -inf (generate.cfg_mix, then top_k_race's z); `cfg_scale`, `temperature` fp32 `[B]`."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     total, vocab = logits.shape
@@ -327,15 +331,16 @@ def guided_logits(logits: torch.Tensor, forbidden: torch.Tensor, *, rows: int, c
     out = torch.empty((songs, vocab), dtype=torch.float32, device=logits.device)
     block = 2048
     _guided_logits_kernel[(songs, triton.cdiv(vocab, block))](
-        logits, logits.stride(0), forbidden, out, vocab, float(cfg_scale), float(temperature),
+        logits, logits.stride(0), forbidden, out, vocab, cfg_scale, temperature,
         ROWS=rows, BLOCK=block, num_warps=4)
     return out
 
 
-def topk_race_sample(z: torch.Tensor, noise: torch.Tensor, *, top_k: int, rows: int, row_offset: int,
+def topk_race_sample(z: torch.Tensor, noise: torch.Tensor, *, top_k: torch.Tensor, rows: int, row_offset: int,
                      num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """generate.top_k_race on `z [B, V]` (already /temperature and masked) with Exponential draws
-    `noise [B, V]` -> (codes int32 [B], -1 where nothing is eligible; embedding rows int64 [B * rows] =
+    `noise [B, V]` and per-song `top_k` int64 `[B]` -> (codes int32 [B], -1 where nothing is eligible;
+    embedding rows int64 [B * rows] =
     max(code, 0) + row_offset, each song's row repeated `rows` times for its CFG rows)."""
     songs, vocab = z.shape
     codes = torch.empty(songs, dtype=torch.int32, device=z.device)

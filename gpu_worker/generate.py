@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpu_worker.heartmula import HeartMuLa
 from gpu_worker.prompt import Prompt
+from gpu_worker.sampling_noise import SEED_LIMIT, song_noise
 from gpu_worker.token_validation import CODEBOOK_SIZE, validate_codes
 
 MS_PER_FRAME = 80  # 12.5 frames per second
@@ -87,22 +88,21 @@ def forbidden_ids_mask(vocab_size: int, audio_eos_id: int, *, device: torch.devi
     return forbidden
 
 
-def sample_top_k(logits: torch.Tensor, *, temperature: float, top_k: int, forbidden: torch.Tensor,
-                 generator: torch.Generator) -> torch.Tensor:
-    """Draw one id from `logits [1, V]` (fp32) -> int32 `[1]`, without a host sync (spec §4.4).
+def top_k_race(logits: torch.Tensor, race: torch.Tensor, *, temperature: float | torch.Tensor,
+               top_k: int | torch.Tensor, forbidden: torch.Tensor) -> torch.Tensor:
+    """Draw one id per row of `logits [R, V]` (fp32) with the Exponential(1) draws `race` (same shape)
+    -> int32 `[R]`, without a host sync (spec §4.4); -1 where no id is eligible (all NaN or -inf).
 
-    Returns -1 when no id is eligible (all logits NaN or -inf), for the caller to report.
+    `temperature` and `top_k` are one value for every row or per-row tensors `[R]` (the batching engine
+    serves songs with different settings in one frame step).
     """
-    race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1.0, generator=generator)
-    return top_k_race(logits, race, temperature=temperature, top_k=top_k, forbidden=forbidden)
-
-
-def top_k_race(logits: torch.Tensor, race: torch.Tensor, *, temperature: float, top_k: int,
-               forbidden: torch.Tensor) -> torch.Tensor:
-    """`sample_top_k` with its Exponential(1) draws `race` (same shape as `logits [R, V]`) given: one id per
-    row -> int32 `[R]`. The fast path draws `race` ahead of time, in the plain path's shapes and order."""
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature[:, None]
     z = (logits / temperature).masked_fill(forbidden, float("-inf"))
-    kth_largest = torch.topk(z, top_k, dim=-1).values[..., -1:]
+    if isinstance(top_k, torch.Tensor):  # the per-row k-th largest: the same value torch.topk would give
+        kth_largest = z.sort(dim=-1, descending=True).values.gather(-1, (top_k - 1)[:, None])
+    else:
+        kth_largest = torch.topk(z, top_k, dim=-1).values[..., -1:]
     keep = (z >= kth_largest) & (z > float("-inf"))  # ties with the k-th value are kept
     probs = torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1, dtype=torch.float32)
     # argmax(p / q) with q ~ Exp(1) samples from p; a 0/0 or a dropped entry must never win
@@ -122,34 +122,41 @@ def cfg_mix(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
 
 
 class _FrameSampler:
-    """Samples the 8 codebooks of one frame: one Exponential draw per codebook, in codebook order."""
+    """Samples the 8 codebooks of one frame with that frame's counter-based draws (sampling_noise)."""
 
-    def __init__(self, model: HeartMuLa, params: SamplingParams, forbidden: torch.Tensor,
-                 generator: torch.Generator, logits_hook: LogitsHook | None):
+    def __init__(self, model: HeartMuLa, params: SamplingParams, forbidden: torch.Tensor, seed: int,
+                 logits_hook: LogitsHook | None):
         self.model = model
         self.params = params
         self.forbidden = forbidden
-        self.generator = generator
+        self.seed = seed
         self.logits_hook = logits_hook
         self.batch_size = 2 if params.uses_cfg else 1
 
-    def _sample(self, frame_index: int, codebook: int, logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, frame_index: int, codebook: int, logits: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
         guided = cfg_mix(logits, self.params.cfg_scale)
         if self.logits_hook is not None:
             guided = self.logits_hook(frame_index, codebook, guided)
-        return sample_top_k(guided, temperature=self.params.temperature, top_k=self.params.top_k,
-                            forbidden=self.forbidden, generator=self.generator)
+        return top_k_race(guided, race[codebook:codebook + 1], temperature=self.params.temperature,
+                          top_k=self.params.top_k, forbidden=self.forbidden)
 
     def frame(self, frame_index: int, last_h: torch.Tensor) -> torch.Tensor:
         """Codes `[8]` int32 of one frame from the backbone's last hidden state `[B, D]`."""
         model = self.model
-        codes = [self._sample(frame_index, 0, model.codebook0_logits(last_h))]
+        args = model.args
+        race = song_noise(self.seed, frame_index, args.audio_num_codebooks, args.audio_vocab_size, last_h.device)
+        codes = [self._sample(frame_index, 0, model.codebook0_logits(last_h), race)]
         logits = model.decoder_first_logits(last_h, codes[0])
-        codes.append(self._sample(frame_index, 1, logits))
-        for codebook in range(2, model.args.audio_num_codebooks):
+        codes.append(self._sample(frame_index, 1, logits, race))
+        for codebook in range(2, args.audio_num_codebooks):
             logits = model.decoder_next_logits(codebook, codes[-1], self.batch_size)
-            codes.append(self._sample(frame_index, codebook, logits))
+            codes.append(self._sample(frame_index, codebook, logits, race))
         return torch.cat(codes)
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_LIMIT:
+        raise ValueError(f"seed must be an int in 0..{SEED_LIMIT}, got {seed!r}")
 
 
 def check_prompt(model: HeartMuLa, prompt: Prompt) -> None:
@@ -169,13 +176,14 @@ def check_prompt(model: HeartMuLa, prompt: Prompt) -> None:
 
 @torch.inference_mode()
 @sdpa_kernel(SDPA_BACKENDS)
-def generate(model: HeartMuLa, prompt: Prompt, params: SamplingParams, *, generator: torch.Generator,
+def generate(model: HeartMuLa, prompt: Prompt, params: SamplingParams, *, seed: int,
              progress: Callable[[int, int], None] | None = None,
              should_cancel: Callable[[], bool] | None = None,
              progress_every: int = 25, logits_hook: LogitsHook | None = None) -> GenerationResult:
     """Generate up to `params.max_frames` frames for `prompt` (spec §5, our rules).
 
-    `generator` must live on the model's device; it is the only source of randomness.
+    `seed` is the only source of randomness: frame f's draws are a function of (seed, f)
+    (gpu_worker/sampling_noise.py), so every path and a resumed attempt draw the same numbers.
     `progress(frames_done, frames_total)` and `should_cancel()` run every `progress_every` frames;
     `progress` runs once more at the end. `logits_hook(frame, codebook, logits [1, V])` may replace
     the guided logits just before sampling (tests inject EOS or special ids with it).
@@ -190,14 +198,13 @@ def generate(model: HeartMuLa, prompt: Prompt, params: SamplingParams, *, genera
             f"context limit {limit} (max_seq_len); shorten the lyrics or max_audio_length_ms")
     if params.top_k > args.audio_vocab_size:
         raise ValueError(f"top_k must be in 1..{args.audio_vocab_size}, got {params.top_k}")
-    if generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device}, the model on {device}")
+    check_seed(seed)
     if progress_every < 1:
         raise ValueError(f"progress_every must be >= 1, got {progress_every}")
     check_prompt(model, prompt)
 
     forbidden = forbidden_ids_mask(args.audio_vocab_size, prompt.audio_eos_id, device=device)
-    sampler = _FrameSampler(model, params, forbidden, generator, logits_hook)
+    sampler = _FrameSampler(model, params, forbidden, seed, logits_hook)
     batch = sampler.batch_size
     model.setup_caches(batch)
 

@@ -15,22 +15,21 @@ API:
     engine.cancel(future); engine.shutdown()
 `get_engine(model)` is the per-process registry the stage uses.
 
-Reproducibility: every song has its own torch.Generator seeded with its seed and draws exactly the
-fast path's Exponential(1) tensors in the same order (8 x [1, V] per frame); sampling and every other
-op of a frame are row-wise. So a song's tokens do not depend on its batch mates - on the CPU in fp32
-they are identical to `generate_fast` alone with the same seed (tests/test_generation_engine.py). On
-CUDA in bf16 the GEMM shapes (always `max_songs` slots) and the attention key bucket (set by the
-longest live song) differ from a solo run, so only bf16-rounding-level agreement is expected there:
-the result's `batch_size` (the most songs that were live in the engine at once while this one ran,
-itself included) goes into the stage output so a replay knows whether bit-identity can be expected,
-and the stage records `engine_slots` in its environment.
+Reproducibility: a song's draws are a function of its seed and frame index (gpu_worker/sampling_noise.py)
+and every op of a frame is row-wise, so its tokens do not depend on its batch mates: on the CPU in fp32
+they are identical to `generate_fast` alone with the same seed (tests/test_generation_engine.py). On CUDA
+in bf16 the GEMM shapes (always `max_songs` slots) are fixed, but kernels may still reduce in another
+order than a solo run; the result's `batch_size` (the most songs that were live in the engine at once
+while this one ran, itself included) goes into the stage output, and the stage records `engine_slots`.
 
-Grouping rule: temperature, top_k and cfg_scale (and the prompt's audio EOS id) are baked into the
-captured frame, so the engine serves ONE such parameter set at a time. Requests are served in strict
-FIFO order: the oldest waiting request is admitted when a slot is free and its parameter set is the
-one being served; when it asks for another set, nothing more is admitted until every live song has
-retired, then the engine switches to that set (new sampling constants: CUDA graphs are captured
-again; CFG on/off or another EOS id: new slot buffers). A request never waits behind a younger one.
+Sharing: temperature, top-k and CFG scale are per-slot tensors of the FrameEngine and every slot has
+two rows (a scale-1 song ignores its second), so songs with any settings share a frame step and no
+song causes a graph capture beyond the key-length buckets. Requests are admitted in strict FIFO order
+whenever a slot is free; only a prompt with another audio EOS id (another model configuration) waits
+until the live songs have retired.
+
+Out of memory: an OOM while admitting a song (its prefill) fails that song only (the stage retries it
+once) and the allocator's cache is emptied; the other songs keep stepping.
 
 Callbacks: `progress(done, total)` and `should_cancel()` run on the engine thread at the read-back
 points (every `sync_every` frames, when a song is admitted, and when one must have finished), so they
@@ -82,6 +81,7 @@ from gpu_worker.generate import (
     GenerationResult,
     SamplingParams,
     check_prompt,
+    check_seed,
 )
 from gpu_worker.heartmula import HeartMuLa
 from gpu_worker.prompt import Prompt
@@ -114,7 +114,7 @@ class BatchedGenerationResult(GenerationResult):
 class _Request:
     prompt: Prompt
     params: SamplingParams
-    generator: torch.Generator
+    seed: int
     progress: ProgressFn | None
     should_cancel: CancelFn | None
     future: Future
@@ -126,9 +126,9 @@ class _Request:
     admitted: float = 0.0
 
     @property
-    def key(self) -> tuple:
-        """What the captured frame bakes in: the grouping key."""
-        return (self.params.temperature, self.params.top_k, self.params.cfg_scale, self.prompt.audio_eos_id)
+    def key(self) -> int:
+        """What the slot buffers bake in: songs with another audio EOS id cannot share them."""
+        return self.prompt.audio_eos_id
 
     @property
     def total(self) -> int:
@@ -164,9 +164,9 @@ class GenerationEngine:
         self._cancel_on_close = False
         self._error: BaseException | None = None
         self._frames: FrameEngine | None = None
-        self._frames_key: tuple | None = None  # (rows, eos) of the slot buffers
-        self._sampling_key: tuple | None = None  # (temperature, top_k, cfg_scale, eos) being served
-        self.stats = {"frames_stepped": 0, "songs_done": 0, "max_live": 0, "param_switches": 0}
+        self._frames_key: int | None = None  # the audio EOS id of the slot buffers
+        self.stats = {"frames_stepped": 0, "songs_done": 0, "max_live": 0, "buffer_rebuilds": 0,
+                      "songs_out_of_memory": 0}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -184,22 +184,16 @@ class GenerationEngine:
     def closed(self) -> bool:
         return self._closing
 
-    def submit(self, prompt: Prompt, params: SamplingParams, seed: int | None = None,
-               progress: ProgressFn | None = None, should_cancel: CancelFn | None = None, *,
-               generator: torch.Generator | None = None) -> Future:
+    def submit(self, prompt: Prompt, params: SamplingParams, seed: int,
+               progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> Future:
         """Queue one song; its future resolves to a BatchedGenerationResult or the song's error.
 
-        `seed` seeds a fresh generator on the model's device (or pass `generator`). Raises EngineBroken
-        / EngineClosed when the engine takes no more songs; song-level validation errors (context
-        limit, prompt ids) come back through the future.
+        Raises EngineBroken / EngineClosed when the engine takes no more songs; song-level validation
+        errors (context limit, prompt ids, seed) come back through the future.
         """
-        if generator is None:
-            if seed is None:
-                raise ValueError("pass a seed or a generator")
-            generator = torch.Generator(device=self.device).manual_seed(seed)
         future: Future = Future()
         future.set_running_or_notify_cancel()
-        request = _Request(prompt, params, generator, progress, should_cancel, future)
+        request = _Request(prompt, params, seed, progress, should_cancel, future)
         try:
             self._validate(request)
         except Exception as exc:  # noqa: BLE001 - song-level: it goes through the future
@@ -269,31 +263,25 @@ class GenerationEngine:
                 f"{self.cache_len} positions")
         if params.top_k > model.args.audio_vocab_size:
             raise ValueError(f"top_k must be in 1..{model.args.audio_vocab_size}, got {params.top_k}")
-        if request.generator.device.type != self.device.type:
-            raise ValueError(f"generator is on {request.generator.device}, the model on {self.device}")
+        check_seed(request.seed)
         check_prompt(model, prompt)
 
-    def _frame_engine(self, key: tuple) -> FrameEngine:
-        """Slot buffers for the parameter set `key`; called only while no song is live."""
-        temperature, top_k, cfg_scale, eos = key
-        rows = 2 if cfg_scale > 1 else 1
+    def _frame_engine(self, eos: int) -> FrameEngine:
+        """Slot buffers (two rows a slot, for CFG) for prompts ending with `eos`; called only while no song
+        is live. Built once per engine in practice: every prompt of a checkpoint has the same EOS id."""
         fe = self._frames
-        if fe is None or self._frames_key != (rows, eos):
+        if fe is None or self._frames_key != eos:
             self._frames = None
-            if fe is not None and self.device.type == "cuda":
-                del fe
-                torch.cuda.empty_cache()
-            fe = FrameEngine(self.model, num_songs=self.max_songs, rows=rows, cache_len=self.cache_len,
-                             max_frames=self.cache_len, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                             audio_eos_id=eos, bucket=self.bucket, use_graphs=self.use_graphs,
-                             logits_hook=self.logits_hook, complex_rope=self.complex_rope)
-            self._frames, self._frames_key = fe, (rows, eos)
-        elif (fe.temperature, fe.top_k, fe.cfg_scale) != (temperature, top_k, cfg_scale):
-            fe.temperature, fe.top_k, fe.cfg_scale = temperature, top_k, cfg_scale
-            fe.graphs.clear()  # the sampling constants are baked into the captured frames
-        if self._sampling_key is not None and self._sampling_key != key:
-            self.stats["param_switches"] += 1
-        self._sampling_key = key
+            if fe is not None:
+                self.stats["buffer_rebuilds"] += 1
+                if self.device.type == "cuda":
+                    del fe
+                    torch.cuda.empty_cache()
+            fe = FrameEngine(self.model, num_songs=self.max_songs, rows=2, cache_len=self.cache_len,
+                             max_frames=self.cache_len, audio_eos_id=eos, bucket=self.bucket,
+                             use_graphs=self.use_graphs, logits_hook=self.logits_hook,
+                             complex_rope=self.complex_rope)
+            self._frames, self._frames_key = fe, eos
         return fe
 
     def _run(self) -> None:
@@ -355,8 +343,7 @@ class GenerationEngine:
             if admit:
                 fe = self._frame_engine(admit[0].key) if not live else fe
                 assert fe is not None  # live songs run on self._frames
-                self._admit(fe, admit)
-                live = live + admit
+                live = live + self._admit(fe, admit)
             if not live:
                 continue
             assert fe is not None  # live songs run on self._frames
@@ -367,7 +354,6 @@ class GenerationEngine:
                 if not live:
                     continue
             for request in live:
-                fe.draw_noise(request.slot, request.generator)
                 request.steps += 1
                 request.batch_size = max(request.batch_size, len(live))
             max_position = max(min(r.prompt.length - 1 + r.steps, r.prompt.length + r.total - 1) for r in live)
@@ -376,7 +362,7 @@ class GenerationEngine:
             since_sync += 1
 
     def _pick_admissions(self, live: list[_Request]) -> list[_Request]:
-        """Strict FIFO: admit from the head while it matches the served parameter set and slots are free."""
+        """Strict FIFO: admit from the head while slots are free and it fits the slot buffers."""
         admit = []
         free = [i for i, r in enumerate(self._slots) if r is None]
         key = live[0].key if live else (self._waiting[0].key if self._waiting else None)
@@ -387,22 +373,42 @@ class GenerationEngine:
             admit.append(request)
         return admit
 
-    def _admit(self, fe: FrameEngine, admit: list[_Request]) -> None:
-        """Prefill and frame 0 for the new slots only; the live slots' state is untouched."""
+    def _admit(self, fe: FrameEngine, admit: list[_Request]) -> list[_Request]:
+        """Prefill and frame 0 for the new slots only; the live slots' state is untouched. Returns the
+        songs admitted; one whose prefill ran out of device memory fails alone and frees its slot."""
         mask = torch.zeros(self.max_songs, dtype=torch.bool)
         now = time.monotonic()
+        admitted = []
         for request in admit:
             request.admitted = now
             request.steps = 0
-            fe.prefill(request.slot, request.prompt, request.total)
-            fe.draw_noise(request.slot, request.generator)
+            try:
+                fe.prefill(request.slot, request.prompt, request.params, request.seed)
+            except torch.OutOfMemoryError as exc:
+                self._drop_out_of_memory(fe, request, exc)
+                continue
             mask[request.slot] = True
+            admitted.append(request)
+        if not admitted:
+            return []
         fe.first_frame(mask.to(self.device))
         live = sum(r is not None for r in self._slots)
         self.stats["max_live"] = max(self.stats["max_live"], live)
         for occupant in self._slots:
             if occupant is not None:
                 occupant.batch_size = max(occupant.batch_size, live)
+        return admitted
+
+    def _drop_out_of_memory(self, fe: FrameEngine, request: _Request, exc: torch.OutOfMemoryError) -> None:
+        log.warning("song in slot %d ran out of device memory at admission; failing that song only: %s",
+                    request.slot, exc)
+        fe.reset_slot(request.slot)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        with self._cond:
+            self._slots[request.slot] = None
+            self.stats["songs_out_of_memory"] += 1
+        _resolve(request.future, exc=exc)
 
     def _read_back(self, fe: FrameEngine, live: list[_Request]) -> list[_Request]:
         """The one host sync: retire finished / cancelled songs, report progress; returns the still-live."""
@@ -472,9 +478,9 @@ class GenerationEngine:
 
 
 def _is_device_error(exc: BaseException) -> bool:
-    from gpu_worker.cuda_health import is_cuda_poison, is_out_of_memory
+    from gpu_worker.cuda_health import is_cuda_poison
 
-    return is_cuda_poison(exc) or is_out_of_memory(exc)
+    return is_cuda_poison(exc)
 
 
 def _resolve(future: Future, *, result=None, exc: BaseException | None = None) -> None:
@@ -493,8 +499,9 @@ _engines: dict[tuple, GenerationEngine] = {}
 
 
 def get_engine(model: HeartMuLa, *, max_songs: int = DEFAULT_MAX_SONGS) -> GenerationEngine:
-    """The process's engine for `model` (created lazily). A broken engine is replaced unless its error
-    poisoned the device (then submitting to it raises that error again: the process must be replaced)."""
+    """The process's engine for `model` (created lazily). A broken engine is replaced (e.g. after an
+    out-of-memory error in a frame step) unless its error poisoned the device: then submitting to it
+    raises that error again, and the process must be replaced."""
     key = (id(model), str(model.device))
     with _registry_lock:
         engine = _engines.get(key)
@@ -601,9 +608,10 @@ def _threads_mode() -> bool:
         return True
     from billiard.process import current_process
 
+    from gpu_worker.device import gpu_batching_enabled
     from tasks.settings import get_settings
 
-    return current_process().name == "MainProcess" and bool(get_settings().gpu_batching)
+    return current_process().name == "MainProcess" and gpu_batching_enabled(get_settings())
 
 
 def request_worker_exit(reason: str, exit_code: int | None = None) -> None:

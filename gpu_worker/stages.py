@@ -9,7 +9,8 @@ import torch
 
 from gpu_worker import file_checksums, model_cache
 from gpu_worker.cuda_health import handle_gpu_failure
-from gpu_worker.device import codec_dtype, lm_dtype, resolve_device
+from gpu_worker.device import codec_dtype, gpu_batching_enabled, lm_dtype, resolve_device
+from gpu_worker.sampling_noise import SCHEME as NOISE_SCHEME
 from gpu_worker.tiny_checkpoint import is_tiny_checkpoint
 from gpu_worker.token_validation import validate_codes
 from tasks.audio_files import SAMPLE_RATE, wav_bytes
@@ -48,15 +49,15 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
     dtype = lm_dtype(ctx.settings, device)
     lm = model_cache.get_lm(_checkpoint(inp.checkpoint, ctx), device, dtype)
     ctx.environment_extra.update(model_checksums=lm.checksums, device=str(device), lm_dtype=str(dtype),
-                                 tiny_checkpoint=is_tiny_checkpoint(Path(inp.checkpoint)))
+                                 tiny_checkpoint=is_tiny_checkpoint(Path(inp.checkpoint)),
+                                 sampling_noise=NOISE_SCHEME)
     prompt = build_prompt(lm.tokenizer, lm.gen_config, inp.tags, inp.lyrics)
     params = SamplingParams(temperature=inp.params.temperature, top_k=inp.params.top_k,
                             cfg_scale=inp.params.cfg_scale, max_audio_length_ms=inp.params.max_audio_length_ms)
-    generator = torch.Generator(device=device).manual_seed(inp.seed)
     report = lambda done, total: ctx.progress(done, total, "frames")  # noqa: E731
     result: GenerationResult
     try:
-        if ctx.settings.gpu_batching:
+        if gpu_batching_enabled(ctx.settings):
             # continuous batching: the process's engine runs this song in a slot beside others
             from gpu_worker.fast_generate import fused_kernels_default
             from gpu_worker.generation_engine import get_engine, run_in_engine
@@ -75,13 +76,13 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
 
             ctx.environment_extra.update(generation_path="fast", bucket=512, complex_rope=True,
                                          fused_kernels=fused_kernels_default(lm.model))
-            song = generate_fast(lm.model, prompt, params, generators=[generator], progress=report,
+            song = generate_fast(lm.model, prompt, params, seeds=[inp.seed], progress=report,
                                  should_cancel=ctx.should_cancel)[0]
             assert isinstance(song, GenerationResult)  # without return_exceptions a failed song raises
             result = song
         else:
             ctx.environment_extra.update(generation_path="plain")
-            result = generate(lm.model, prompt, params, generator=generator, progress=report,
+            result = generate(lm.model, prompt, params, seed=inp.seed, progress=report,
                               should_cancel=ctx.should_cancel)
     except GenerationCancelled as exc:
         raise JobCancelled(f"job {ctx.job_id} cancelled during token generation") from exc

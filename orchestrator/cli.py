@@ -137,6 +137,12 @@ def worker_argv(kind: str, concurrency: int | None, loglevel: str, *, gpu_batchi
             "--hostname", os.environ.get("SONGPIPE_WORKER_NAME") or f"{kind}{device}@%h", "--loglevel", loglevel]
 
 
+def _gpu_batching() -> bool:
+    from gpu_worker.device import gpu_batching_enabled
+
+    return gpu_batching_enabled(_settings())
+
+
 @main.command()
 @click.argument("kind", type=click.Choice(sorted(WORKERS)))
 @click.option("--concurrency", "-c", type=int, default=None,
@@ -144,7 +150,7 @@ def worker_argv(kind: str, concurrency: int | None, loglevel: str, *, gpu_batchi
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 def worker(kind: str, concurrency: int | None, loglevel: str) -> None:
     """Exec a Celery worker for the cpu or gpu queue (for the gpu: one per GPU, CUDA_VISIBLE_DEVICES)."""
-    batching = kind == "gpu" and _settings().gpu_batching
+    batching = kind == "gpu" and _gpu_batching()
     if kind == "gpu" and not batching and concurrency not in (None, 1):
         raise click.BadParameter("the GPU worker runs one process per GPU; start one worker per device",
                                  param_hint="--concurrency")

@@ -32,8 +32,9 @@ class Settings(BaseSettings):
     lm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     codec_dtype: Literal["float32", "bfloat16"] = "float32"
     # continuous batching of token generation (gpu_worker/generation_engine.py): one engine per GPU worker
-    # process serves up to 8 songs at once; `songpipe worker gpu` then runs Celery's threads pool
-    gpu_batching: bool = False
+    # process serves up to 8 songs at once and `songpipe worker gpu` runs Celery's threads pool.
+    # Unset: on where the GPU worker's device is CUDA, off on the CPU (the plain path, one song at a time).
+    gpu_batching: bool | None = None
     loudness_target_lufs: float | None = Field(
         default=None, description="normalise every song to this integrated loudness (e.g. -14); unset: measure only")
 

@@ -37,7 +37,7 @@ def prompts(lm):
 
 
 def gens(*seeds):
-    return [torch.Generator().manual_seed(s) for s in seeds]
+    return list(seeds)
 
 
 def fast_force(token, at_frame=None, at_codebook=None, song=None):
@@ -88,8 +88,8 @@ class LogitsRecorder:
 @pytest.mark.parametrize("cfg_scale, complex_rope", [(1.5, True), (1.0, True), (1.5, False)])
 def test_a_50_frame_song_gives_identical_tokens_on_both_paths(lm, prompts, cfg_scale, complex_rope):
     params = dataclasses.replace(PARAMS, cfg_scale=cfg_scale)
-    plain = generate(lm.model, prompts[0], params, generator=gens(7)[0], logits_hook=no_eos)
-    fast = generate_fast(lm.model, prompts[0], params, generators=gens(7), logits_hook=no_eos,
+    plain = generate(lm.model, prompts[0], params, seed=7, logits_hook=no_eos)
+    fast = generate_fast(lm.model, prompts[0], params, seeds=gens(7), logits_hook=no_eos,
                          complex_rope=complex_rope)[0]
     assert fast.frames.shape == (8, 50)
     assert torch.equal(fast.frames, plain.frames)
@@ -99,8 +99,8 @@ def test_a_50_frame_song_gives_identical_tokens_on_both_paths(lm, prompts, cfg_s
 def test_teacher_forced_logits_match_the_plain_path(lm, prompts):
     params = dataclasses.replace(PARAMS, max_audio_length_ms=12 * 80)
     plain, fast = LogitsRecorder(), LogitsRecorder()
-    a = generate(lm.model, prompts[1], params, generator=gens(3)[0], logits_hook=plain.plain)
-    b = generate_fast(lm.model, prompts[1], params, generators=gens(3), logits_hook=fast.fast)[0]
+    a = generate(lm.model, prompts[1], params, seed=3, logits_hook=plain.plain)
+    b = generate_fast(lm.model, prompts[1], params, seeds=gens(3), logits_hook=fast.fast)[0]
     assert torch.equal(a.frames, b.frames)  # same tokens fed back: the logits are teacher-forced alike
     assert plain.seen.keys() == fast.seen.keys() and len(plain.seen) == 12 * 8
     for key, logits in plain.seen.items():
@@ -109,32 +109,33 @@ def test_teacher_forced_logits_match_the_plain_path(lm, prompts):
 
 def test_a_song_alone_and_inside_a_batch_of_3_gets_the_same_logits_and_tokens(lm, prompts):
     alone, batched = LogitsRecorder(), LogitsRecorder()
-    solo = generate_fast(lm.model, prompts[1], PARAMS, generators=gens(11), logits_hook=alone.fast)[0]
-    trio = generate_fast(lm.model, [prompts[0], prompts[1], prompts[2]], PARAMS, generators=gens(5, 11, 9),
+    solo = generate_fast(lm.model, prompts[1], PARAMS, seeds=gens(11), logits_hook=alone.fast)[0]
+    trio = generate_fast(lm.model, [prompts[0], prompts[1], prompts[2]], PARAMS, seeds=gens(5, 11, 9),
                          logits_hook=batched.fast)
     assert torch.equal(trio[1].frames, solo.frames)
     for (_song, frame, codebook), logits in alone.seen.items():
         torch.testing.assert_close(batched.seen[(1, frame, codebook)], logits, rtol=1e-5, atol=1e-5)
     for index, seed in ((0, 5), (2, 9)):  # the batch mates get their own plain-path results
-        plain = generate(lm.model, prompts[index], PARAMS, generator=gens(seed)[0], logits_hook=no_eos)
+        plain = generate(lm.model, prompts[index], PARAMS, seed=seed, logits_hook=no_eos)
         assert torch.equal(trio[index].frames, plain.frames)
 
 
 def test_songs_of_different_lengths_share_a_batch(lm, prompts):
     short = dataclasses.replace(PARAMS, max_audio_length_ms=7 * 80)
-    results = generate_fast(lm.model, prompts[:2], [short, PARAMS], generators=gens(1, 2), logits_hook=no_eos)
+    results = generate_fast(lm.model, prompts[:2], [short, PARAMS], seeds=gens(1, 2), logits_hook=no_eos)
     assert [r.frames.shape[1] for r in results] == [7, 50]
     assert torch.equal(results[0].frames,
-                       generate(lm.model, prompts[0], short, generator=gens(1)[0], logits_hook=no_eos).frames)
+                       generate(lm.model, prompts[0], short, seed=1, logits_hook=no_eos).frames)
 
 
-def test_each_frame_draws_8_exponentials_of_the_vocab_size_from_the_songs_generator(lm, prompts):
-    generator = gens(5)[0]
-    result = generate_fast(lm.model, prompts[0], PARAMS, generators=[generator], logits_hook=no_eos)[0]
-    replay = gens(5)[0]
-    for _ in range(8 * result.frames.shape[1]):
-        torch.empty(1, VOCAB).exponential_(1.0, generator=replay)
-    assert torch.equal(generator.get_state(), replay.get_state())
+def test_songs_with_different_temperature_top_k_and_cfg_share_a_batch_and_match_the_plain_path(lm, prompts):
+    settings = [dataclasses.replace(PARAMS, temperature=0.7, top_k=3, cfg_scale=1.0),
+                dataclasses.replace(PARAMS, temperature=1.3, top_k=VOCAB, cfg_scale=2.5),
+                dataclasses.replace(PARAMS, temperature=1.0, top_k=1, cfg_scale=1.5)]
+    batch = generate_fast(lm.model, prompts, settings, seeds=gens(4, 5, 6), logits_hook=no_eos)
+    for index, (params, seed) in enumerate(zip(settings, (4, 5, 6))):
+        plain = generate(lm.model, prompts[index], params, seed=seed, logits_hook=no_eos)
+        assert torch.equal(batch[index].frames, plain.frames), f"song {index}"
 
 
 def test_free_running_agreement_alone_vs_batched_over_500_frames(lm):
@@ -148,8 +149,8 @@ def test_free_running_agreement_alone_vs_batched_over_500_frames(lm):
     model.requires_grad_(False).eval()
     prompts = tiny_prompts(lm, SONGS)
     params = dataclasses.replace(PARAMS, max_audio_length_ms=500 * 80)
-    solo = generate_fast(model, prompts[1], params, generators=gens(21), logits_hook=no_eos)[0].frames
-    trio = generate_fast(model, prompts, params, generators=gens(1, 21, 2), logits_hook=no_eos)[1].frames
+    solo = generate_fast(model, prompts[1], params, seeds=gens(21), logits_hook=no_eos)[0].frames
+    trio = generate_fast(model, prompts, params, seeds=gens(1, 21, 2), logits_hook=no_eos)[1].frames
     agreement = (solo == trio).all(dim=0).float().mean().item()
     print(f"free-running frame agreement, alone vs batch of 3, 500 frames, CPU fp32: {agreement:.4f}")
     assert solo.shape == trio.shape == (8, 500)
@@ -159,15 +160,15 @@ def test_free_running_agreement_alone_vs_batched_over_500_frames(lm):
 # ---- EOS, specials, errors: as the plain path ----
 
 def test_eos_in_a_nonzero_codebook_of_frame_5_stops_and_drops_that_frame_like_the_plain_path(lm, prompts):
-    plain = generate(lm.model, prompts[0], PARAMS, generator=gens(3)[0], logits_hook=plain_force(EOS, 5, 3))
-    fast = generate_fast(lm.model, prompts[0], PARAMS, generators=gens(3), logits_hook=fast_force(EOS, 5, 3))[0]
+    plain = generate(lm.model, prompts[0], PARAMS, seed=3, logits_hook=plain_force(EOS, 5, 3))
+    fast = generate_fast(lm.model, prompts[0], PARAMS, seeds=gens(3), logits_hook=fast_force(EOS, 5, 3))[0]
     assert fast.stop_reason == plain.stop_reason == "eos"
     assert fast.frames.shape == (8, 5)
     assert torch.equal(fast.frames, plain.frames)
 
 
 def test_eos_of_one_song_does_not_stop_its_batch_mates(lm, prompts):
-    results = generate_fast(lm.model, prompts, PARAMS, generators=gens(1, 2, 3),
+    results = generate_fast(lm.model, prompts, PARAMS, seeds=gens(1, 2, 3),
                             logits_hook=fast_force(EOS, at_frame=4, at_codebook=0, song=1))
     assert [r.frames.shape[1] for r in results] == [50, 4, 50]
     assert [r.stop_reason for r in results] == ["max_length", "eos", "max_length"]
@@ -175,11 +176,11 @@ def test_eos_of_one_song_does_not_stop_its_batch_mates(lm, prompts):
 
 def test_eos_in_frame_0_raises_empty_song_error(lm, prompts):
     with pytest.raises(EmptySongError, match="EOS at frame 0"):
-        generate_fast(lm.model, prompts[0], PARAMS, generators=gens(0), logits_hook=fast_force(EOS, 0, 7))
+        generate_fast(lm.model, prompts[0], PARAMS, seeds=gens(0), logits_hook=fast_force(EOS, 0, 7))
 
 
 def test_errors_can_be_returned_in_place_for_the_failing_song_only(lm, prompts):
-    results = generate_fast(lm.model, prompts[:2], PARAMS, generators=gens(0, 1), return_exceptions=True,
+    results = generate_fast(lm.model, prompts[:2], PARAMS, seeds=gens(0, 1), return_exceptions=True,
                             logits_hook=fast_force(EOS, at_frame=0, song=0))
     assert isinstance(results[0], EmptySongError)
     assert results[1].frames.shape == (8, 50)
@@ -187,7 +188,7 @@ def test_errors_can_be_returned_in_place_for_the_failing_song_only(lm, prompts):
 
 @pytest.mark.parametrize("special", [8192, 8194, 8195, 8196])
 def test_non_eos_specials_are_never_sampled_even_as_the_max_logit(lm, prompts, special):
-    result = generate_fast(lm.model, prompts[0], PARAMS, generators=gens(0), logits_hook=fast_force(special))[0]
+    result = generate_fast(lm.model, prompts[0], PARAMS, seeds=gens(0), logits_hook=fast_force(special))[0]
     assert result.frames.shape == (8, 50)
     assert int(result.frames.max()) <= 8191
 
@@ -198,19 +199,19 @@ def test_nan_logits_fail_loudly_naming_frame_and_codebook(lm, prompts):
             return logits
         return torch.where((frame_index == 1)[:, None], torch.full_like(logits, float("nan")), logits)
     with pytest.raises(RuntimeError, match="frame 1, codebook 2"):
-        generate_fast(lm.model, prompts[0], PARAMS, generators=gens(0), logits_hook=nan_at_frame_1_codebook_2)
+        generate_fast(lm.model, prompts[0], PARAMS, seeds=gens(0), logits_hook=nan_at_frame_1_codebook_2)
 
 
 def test_should_cancel_stops_generation(lm, prompts):
     with pytest.raises(GenerationCancelled):
-        generate_fast(lm.model, prompts[0], PARAMS, generators=gens(0), should_cancel=lambda: True,
+        generate_fast(lm.model, prompts[0], PARAMS, seeds=gens(0), should_cancel=lambda: True,
                       sync_every=2, logits_hook=no_eos)
 
 
 def test_progress_is_reported_per_song_and_at_the_end(lm, prompts):
     calls: list[tuple[int, int]] = []
     params = dataclasses.replace(PARAMS, max_audio_length_ms=7 * 80)
-    generate_fast(lm.model, prompts[0], params, generators=gens(0), sync_every=3, logits_hook=no_eos,
+    generate_fast(lm.model, prompts[0], params, seeds=gens(0), sync_every=3, logits_hook=no_eos,
                   progress=lambda done, total: calls.append((done, total)))
     assert calls == [(4, 7), (7, 7)]  # read back after frames 0..3 (3 steps), then at the end
 
@@ -219,12 +220,12 @@ def test_context_limit_error_names_prompt_length_frames_and_limit(lm, prompts):
     frames = 256 - prompts[0].length + 1
     params = dataclasses.replace(PARAMS, max_audio_length_ms=frames * 80)
     with pytest.raises(ContextLimitError, match=rf"L={prompts[0].length}.*N={frames}.*256"):
-        generate_fast(lm.model, prompts[0], params, generators=gens(0))
+        generate_fast(lm.model, prompts[0], params, seeds=gens(0))
 
 
-def test_batch_mates_must_share_temperature_top_k_and_cfg(lm, prompts):
-    with pytest.raises(ValueError, match="temperature, top_k and cfg_scale"):
-        generate_fast(lm.model, prompts[:2], [PARAMS, dataclasses.replace(PARAMS, top_k=5)], generators=gens(0, 1))
+def test_a_seed_outside_int64_is_refused(lm, prompts):
+    with pytest.raises(ValueError, match="seed must be an int"):
+        generate_fast(lm.model, prompts[0], PARAMS, seeds=[2**63])
 
 
 def test_the_fast_path_allocates_no_model_kv_cache(tmp_path):
@@ -233,7 +234,7 @@ def test_the_fast_path_allocates_no_model_kv_cache(tmp_path):
     write_tiny_heartmula(tmp_path, seed=2)
     fresh = load_heartmula(tmp_path)
     prompt = tiny_prompts(fresh, 1)[0]
-    result = generate_fast(fresh.model, prompt, tiny_params(5), generators=gens(3), logits_hook=no_eos)[0]
+    result = generate_fast(fresh.model, prompt, tiny_params(5), seeds=gens(3), logits_hook=no_eos)[0]
     assert result.frames.shape == (8, 5)
     layers = [*fresh.model.backbone.layers, *fresh.model.decoder.layers]
     assert all(layer.attn.kv_cache is None for layer in layers)

@@ -138,8 +138,10 @@ def test_guided_logits_and_topk_race_pick_exactly_the_eager_samplers_ids(fo, dev
     logits = padded.to(device)[:, :VOCAB]
     noise = torch.empty(songs, VOCAB).exponential_(1.0, generator=gen).to(device)
     forbidden = forbidden_ids_mask(VOCAB, EOS, device=device)
-    z = fo.guided_logits(logits, forbidden.to(torch.int8), rows=rows, cfg_scale=cfg_scale, temperature=temperature)
-    codes, embed_rows = fo.topk_race_sample(z, noise, top_k=top_k, rows=rows, row_offset=2 * VOCAB)
+    z = fo.guided_logits(logits, forbidden.to(torch.int8), rows=rows, cfg_scale=per_song(cfg_scale, songs, device),
+                         temperature=per_song(temperature, songs, device))
+    codes, embed_rows = fo.topk_race_sample(z, noise, top_k=per_song(top_k, songs, device), rows=rows,
+                                            row_offset=2 * VOCAB)
 
     if rows == 2:
         pairs = logits.reshape(songs, 2, VOCAB)
@@ -153,6 +155,35 @@ def test_guided_logits_and_topk_race_pick_exactly_the_eager_samplers_ids(fo, dev
     assert torch.equal(embed_rows, (want.long() + 2 * VOCAB).repeat_interleave(rows))
 
 
+def per_song(value, songs, device):
+    dtype = torch.int64 if isinstance(value, int) else torch.float32
+    return torch.full((songs,), value, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_song_gets_its_own_cfg_scale_temperature_and_top_k(fo, device):
+    """The batching engine's frame step: per-song settings in one launch, as the per-row eager sampler."""
+    songs = 4
+    gen = torch.Generator().manual_seed(6)
+    logits = (torch.randn(songs * 2, VOCAB, generator=gen) * 2).to(device)
+    noise = torch.empty(songs, VOCAB).exponential_(1.0, generator=gen).to(device)
+    forbidden = forbidden_ids_mask(VOCAB, EOS, device=device)
+    cfg = torch.tensor([1.0, 1.5, 3.0, 1.0], device=device)
+    temperature = torch.tensor([0.7, 1.0, 1.3, 2.0], device=device)
+    top_k = torch.tensor([1, 50, VOCAB, 3], device=device)
+    z = fo.guided_logits(logits, forbidden.to(torch.int8), rows=2, cfg_scale=cfg, temperature=temperature)
+    codes, _ = fo.topk_race_sample(z, noise, top_k=top_k, rows=2, row_offset=0)
+    pairs = logits.reshape(songs, 2, VOCAB)
+    guided = torch.where(cfg[:, None] > 1, pairs[:, 1] + cfg[:, None] * (pairs[:, 0] - pairs[:, 1]), pairs[:, 0])
+    exact = {"rtol": 0, "atol": 0} if INTERPRETED else {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(z, (guided / temperature[:, None]).masked_fill(forbidden, float("-inf")), **exact)
+    assert torch.equal(z[0], logits[0].float().masked_fill(forbidden, float("-inf")) / 0.7)  # scale 1: cond row
+    for song in range(songs):  # each row as the one-song sampler with that song's settings
+        want = top_k_race(guided[song:song + 1], noise[song:song + 1], temperature=float(temperature[song]),
+                          top_k=int(top_k[song]), forbidden=forbidden)
+        assert int(codes[song]) == int(want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_topk_race_keeps_ties_and_negative_values_like_torch_topk(fo, device):
     """The k-th largest by integer keys must agree with torch.topk on negatives, -0.0 / 0.0 and ties."""
@@ -162,7 +193,8 @@ def test_topk_race_keeps_ties_and_negative_values_like_torch_topk(fo, device):
     z[2, 100:110] = torch.linspace(-4, 4, 10)  # k = 3 over 10 finite values
     noise = torch.empty(3, VOCAB).exponential_(1.0, generator=torch.Generator().manual_seed(9))
     for k in (1, 2, 3):
-        codes, _ = fo.topk_race_sample(z.to(device), noise.to(device), top_k=k, rows=1, row_offset=0)
+        codes, _ = fo.topk_race_sample(z.to(device), noise.to(device), top_k=per_song(k, 3, device), rows=1,
+                                       row_offset=0)
         want = top_k_race(z, noise, temperature=1.0, top_k=k, forbidden=torch.zeros(VOCAB, dtype=torch.bool))
         assert codes.cpu().tolist() == want.tolist()
 
@@ -172,7 +204,8 @@ def test_topk_race_returns_minus_one_when_nothing_is_eligible_like_the_eager_sam
     z = torch.full((2, VOCAB), float("-inf"))
     z[1, 7], z[1, 9] = float("nan"), 5.0  # torch.topk ranks NaN first, so k = 1 keeps nothing
     noise = torch.ones(2, VOCAB)
-    codes, embed_rows = fo.topk_race_sample(z.to(device), noise.to(device), top_k=1, rows=1, row_offset=0)
+    codes, embed_rows = fo.topk_race_sample(z.to(device), noise.to(device), top_k=per_song(1, 2, device), rows=1,
+                                            row_offset=0)
     want = top_k_race(z, noise, temperature=1.0, top_k=1, forbidden=torch.zeros(VOCAB, dtype=torch.bool))
     assert codes.cpu().tolist() == want.tolist() == [-1, -1]
     assert embed_rows.tolist() == [0, 0]  # a -1 frame is discarded; its embedding row is clamped to 0
@@ -191,8 +224,7 @@ def test_a_song_through_the_fused_frame_step_gets_the_eager_fast_paths_tokens(fo
     params = dataclasses.replace(tiny_params(3), cfg_scale=1.5)
     results = []
     for fused in (False, True):
-        generator = torch.Generator(device=model.device).manual_seed(21)
-        results.append(generate_fast(model, prompt, params, generators=[generator], logits_hook=no_eos_on(model),
+        results.append(generate_fast(model, prompt, params, seeds=[21], logits_hook=no_eos_on(model),
                                      fused_kernels=fused)[0])
         release_engines()
     eager, fused = results

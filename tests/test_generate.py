@@ -13,8 +13,9 @@ from gpu_worker.generate import (
     cfg_mix,
     forbidden_ids_mask,
     generate,
-    sample_top_k,
+    top_k_race,
 )
+from gpu_worker.sampling_noise import song_noise
 from tests import model_fixtures
 from tests.model_fixtures import EOS, VOCAB, no_eos, tiny_params, tiny_prompts
 
@@ -29,7 +30,13 @@ def prompt(lm):
 
 
 def run(lm, prompt, params=PARAMS, seed=0, **kwargs):
-    return generate(lm.model, prompt, params, generator=torch.Generator().manual_seed(seed), **kwargs)
+    return generate(lm.model, prompt, params, seed=seed, **kwargs)
+
+
+def sample_top_k(logits, *, temperature, top_k, forbidden, seed):
+    """One draw with the race noise of (seed, frame 0, codebook 0)."""
+    return top_k_race(logits, song_noise(seed, 0, 1, logits.shape[-1], "cpu"), temperature=temperature,
+                      top_k=top_k, forbidden=forbidden)
 
 
 def force(token, at_frame=None, at_codebook=None):
@@ -51,13 +58,24 @@ def test_different_seeds_give_different_tokens(lm, prompt):
     assert not torch.equal(run(lm, prompt, seed=7).frames, run(lm, prompt, seed=8).frames)
 
 
-def test_each_frame_draws_8_exponentials_of_the_vocab_size_from_the_generator(lm, prompt):
-    generator = torch.Generator().manual_seed(5)
-    result = generate(lm.model, prompt, PARAMS, generator=generator, logits_hook=no_eos)
-    replay = torch.Generator().manual_seed(5)
-    for _ in range(8 * result.frames.shape[1]):
-        torch.empty(1, VOCAB).exponential_(1.0, generator=replay)
-    assert torch.equal(generator.get_state(), replay.get_state())
+def test_each_frames_draws_are_a_function_of_seed_frame_and_codebook_only(lm, prompt):
+    """Every code is the race of its guided logits against song_noise(seed, frame)[codebook]: no hidden
+    generator state, so a frame can be drawn without drawing the frames before it (resume, batching)."""
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+
+    def remember(frame, codebook, logits):
+        logits = no_eos(frame, codebook, logits)
+        seen[(frame, codebook)] = logits.clone()
+        return logits
+
+    result = generate(lm.model, prompt, PARAMS, seed=5, logits_hook=remember)
+    forbidden = forbidden_ids_mask(VOCAB, EOS, device="cpu")
+    for frame in range(result.frames.shape[1]):
+        race = song_noise(5, frame, 8, VOCAB, "cpu")
+        for codebook in range(8):
+            code = top_k_race(seen[(frame, codebook)], race[codebook:codebook + 1], temperature=PARAMS.temperature,
+                              top_k=PARAMS.top_k, forbidden=forbidden)
+            assert int(code) == int(result.frames[codebook, frame])
 
 
 def test_guidance_changes_the_tokens(lm, prompt):
@@ -133,7 +151,7 @@ def test_sampler_keeps_ties_with_the_kth_value():
     logits[0, [11, 22]] = 5.0  # a tie for the single top-k slot
     forbidden = forbidden_ids_mask(VOCAB, EOS, device="cpu")
     drawn = {int(sample_top_k(logits, temperature=1.0, top_k=1, forbidden=forbidden,
-                              generator=torch.Generator().manual_seed(seed))) for seed in range(40)}
+                              seed=seed)) for seed in range(40)}
     assert drawn == {11, 22}
 
 
@@ -141,7 +159,7 @@ def test_sampler_draws_only_from_the_top_k():
     logits = torch.arange(VOCAB, dtype=torch.float32)[None] / 1000  # ids 8191, 8190, ... lead (8192+ forbidden)
     forbidden = forbidden_ids_mask(VOCAB, VOCAB - 1, device="cpu")  # EOS 8196: 8192..8195 forbidden
     drawn = {int(sample_top_k(logits, temperature=50.0, top_k=3, forbidden=forbidden,
-                              generator=torch.Generator().manual_seed(seed))) for seed in range(60)}
+                              seed=seed)) for seed in range(60)}
     assert drawn <= {8196, 8191, 8190}
 
 
@@ -149,7 +167,7 @@ def test_sampler_returns_eos_when_it_is_the_only_candidate():
     logits = torch.full((1, VOCAB), -1e4)
     logits[0, EOS] = 0.0
     forbidden = forbidden_ids_mask(VOCAB, EOS, device="cpu")
-    ids = sample_top_k(logits, temperature=1.0, top_k=1, forbidden=forbidden, generator=torch.Generator())
+    ids = sample_top_k(logits, temperature=1.0, top_k=1, forbidden=forbidden, seed=0)
     assert ids.dtype == torch.int32 and ids.tolist() == [EOS]
 
 

@@ -18,6 +18,7 @@ from gpu_worker.generate import (
     ContextLimitError,
     EmptySongError,
     GenerationCancelled,
+    generate,
 )
 from gpu_worker.generation_engine import (
     BatchedGenerationResult,
@@ -50,7 +51,7 @@ def eos_at_frame_0_in_slot(slot):
 
 
 def solo(lm, prompt, params, seed):
-    return generate_fast(lm.model, prompt, params, generators=[torch.Generator().manual_seed(seed)],
+    return generate_fast(lm.model, prompt, params, seeds=[seed],
                          logits_hook=no_eos)[0].frames
 
 
@@ -99,7 +100,7 @@ def test_a_song_alone_reports_batch_size_1_and_eos_songs_stop_early(lm, prompts,
     engine = engine_factory(max_songs=2, logits_hook=None)
     short = dataclasses.replace(PARAMS, max_audio_length_ms=6 * 80)
     result = engine.submit(prompts[3], short, 5).result(TIMEOUT)
-    expected = generate_fast(lm.model, prompts[3], short, generators=[torch.Generator().manual_seed(5)])[0]
+    expected = generate_fast(lm.model, prompts[3], short, seeds=[5])[0]
     assert result.batch_size == 1
     assert torch.equal(result.frames, expected.frames) and result.stop_reason == expected.stop_reason
 
@@ -173,17 +174,41 @@ def test_an_engine_error_fails_every_song_and_later_submissions(lm, prompts, eng
     assert is_cuda_poison(caught.value)  # so the stage's failure handler replaces the process
 
 
-def test_songs_with_different_sampling_parameters_are_served_in_turn(lm, prompts, engine_factory):
+def test_songs_with_different_sampling_parameters_share_frame_steps(lm, prompts, engine_factory):
     engine = engine_factory(max_songs=4)
     cold = dataclasses.replace(PARAMS, temperature=0.7, top_k=20, max_audio_length_ms=20 * 80)
-    plain = dataclasses.replace(PARAMS, cfg_scale=1.0, max_audio_length_ms=20 * 80)  # no CFG: other buffers
-    requests = [(prompts[0], PARAMS, 1), (prompts[1], cold, 2), (prompts[2], PARAMS, 3), (prompts[3], plain, 4)]
+    plain = dataclasses.replace(PARAMS, cfg_scale=1.0, max_audio_length_ms=24 * 80)  # no CFG: its 2nd row idles
+    hot = dataclasses.replace(PARAMS, temperature=1.4, top_k=3, cfg_scale=3.0, max_audio_length_ms=16 * 80)
+    requests = [(prompts[0], PARAMS, 1), (prompts[1], cold, 2), (prompts[2], hot, 3), (prompts[3], plain, 4)]
     futures = [engine.submit(prompt, params, seed) for prompt, params, seed in requests]
     for future, (prompt, params, seed) in zip(futures, requests):
-        assert torch.equal(future.result(TIMEOUT).frames, solo(lm, prompt, params, seed))
-    # strict FIFO: song 2 (same set as song 0) does not overtake song 1, so the set switches 3 times
-    assert engine.stats["param_switches"] == 3
-    assert [f.result().batch_size for f in futures] == [1, 1, 1, 1]
+        result = future.result(TIMEOUT)
+        assert torch.equal(result.frames, solo(lm, prompt, params, seed))  # the song alone, as it would run
+        assert torch.equal(result.frames, generate(lm.model, prompt, params, seed=seed, logits_hook=no_eos).frames)
+    assert [f.result().batch_size for f in futures] == [4, 4, 4, 4]  # no song waited for another's settings
+    assert engine.stats["buffer_rebuilds"] == 0 and engine.stats["max_live"] == 4
+
+
+def test_an_out_of_memory_error_at_admission_fails_only_that_song(lm, prompts, engine_factory, monkeypatch):
+    from gpu_worker.fast_generate import FrameEngine
+
+    engine = engine_factory(max_songs=3)
+    original = FrameEngine.prefill
+
+    def prefill(self, song, prompt, params, seed):
+        if seed == 66:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test)")
+        return original(self, song, prompt, params, seed)
+
+    monkeypatch.setattr(FrameEngine, "prefill", prefill)
+    futures = [engine.submit(prompts[i], PARAMS, seed) for i, seed in enumerate((65, 66, 67))]
+    with pytest.raises(torch.OutOfMemoryError):
+        futures[1].result(TIMEOUT)
+    for index in (0, 2):
+        assert torch.equal(futures[index].result(TIMEOUT).frames, solo(lm, prompts[index], PARAMS, (65, 66, 67)[index]))
+    assert not engine.broken and engine.stats["songs_out_of_memory"] == 1
+    retry = engine.submit(prompts[1], PARAMS, 5)  # the slot is free again and the engine takes songs
+    assert retry.result(TIMEOUT).frames.shape == (8, 40)
 
 
 def test_shutdown_cancels_live_songs_and_refuses_new_ones(lm, prompts, engine_factory):
