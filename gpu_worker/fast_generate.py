@@ -471,8 +471,10 @@ class FrameEngine:
         else:
             guided = self.logits_hook(self.count, codebook, self._guided(logits.float()))
             z = (guided / self.temperature[:, None]).masked_fill(self.forbidden, NEG_INF)
-        return fused_ops.topk_race_sample(z, self.noise[:, codebook], top_k=self.top_k, rows=self.rows,
-                                          row_offset=codebook * self.args.audio_vocab_size)
+        # the draws are hashed inside the sampling kernel: the same numbers as `_draw`, no noise buffer
+        return fused_ops.topk_race_sample(z, None, top_k=self.top_k, rows=self.rows,
+                                          row_offset=codebook * self.args.audio_vocab_size,
+                                          hashed=(self.seed, self.count, codebook))
 
     def _sample_and_record_fused(self, last_h: torch.Tensor, songs: torch.Tensor) -> None:
         model, embeddings = self.model, self.model.audio_embeddings.weight
@@ -490,10 +492,10 @@ class FrameEngine:
         self._record(torch.stack(codes, dim=1), songs)
 
     def _sample_and_record(self, last_h: torch.Tensor, songs: torch.Tensor) -> None:
-        self._draw()
         if self.fused:
             self._sample_and_record_fused(last_h, songs)
             return
+        self._draw()
         model, args = self.model, self.args
         vocab, dtype = args.audio_vocab_size, self.dtype
         frame_index = self.count

@@ -199,11 +199,34 @@ if triton is not None:
         tl.store(out_ptr + song * vocab + cols, tl.where(banned, float("-inf"), z), mask=inside)
 
     @triton.jit
-    def _topk_race_kernel(z_ptr, noise_ptr, noise_stride, code_ptr, row_ptr, vocab, top_k_ptr, row_offset,
-                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    def _mix32(x):
+        # sampling_noise._mix32 on int64 values in [0, 2**32): the same integers as the torch ops
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x = x ^ (x >> 15)
+        x = (x * 0x4CA68B27) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _hashed_race(seed_ptr, frame_ptr, song, counters):
+        """sampling_noise.race_noise for one song's row: Exponential(1) draws of (seed, frame, counter)."""
+        seed = tl.load(seed_ptr + song)
+        frame = tl.load(frame_ptr + song)
+        lo = seed & 0xFFFFFFFF
+        hi = (seed >> 32) & 0xFFFFFFFF
+        key = _mix32(lo ^ _mix32((hi + 0x1E3779B9) & 0xFFFFFFFF))
+        key = _mix32(key ^ ((frame * 0x1E3779B9) & 0xFFFFFFFF))
+        bits = _mix32(_mix32(key ^ ((counters * 0x1E3779B9) & 0xFFFFFFFF)) ^ key)
+        uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        return -tl.log(uniform)
+
+    @triton.jit
+    def _topk_race_kernel(z_ptr, noise_ptr, noise_stride, seed_ptr, frame_ptr, counter_base, code_ptr, row_ptr,
+                          vocab, top_k_ptr, row_offset, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                          HASHED: tl.constexpr):
         """top_k_race for one song, whole row in registers: exact k-th largest by a radix select over
         order-preserving integer keys (32 counting steps), then keep z >= it, softmax, argmax(p / noise)
-        (first index)."""
+        (first index). HASHED: the noise is computed here from the song's seed and frame (no buffer)."""
         song = tl.program_id(0)
         top_k = tl.load(top_k_ptr + song).to(tl.int32)
         cols = tl.arange(0, BLOCK)
@@ -224,7 +247,10 @@ if triton is not None:
         top = tl.max(tl.where(keep, z, float("-inf")), axis=0)
         weights = tl.where(keep, tl.exp(z - top), 0.0)
         total = tl.sum(weights, axis=0)
-        race = tl.load(noise_ptr + song * noise_stride + cols, mask=inside, other=1.0)
+        if HASHED:
+            race = _hashed_race(seed_ptr, frame_ptr, song, counter_base + cols.to(tl.int64))
+        else:
+            race = tl.load(noise_ptr + song * noise_stride + cols, mask=inside, other=1.0)
         scores = (weights / total) / race
         scores = tl.where(keep & (scores == scores), scores, float("-inf"))
         best = tl.max(scores, axis=0)
@@ -336,16 +362,27 @@ def guided_logits(logits: torch.Tensor, forbidden: torch.Tensor, *, rows: int, c
     return out
 
 
-def topk_race_sample(z: torch.Tensor, noise: torch.Tensor, *, top_k: torch.Tensor, rows: int, row_offset: int,
-                     num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_race_sample(z: torch.Tensor, noise: torch.Tensor | None, *, top_k: torch.Tensor, rows: int,
+                     row_offset: int, num_warps: int | None = None,
+                     hashed: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """generate.top_k_race on `z [B, V]` (already /temperature and masked) with Exponential draws
-    `noise [B, V]` and per-song `top_k` int64 `[B]` -> (codes int32 [B], -1 where nothing is eligible;
+    `noise [B, V]` (or `hashed` = (seeds int64 [B], frames int64 [B], codebook): the very draws of
+    sampling_noise.race_noise, computed in the kernel) and per-song `top_k` int64 `[B]` -> (codes int32 [B],
+    -1 where nothing is eligible;
     embedding rows int64 [B * rows] =
     max(code, 0) + row_offset, each song's row repeated `rows` times for its CFG rows)."""
     songs, vocab = z.shape
     codes = torch.empty(songs, dtype=torch.int32, device=z.device)
     embed_rows = torch.empty(songs * rows, dtype=torch.int64, device=z.device)
     block = _pow2(vocab)
-    _topk_race_kernel[(songs,)](z, noise, noise.stride(0), codes, embed_rows, vocab, top_k, row_offset,
-                                ROWS=rows, BLOCK=block, num_warps=num_warps or TOPK_WARPS if block >= 8192 else 4)
+    if hashed is not None:
+        seeds, frames, codebook = hashed
+        noise_args = (z, 0, seeds, frames, codebook * vocab)  # z stands in for the unused noise pointer
+    elif noise is not None:
+        noise_args = (noise, noise.stride(0), top_k, top_k, 0)  # the seed/frame pointers are unused
+    else:
+        raise ValueError("pass noise or hashed=(seeds, frames, codebook)")
+    _topk_race_kernel[(songs,)](z, *noise_args, codes, embed_rows, vocab, top_k, row_offset, ROWS=rows, BLOCK=block,
+                                HASHED=hashed is not None,
+                                num_warps=num_warps or TOPK_WARPS if block >= 8192 else 4)
     return codes, embed_rows

@@ -86,10 +86,11 @@ from gpu_worker.generate import (
 from gpu_worker.heartmula import HeartMuLa
 from gpu_worker.prompt import Prompt
 from gpu_worker.token_validation import CODEBOOK_SIZE, validate_codes
+from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SONGS = 8
+DEFAULT_MAX_SONGS: int = Settings.model_fields["gpu_batch_slots"].default  # SONGPIPE_GPU_BATCH_SLOTS
 DEFAULT_SYNC_EVERY = 25
 POISON_EXIT_GRACE_S = 300.0
 

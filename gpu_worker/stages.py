@@ -62,7 +62,7 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
             from gpu_worker.fast_generate import fused_kernels_default
             from gpu_worker.generation_engine import get_engine, run_in_engine
 
-            engine = get_engine(lm.model)
+            engine = get_engine(lm.model, max_songs=ctx.settings.gpu_batch_slots)
             ctx.environment_extra.update(generation_path="batched", engine_slots=engine.max_songs,
                                          bucket=engine.bucket, complex_rope=engine.complex_rope,
                                          fused_kernels=fused_kernels_default(lm.model))

@@ -127,9 +127,7 @@ def worker_argv(kind: str, concurrency: int | None, loglevel: str, *, gpu_batchi
         # After a CUDA poison the whole process exits (warm, after in-flight tasks recorded their
         # failure; gpu_worker/generation_engine.py) and the supervisor (systemd, a restart loop) must
         # start it again - there is no prefork child to replace.
-        from gpu_worker.generation_engine import DEFAULT_MAX_SONGS
-
-        pool, default_concurrency = "threads", DEFAULT_MAX_SONGS
+        pool, default_concurrency = "threads", _settings().gpu_batch_slots
         extra = ["--include", "gpu_worker.generation_engine"]
     return [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", queue,
             "--concurrency", str(concurrency or default_concurrency), "--pool", pool, *extra,
@@ -156,7 +154,7 @@ def worker(kind: str, concurrency: int | None, loglevel: str) -> None:
                                  param_hint="--concurrency")
     if batching and concurrency is not None:
         raise click.BadParameter("with SONGPIPE_GPU_BATCHING=1 the GPU worker runs one thread per engine slot "
-                                 "(gpu_worker.generation_engine.DEFAULT_MAX_SONGS)", param_hint="--concurrency")
+                                 "(SONGPIPE_GPU_BATCH_SLOTS)", param_hint="--concurrency")
     _require_schema(_broker_settings())  # refuse here with one line; the exec'd worker checks again
     argv = worker_argv(kind, concurrency, loglevel, gpu_batching=batching)
     os.execv(argv[0], argv)

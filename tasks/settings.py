@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # process serves up to 8 songs at once and `songpipe worker gpu` runs Celery's threads pool.
     # Unset: on where the GPU worker's device is CUDA, off on the CPU (the plain path, one song at a time).
     gpu_batching: bool | None = None
+    # engine slots = songs one GPU worker steps together; every step computes all slots (fixed GEMM shapes keep
+    # a song's tokens independent of its batch mates), so more slots cost the lone song time and KV memory
+    gpu_batch_slots: int = Field(default=8, ge=1, le=256)
     loudness_target_lufs: float | None = Field(
         default=None, description="normalise every song to this integrated loudness (e.g. -14); unset: measure only")
 

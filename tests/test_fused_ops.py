@@ -185,6 +185,23 @@ def test_each_song_gets_its_own_cfg_scale_temperature_and_top_k(fo, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_the_kernels_hashed_draws_pick_what_the_noise_buffer_of_sampling_noise_picks(fo, device):
+    """The fused frame step hashes its draws in the sampling kernel; they must be race_noise's numbers."""
+    from gpu_worker.sampling_noise import race_noise
+
+    songs = 3
+    z = (torch.randn(songs, VOCAB, generator=torch.Generator().manual_seed(8)) * 3).to(device)
+    seeds = torch.tensor([0, 12345, 2**63 - 1], device=device)
+    frames = torch.tensor([0, 7, 2999], device=device)
+    top_k = torch.tensor([VOCAB, 50, 200], device=device)
+    noise = race_noise(seeds, frames, 8, VOCAB)
+    for codebook in (0, 3, 7):
+        hashed, _ = fo.topk_race_sample(z, None, top_k=top_k, rows=1, row_offset=0, hashed=(seeds, frames, codebook))
+        buffered, _ = fo.topk_race_sample(z, noise[:, codebook], top_k=top_k, rows=1, row_offset=0)
+        assert torch.equal(hashed, buffered), f"codebook {codebook}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_topk_race_keeps_ties_and_negative_values_like_torch_topk(fo, device):
     """The k-th largest by integer keys must agree with torch.topk on negatives, -0.0 / 0.0 and ties."""
     z = torch.full((3, VOCAB), float("-inf"))

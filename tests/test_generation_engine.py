@@ -290,3 +290,23 @@ def test_the_gpu_worker_command_uses_threads_only_when_batching_is_on():
     assert batched[batched.index("--pool") + 1] == "threads"
     assert batched[batched.index("--concurrency") + 1] == str(ge.DEFAULT_MAX_SONGS)
     assert batched[batched.index("--include") + 1] == "gpu_worker.generation_engine"
+
+
+def test_the_batching_workers_threads_follow_the_slot_setting(monkeypatch):
+    from orchestrator.cli import worker_argv
+
+    monkeypatch.setenv("SONGPIPE_GPU_BATCH_SLOTS", "5")
+    batched = worker_argv("gpu", None, "INFO", gpu_batching=True)
+    assert batched[batched.index("--concurrency") + 1] == "5"
+
+
+def test_batching_is_the_default_on_cuda_and_off_on_the_cpu(monkeypatch):
+    from gpu_worker.device import gpu_batching_enabled
+    from tasks.settings import Settings
+
+    monkeypatch.delenv("SONGPIPE_GPU_BATCHING", raising=False)
+    assert not gpu_batching_enabled(Settings(device="cpu"))
+    assert gpu_batching_enabled(Settings(device="cpu", gpu_batching=True))  # what the stack tests use
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpu_batching_enabled(Settings(device="auto"))
+    assert not gpu_batching_enabled(Settings(device="auto", gpu_batching=False))
