@@ -4,9 +4,10 @@ Why: on an H100 the fast path's frame costs 8.99 ms for one song with CFG and 9.
 together (bench/RESULTS.md), but with one Celery task per song each song ran alone. The engine keeps a
 FrameEngine (gpu_worker/fast_generate.py) of `max_songs` fixed slots busy: between frames it admits
 waiting songs into free slots (prefill + frame 0 for the new slots only) and retires finished ones
-(EOS, max length, cancel, error). It is opt-in: `SONGPIPE_GPU_BATCHING=1` (tasks/settings.py) makes
-`generate_tokens` submit here and `songpipe worker gpu` run Celery's threads pool (`-P threads -c
-max_songs`), so all token tasks of the process share this engine, one model copy and one CUDA context.
+(EOS, max length, cancel, error). It is the default on CUDA (`SONGPIPE_GPU_BATCHING`, unset: on with
+CUDA, off on the CPU; gpu_worker/device.py): `generate_tokens` submits here and `songpipe worker gpu`
+runs Celery's threads pool (`-P threads -c SONGPIPE_GPU_BATCH_SLOTS`), so all token tasks of the process
+share this engine, one model copy and one CUDA context. docs/batching.md is the overview.
 
 API:
     engine = GenerationEngine(model, max_songs=8)
@@ -54,8 +55,8 @@ failure, stop consuming and shut down warm: Celery waits for the in-flight tasks
 the broken engine and record their failure), puts reserved messages back (kombu restores unacked
 messages on a clean close) and exits with cuda_health.POISON_EXIT_CODE. A watchdog hard-exits if the
 warm shutdown does not finish in `POISON_EXIT_GRACE_S`. Nothing restarts the process inside it: the
-process supervisor must (systemd `Restart=always`; `songpipe run`'s honcho Manager stops the whole
-stack when one process exits - restart it, or run the GPU worker under systemd / a restart loop).
+process supervisor does (`songpipe run`'s supervisor, orchestrator/supervisor.py, or systemd
+`Restart=always` in deploy/systemd/).
 The same hooks serialise `decode_audio` in threads mode (one codec decode at a time, as with prefork
 concurrency 1) while token songs share the engine; Celery time limits are not enforced by the threads
 pool, so the stage enforces the soft limit itself while it waits.
