@@ -173,23 +173,31 @@ def test_valid_request_is_accepted_with_id_seed_and_links(tiny_checkpoint_dir, t
     assert count_rows(settings.resolved_database_url)["stage_runs"] == 5
 
 
-def test_broker_down_after_commit_still_answers_201_and_leaves_the_job_for_the_reconciler(
-        tiny_checkpoint_dir, tmp_path, monkeypatch):
+def _broker_refuses(*_args):
     from kombu.exceptions import OperationalError
 
+    raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
+def _serializer_explodes(*_args):
+    raise RuntimeError("serializer exploded")
+
+
+@pytest.mark.parametrize("publish", [_broker_refuses, _serializer_explodes], ids=["broker-down", "any-error"])
+def test_a_publish_error_after_the_commit_answers_201_and_leaves_the_job_for_the_reconciler(
+        tiny_checkpoint_dir, tmp_path, monkeypatch, publish):
+    """L2: the job is stored; a 5xx would make a retrying client submit a duplicate."""
     from db.schema import upgrade
     from tasks.settings import Settings
 
-    def refuse(*_args):
-        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
-
-    monkeypatch.setattr("tasks.pipeline.chain.send_chain", refuse)
+    monkeypatch.setattr("tasks.pipeline.chain.send_chain", publish)
     settings = Settings(data_dir=tmp_path, checkpoint_dir=tiny_checkpoint_dir)
     upgrade(settings.resolved_database_url)
     response = post(create_app(settings).test_client(), VALID)
     assert response.status_code == 201, response.get_json()
     assert response.get_json()["dispatched"] is False  # a retrying client would only duplicate the job
-    assert count_rows(settings.resolved_database_url)["stage_runs"] == 5
+    rows = count_rows(settings.resolved_database_url)
+    assert rows["jobs"] == 1 and rows["stage_runs"] == 5
 
 
 def test_form_error_is_shown_next_to_the_field_with_the_users_values(client, database_url):
@@ -295,19 +303,3 @@ def test_a_rerun_override_is_validated_like_a_submission(app_settings):
     with pytest.raises(RequestInvalid) as refused_:
         parse_job_request(merged, app_settings)
     assert {e["field"] for e in refused_.value.errors} >= {"max_audio_length_ms", "lyrics_backend"}
-
-
-def test_any_publish_error_after_the_commit_answers_201_not_a_500(tiny_checkpoint_dir, tmp_path, monkeypatch):
-    """L2: the job is stored; a 5xx would make a retrying client submit a duplicate."""
-    from db.schema import upgrade
-    from tasks.settings import Settings
-
-    def broken(*_args):
-        raise RuntimeError("serializer exploded")
-
-    monkeypatch.setattr("tasks.pipeline.chain.send_chain", broken)
-    settings = Settings(data_dir=tmp_path, checkpoint_dir=tiny_checkpoint_dir)
-    upgrade(settings.resolved_database_url)
-    response = post(create_app(settings).test_client(), VALID)
-    assert response.status_code == 201 and response.get_json()["dispatched"] is False
-    assert count_rows(settings.resolved_database_url)["jobs"] == 1

@@ -202,7 +202,8 @@ def test_six_songs_with_different_lengths_and_settings_share_the_engine(stack: S
         assert (params["temperature"], params["top_k"], params["cfg_scale"]) == (
             body["temperature"], body["top_k"], body["cfg_scale"])
     batch_sizes = [row["outputs"]["batch_size"] for row in tokens]
-    assert max(batch_sizes) > 1, f"no two songs shared the engine's frame steps: batch sizes {batch_sizes}"
+    # each setting has two songs: a batch of 3 or more mixed settings in one frame step
+    assert max(batch_sizes) > 2, f"songs with different settings never shared a frame step: {batch_sizes}"
 
 
 def test_cancel_of_one_song_leaves_the_others_running(stack: Stack, admin: Admin, gpu_pid: int):
