@@ -145,20 +145,22 @@ def _block(x: torch.Tensor, w: _LayerWeights, stack: Transformer, rope: tuple[to
 
 
 def _fused_block(x: torch.Tensor, w: _LayerWeights, args, tables: tuple[torch.Tensor, torch.Tensor],
-                 base: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, capacity: int) -> torch.Tensor:
+                 base: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, capacity: int, *,
+                 cache_rows: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """`_block` for a few new tokens per row through the Triton kernels of `fused_ops` (CUDA graphs).
 
-    `x [N, S, D]` sits at positions base[n] .. base[n] + S - 1 and is updated in place: both residual
-    adds are GEMMs with beta = 1 (x += a @ w.T, one rounding instead of two). Attention covers the first
-    `capacity` cache slots, each row up to its own position.
+    `x [N, S, D]` sits at positions base[n] .. base[n] + S - 1 of cache row `cache_rows[n]` and is updated
+    in place: both residual adds are GEMMs with beta = 1 (x += a @ w.T, one rounding instead of two).
+    Attention covers the first `capacity` cache slots in key chunks of `chunk`, each row up to its own position.
     """
     n, seq, dim = x.shape
     heads, kv_heads, hd = args.num_heads, args.num_kv_heads, args.head_dim
     flat = x.view(n * seq, dim)
     qkv = F.linear(fused_ops.rms_norm(flat, w.sa_scale, args.norm_eps), w.wqkv).view(n, seq, -1)
-    q = fused_ops.rope_to_cache(qkv, *tables, base, k_cache, v_cache, heads=heads, kv_heads=kv_heads, head_dim=hd)
+    q = fused_ops.rope_to_cache(qkv, *tables, base, k_cache, v_cache, heads=heads, kv_heads=kv_heads, head_dim=hd,
+                                cache_rows=cache_rows)
     out = fused_ops.decode_attention(q.view(n, kv_heads, (heads // kv_heads) * seq, hd), k_cache, v_cache, base,
-                                     seq=seq, capacity=capacity)
+                                     seq=seq, capacity=capacity, chunk=chunk, cache_rows=cache_rows)
     flat.addmm_(out.view(n, heads, seq, hd).transpose(1, 2).reshape(n * seq, heads * hd), w.wo.t())
     gate_up = F.linear(fused_ops.rms_norm(flat, w.mlp_scale, args.norm_eps), w.w13)
     flat.addmm_(fused_ops.silu_mul(gate_up), w.w2.t())
@@ -256,6 +258,9 @@ class FrameEngine:
             self.audio_head_t = torch.zeros(slots - 1, padded, dec.embed_dim, dtype=self.dtype, device=dev)
             self.audio_head_t[:, :vocab] = model.audio_head.detach().transpose(1, 2)
             self.forbidden_i8 = self.forbidden.to(torch.int8)
+        self.row_ids = torch.arange(n, device=dev)  # each row's own cache row (a replay chunk points elsewhere)
+        # one key chunk for every step of this engine, whatever its bucket (fused_ops.attention_chunk)
+        self.attention_chunk = fused_ops.attention_chunk(cache_len, n * bb.num_kv_heads)
         self.offsets = torch.arange(slots, device=dev) * args.audio_vocab_size
         self.grid_mask = torch.ones(num_songs, slots + 1, dtype=torch.bool, device=dev)
         self.grid_mask[:, -1] = False
@@ -382,35 +387,70 @@ class FrameEngine:
 
     # ---- the frame (static shapes: traced into the graphs)
 
-    def _step(self, keys: int) -> None:
-        model, args = self.model, self.args
-        bb = args.backbone
-        tokens = torch.cat([self.prev, self.prev.new_zeros(self.num_songs, 1)], dim=1)  # grid rows, text = empty
-        embeds = model.embed_grid(tokens, self.grid_mask, 1)[0]  # [B, D], the plain path's masked sum
-        h = embeds.repeat_interleave(self.rows, dim=0)[:, None]  # [N, 1, D]
-        pos = self.pos.repeat_interleave(self.rows)  # [N] where this token goes
+    @torch.inference_mode()
+    def resume(self, song: int, frames: torch.Tensor) -> None:
+        """After `prefill`, continue slot `song` from its first k recorded frames `frames [k, 8]`.
+
+        Frames 0..k-2 go through the backbone as the frame steps fed them (KV only: nothing is sampled),
+        `num_songs` positions at a time: each chunk is a frame step's batch of `num_rows` rows whose rows
+        are positions of this one song (two rows a position, pointed at the song's cache rows). Every
+        GEMM, norm and attention call has the frame step's shape and key chunks, so the keys and values
+        are the ones the uninterrupted run wrote, and the next step samples frame k from the same state.
+        """
+        k = int(frames.shape[0])
+        if not 1 <= k <= int(self.limit[song]):
+            raise ValueError(f"cannot resume from {k} frames: the song wants 1..{int(self.limit[song])}")
+        frames = frames.to(self.device, torch.long)
+        base = int(self.pos[song])  # the prompt length: frame j - 1 went in at base + j - 1
+        per_chunk, rows = self.num_songs, self.rows
+        cache_rows = (song * rows + torch.arange(rows, device=self.device)).repeat(per_chunk)
+        for first in range(0, k - 1, per_chunk):
+            count = min(per_chunk, k - 1 - first)
+            index = torch.arange(per_chunk, device=self.device).clamp_max(count - 1)  # pad: repeat the last
+            tokens = torch.cat([frames[first + index], frames.new_zeros(per_chunk, 1)], dim=1)
+            positions = (base + first + index).repeat_interleave(rows)
+            self._backbone(self._embed(tokens), positions, cache_rows, self.buckets_for(base + first + count - 1))
+        self.frames[song, :k] = frames.to(torch.int32)
+        self.prev[song] = frames[k - 1]
+        self.pos[song] = base + k - 1
+        self.count[song] = k
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Grid rows `[B, 9]` (8 codes, empty text) -> the backbone input `[N, 1, D]`, each song's row repeated."""
+        embeds = self.model.embed_grid(tokens, self.grid_mask, 1)[0]  # [B, D], the plain path's masked sum
+        return embeds.repeat_interleave(self.rows, dim=0)[:, None]
+
+    def _backbone(self, h: torch.Tensor, pos: torch.Tensor, cache_rows: torch.Tensor, keys: int) -> torch.Tensor:
+        """The backbone over one new token per row `h [N, 1, D]` at `pos [N]` of cache row `cache_rows[N]`,
+        attending over `keys` slots -> the final hidden state `[N, D]` (norm applied)."""
+        model, bb = self.model, self.args.backbone
         if self.fused:
             for layer, w in enumerate(self.backbone_w):
-                h = _fused_block(h, w, bb, self.bb_cos_sin, pos, self.k_cache[layer], self.v_cache[layer], keys)
-            self.pos.add_((~self.done).long())
-            self._sample_and_record(fused_ops.rms_norm(h[:, -1], model.backbone.norm.scale, bb.norm_eps),
-                                    self.all_songs)
-            return
+                h = _fused_block(h, w, bb, self.bb_cos_sin, pos, self.k_cache[layer], self.v_cache[layer], keys,
+                                 cache_rows=cache_rows, chunk=self.attention_chunk)
+            return fused_ops.rms_norm(h[:, -1], model.backbone.norm.scale, bb.norm_eps)
         rope = _rope_at(self.bb_rope, (pos, None, None))
         # one additive mask for all layers (what SDPA would make of a bool mask in every layer)
         mask = torch.zeros(self.num_rows, 1, 1, keys, dtype=self.dtype, device=self.device).masked_fill_(
             (torch.arange(keys, device=self.device) > pos[:, None])[:, None, None], NEG_INF)
-        rows = torch.arange(self.num_rows, device=self.device)
+        own_rows = cache_rows is self.row_ids
         for layer, w in enumerate(self.backbone_w):
             kc, vc = self.k_cache[layer], self.v_cache[layer]
 
             def write(k: torch.Tensor, v: torch.Tensor, kc=kc, vc=vc) -> tuple[torch.Tensor, torch.Tensor]:
-                kc[rows, :, pos] = k[:, :, 0]
-                vc[rows, :, pos] = v[:, :, 0]
-                return kc[:, :, :keys], vc[:, :, :keys]
+                kc[cache_rows, :, pos] = k[:, :, 0]
+                vc[cache_rows, :, pos] = v[:, :, 0]
+                if own_rows:
+                    return kc[:, :, :keys], vc[:, :, :keys]
+                return kc[cache_rows, :, :keys], vc[cache_rows, :, :keys]
 
             h = _block(h, w, model.backbone, rope, write, mask)
-        last_h = _rms_norm(h[:, -1], model.backbone.norm.scale, bb.norm_eps).to(compute_dtype(h.dtype))
+        return _rms_norm(h[:, -1], model.backbone.norm.scale, bb.norm_eps).to(compute_dtype(h.dtype))
+
+    def _step(self, keys: int) -> None:
+        tokens = torch.cat([self.prev, self.prev.new_zeros(self.num_songs, 1)], dim=1)  # grid rows, text = empty
+        pos = self.pos.repeat_interleave(self.rows)  # [N] where this token goes
+        last_h = self._backbone(self._embed(tokens), pos, self.row_ids, keys)
         self.pos.add_((~self.done).long())
         self._sample_and_record(last_h, self.all_songs)
 
@@ -422,7 +462,7 @@ class FrameEngine:
         if self.fused:  # -> the final norm in the model dtype (the eager path widens it, losslessly)
             for layer, w in enumerate(self.decoder_w):
                 x = _fused_block(x, w, dec, self.dec_cos_sin, self.dec_base[start], self.dk_cache[layer],
-                                 self.dv_cache[layer], end)
+                                 self.dv_cache[layer], end, cache_rows=self.row_ids)
             return fused_ops.rms_norm(x[:, -1], self.model.decoder.norm.scale, dec.norm_eps)
         rope = _rope_at(self.dec_rope, (None, slice(start, end), None))
         mask = self.dec_mask2 if seq == 2 else None

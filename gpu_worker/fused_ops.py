@@ -64,7 +64,7 @@ if triton is not None:
     # seq (1 or 2 new tokens) is not specialised on: one compiled kernel serves both (Triton would
     # otherwise compile a variant for the value 1); every compile adds ~1 s to a new machine's first frame
     @triton.jit(do_not_specialize=["seq"])
-    def _rope_to_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, base_ptr, q_ptr, k_ptr, v_ptr,
+    def _rope_to_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, base_ptr, cache_row_ptr, q_ptr, k_ptr, v_ptr,
                               seq, heads, kv_heads, head_dim, qkv_stride,
                               k_sn, k_sh, k_sp, v_sn, v_sh, v_sp,
                               HALF: tl.constexpr):
@@ -88,16 +88,17 @@ if triton is not None:
             tl.store(dst + 1, y1.to(q_ptr.dtype.element_ty), mask=inside)
         else:
             kv = head - heads
-            dst = k_ptr + n * k_sn + kv * k_sh + position * k_sp + 2 * pair
+            row = tl.load(cache_row_ptr + n)  # the cache row this token's keys and values go to
+            dst = k_ptr + row * k_sn + kv * k_sh + position * k_sp + 2 * pair
             tl.store(dst, y0.to(k_ptr.dtype.element_ty), mask=inside)
             tl.store(dst + 1, y1.to(k_ptr.dtype.element_ty), mask=inside)
             v_src = qkv_ptr + token * qkv_stride + (heads + kv_heads + kv) * head_dim + 2 * pair
-            v_dst = v_ptr + n * v_sn + kv * v_sh + position * v_sp + 2 * pair
+            v_dst = v_ptr + row * v_sn + kv * v_sh + position * v_sp + 2 * pair
             tl.store(v_dst, tl.load(v_src, mask=inside, other=0.0), mask=inside)
             tl.store(v_dst + 1, tl.load(v_src + 1, mask=inside, other=0.0), mask=inside)
 
     @triton.jit(do_not_specialize=["seq"])
-    def _attention_chunk_kernel(q_ptr, k_ptr, v_ptr, base_ptr, part_out_ptr, part_lse_ptr,
+    def _attention_chunk_kernel(q_ptr, k_ptr, v_ptr, base_ptr, cache_row_ptr, part_out_ptr, part_lse_ptr,
                                 kv_heads, queries, seq, head_dim, chunk, scale,
                                 k_sn, k_sh, k_sp, v_sn, v_sh, v_sp,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -108,6 +109,7 @@ if triton is not None:
         splits = tl.num_programs(1)
         n = pair // kv_heads
         kv = pair % kv_heads
+        row = tl.load(cache_row_ptr + n)  # the cache row whose keys this query row attends
         m_idx = tl.arange(0, BLOCK_M)
         d_idx = tl.arange(0, BLOCK_D)
         m_ok = m_idx < queries
@@ -125,7 +127,7 @@ if triton is not None:
         for key0 in range(start, stop, BLOCK_N):
             keys = key0 + tl.arange(0, BLOCK_N)
             k_ok = keys < stop
-            k = tl.load(k_ptr + n * k_sn + kv * k_sh + keys[:, None] * k_sp + d_idx[None, :],
+            k = tl.load(k_ptr + row * k_sn + kv * k_sh + keys[:, None] * k_sp + d_idx[None, :],
                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             if IEEE:  # fp32 models: no TF32 rounding of the inputs
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
@@ -137,7 +139,7 @@ if triton is not None:
             p = tl.exp(scores - safe[:, None])
             rescale = tl.exp(best - safe)
             total = total * rescale + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + n * v_sn + kv * v_sh + keys[:, None] * v_sp + d_idx[None, :],
+            v = tl.load(v_ptr + row * v_sn + kv * v_sh + keys[:, None] * v_sp + d_idx[None, :],
                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             if IEEE:
                 acc = acc * rescale[:, None] + tl.dot(p, v, input_precision="ieee")
@@ -147,8 +149,8 @@ if triton is not None:
         lse = tl.where(total > 0, best + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
         out = acc / tl.where(total > 0, total, 1.0)[:, None]
         part = (pair * splits + split) * BLOCK_M + m_idx
-        tl.store(part_out_ptr + part[:, None] * BLOCK_D + d_idx[None, :], out)
-        tl.store(part_lse_ptr + part, lse)
+        tl.store(part_out_ptr + part[:, None] * BLOCK_D + d_idx[None, :], out, mask=m_ok[:, None])
+        tl.store(part_lse_ptr + part, lse, mask=m_ok)
 
     @triton.jit
     def _attention_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, queries, head_dim, splits, part_stride,
@@ -272,18 +274,24 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, out: torch.Tensor
     return out
 
 
+def _identity_rows(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device)
+
+
 def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, *, heads: int, kv_heads: int,
-                  head_dim: int) -> torch.Tensor:
+                  head_dim: int, cache_rows: torch.Tensor | None = None) -> torch.Tensor:
     """qkv `[N, S, (H + 2 KV) * hd]` at positions base[n] + s -> q `[N, H, S, hd]`; k, v into the caches.
 
-    `cos`, `sin`: fp32 `[max_positions, hd / 2]`; caches `[N, KV, slots, hd]` (last dim contiguous).
+    `cos`, `sin`: fp32 `[max_positions, hd / 2]`; caches `[rows, KV, slots, hd]` (last dim contiguous);
+    row n's keys and values go to cache row `cache_rows[n]` (default: n).
     """
     n, seq, width = qkv.shape
     flat = qkv.reshape(n * seq, width)
     q = torch.empty((n, heads, seq, head_dim), dtype=qkv.dtype, device=qkv.device)
+    rows = _identity_rows(n, qkv.device) if cache_rows is None else cache_rows
     _rope_to_cache_kernel[(n * seq, heads + kv_heads)](
-        flat, cos, sin, base, q, k_cache, v_cache, seq, heads, kv_heads, head_dim, flat.stride(0),
+        flat, cos, sin, base, rows, q, k_cache, v_cache, seq, heads, kv_heads, head_dim, flat.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HALF=max(SHARED_HALF, _pow2(head_dim // 2)), num_warps=2)
@@ -291,6 +299,7 @@ def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base:
 
 
 MAX_SPLITS = 32  # also the merge kernel's fixed block: one compiled merge for every KV bucket
+ATTENTION_TARGET_PROGRAMS = 1024  # (row, KV head, chunk) programs at a full cache: a few waves of SMs
 # Block sizes shared by both transformers (head_dim 128 and 384 for HeartMuLa), so RoPE and the merge
 # compile once each: a new machine compiles every kernel at its first frame (~1 s a kernel).
 SHARED_HALF = 256
@@ -303,26 +312,49 @@ def attention_splits(capacity: int, pairs: int, target_programs: int = 264, min_
     return max(1, min(by_work, math.ceil(target_programs / max(pairs, 1)), MAX_SPLITS))
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, base: torch.Tensor, *,
-                     seq: int, capacity: int, splits: int | None = None) -> torch.Tensor:
-    """Attention of folded queries `q [N, KV, G * S, hd]` (query g * S + s sits at position base[n] + s and
-    sees keys 0..base[n] + s) over the caches' first `capacity` slots -> `[N, KV, G * S, hd]`.
+def attention_chunk(cache_len: int, pairs: int, target_programs: int = ATTENTION_TARGET_PROGRAMS) -> int:
+    """A fixed key chunk for a cache of `cache_len` slots read by `pairs` (row, KV head) programs.
 
-    The scale is 1 / sqrt(hd), as F.scaled_dot_product_attention's default.
+    With the chunk fixed, a row's keys are reduced in the same chunks whatever the capacity of the
+    step (the key-length bucket, set by the longest song in the batch): only empty trailing chunks
+    come and go, and they merge in as exact zeros. That is what keeps a song's attention independent
+    of its batch mates' lengths, and a resumed song's replayed rows equal to its decoded ones.
+    """
+    splits = max(1, min(MAX_SPLITS, math.ceil(target_programs / max(pairs, 1))))
+    block_n = 64 if cache_len >= 64 else 16
+    chunk = math.ceil(math.ceil(cache_len / splits) / block_n) * block_n
+    return max(chunk, math.ceil(cache_len / MAX_SPLITS / block_n) * block_n)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, base: torch.Tensor, *,
+                     seq: int, capacity: int, splits: int | None = None, chunk: int | None = None,
+                     cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of folded queries `q [N, KV, G * S, hd]` (query g * S + s sits at position base[n] + s and
+    sees keys 0..base[n] + s) over the first `capacity` slots of cache row `cache_rows[n]` (default n)
+    -> `[N, KV, G * S, hd]`.
+
+    `chunk` fixes the key chunk each program reduces (see `attention_chunk`); without it the split
+    follows `capacity` and `splits`. The scale is 1 / sqrt(hd), as F.scaled_dot_product_attention's default.
     """
     n, kv_heads, queries, head_dim = q.shape
     q = q.contiguous()
     pairs = n * kv_heads
-    splits = min(splits or attention_splits(capacity, pairs), MAX_SPLITS)
     block_n = 64 if capacity >= 64 else 16
-    chunk = math.ceil(math.ceil(capacity / splits) / block_n) * block_n
+    if chunk is None:
+        splits = min(splits or attention_splits(capacity, pairs), MAX_SPLITS)
+        chunk = math.ceil(math.ceil(capacity / splits) / block_n) * block_n
+    elif chunk % block_n and chunk < capacity:
+        raise ValueError(f"chunk {chunk} must be a multiple of {block_n}")
     splits = math.ceil(capacity / chunk)
+    if splits > MAX_SPLITS:
+        raise ValueError(f"capacity {capacity} needs {splits} chunks of {chunk} keys; at most {MAX_SPLITS}")
+    rows = _identity_rows(n, q.device) if cache_rows is None else cache_rows
     block_m = max(16, _pow2(queries))
     block_d = max(16, _pow2(head_dim))
     part_out = torch.empty((pairs, splits, block_m, block_d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((pairs, splits, block_m), dtype=torch.float32, device=q.device)
     _attention_chunk_kernel[(pairs, splits)](
-        q, k_cache, v_cache, base, part_out, part_lse, kv_heads, queries, seq, head_dim, chunk,
+        q, k_cache, v_cache, base, rows, part_out, part_lse, kv_heads, queries, seq, head_dim, chunk,
         1.0 / math.sqrt(head_dim),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -70,6 +70,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -110,6 +111,12 @@ class BatchedGenerationResult(GenerationResult):
     slots: int = 1  # the engine's slot count (GEMM shapes): part of what a bit-identical replay needs
     queued_s: float = 0.0  # waited for a slot / for the parameter set to come round
     generation_s: float = 0.0  # from admission to retirement
+    resumed_from: int = 0  # frames taken from a token checkpoint instead of generated (0: from the start)
+    resume_s: float = 0.0  # the replay of those frames through the backbone (prefill excluded)
+
+
+# checkpoint(frames so far, grid [8, frames] int32 on the host); runs on the engine thread: keep it cheap
+CheckpointFn = Callable[[int, torch.Tensor], None]
 
 
 @dataclass(eq=False)
@@ -120,6 +127,12 @@ class _Request:
     progress: ProgressFn | None
     should_cancel: CancelFn | None
     future: Future
+    resume: torch.Tensor | None = None  # [8, k] frames to continue from
+    checkpoint: CheckpointFn | None = None
+    checkpoint_every: int = 0  # frames between checkpoints (0: none)
+    checkpointed: int = 0  # frames in the last checkpoint handed out
+    resumed_from: int = 0
+    resume_s: float = 0.0
     submitted: float = field(default_factory=time.monotonic)
     cancel_requested: bool = False
     slot: int = -1  # its FrameEngine slot once admitted (-1: waiting)
@@ -187,15 +200,21 @@ class GenerationEngine:
         return self._closing
 
     def submit(self, prompt: Prompt, params: SamplingParams, seed: int,
-               progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> Future:
+               progress: ProgressFn | None = None, should_cancel: CancelFn | None = None, *,
+               resume: torch.Tensor | None = None, checkpoint: CheckpointFn | None = None,
+               checkpoint_every: int = 0) -> Future:
         """Queue one song; its future resolves to a BatchedGenerationResult or the song's error.
 
+        `resume [8, k]`: the song's first k frames from an earlier attempt (a token checkpoint of this
+        engine's shape); the song continues from frame k and ends with the tokens of an uninterrupted
+        run. `checkpoint(frames, grid)` receives the frames so far about every `checkpoint_every` frames.
         Raises EngineBroken / EngineClosed when the engine takes no more songs; song-level validation
-        errors (context limit, prompt ids, seed) come back through the future.
+        errors (context limit, prompt ids, seed, a bad resume grid) come back through the future.
         """
         future: Future = Future()
         future.set_running_or_notify_cancel()
-        request = _Request(prompt, params, seed, progress, should_cancel, future)
+        request = _Request(prompt, params, seed, progress, should_cancel, future, resume=resume,
+                           checkpoint=checkpoint, checkpoint_every=checkpoint_every)
         try:
             self._validate(request)
         except Exception as exc:  # noqa: BLE001 - song-level: it goes through the future
@@ -267,6 +286,13 @@ class GenerationEngine:
             raise ValueError(f"top_k must be in 1..{model.args.audio_vocab_size}, got {params.top_k}")
         check_seed(request.seed)
         check_prompt(model, prompt)
+        if request.resume is not None:
+            grid = request.resume
+            codebooks = model.args.audio_num_codebooks
+            if grid.dim() != 2 or grid.shape[0] != codebooks or not 1 <= grid.shape[1] < request.total:
+                raise ValueError(f"resume grid must be [{codebooks}, k] with 1 <= k < {request.total} frames, "
+                                 f"got {list(grid.shape)}")
+            validate_codes(grid, num_quantizers=codebooks, codebook_size=CODEBOOK_SIZE)
 
     def _frame_engine(self, eos: int) -> FrameEngine:
         """Slot buffers (two rows a slot, for CFG) for prompts ending with `eos`; called only while no song
@@ -386,20 +412,35 @@ class GenerationEngine:
             request.steps = 0
             try:
                 fe.prefill(request.slot, request.prompt, request.params, request.seed)
+                if request.resume is not None:
+                    self._resume(fe, request)
             except torch.OutOfMemoryError as exc:
                 self._drop_out_of_memory(fe, request, exc)
                 continue
-            mask[request.slot] = True
+            mask[request.slot] = request.resume is None  # a resumed song samples its next frame in the step
             admitted.append(request)
         if not admitted:
             return []
-        fe.first_frame(mask.to(self.device))
+        if bool(mask.any()):
+            fe.first_frame(mask.to(self.device))
         live = sum(r is not None for r in self._slots)
         self.stats["max_live"] = max(self.stats["max_live"], live)
         for occupant in self._slots:
             if occupant is not None:
                 occupant.batch_size = max(occupant.batch_size, live)
         return admitted
+
+    def _resume(self, fe: FrameEngine, request: _Request) -> None:
+        assert request.resume is not None
+        started = time.monotonic()
+        frames = request.resume.T.contiguous()
+        fe.resume(request.slot, frames)
+        k = int(frames.shape[0])
+        request.steps = k - 1  # the next step feeds frame k - 1, as the uninterrupted run's step k did
+        request.resumed_from = request.checkpointed = k
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        request.resume_s = time.monotonic() - started
 
     def _drop_out_of_memory(self, fe: FrameEngine, request: _Request, exc: torch.OutOfMemoryError) -> None:
         log.warning("song in slot %d ran out of device memory at admission; failing that song only: %s",
@@ -433,6 +474,10 @@ class GenerationEngine:
                     raise GenerationCancelled(f"cancelled after {done} of {request.total} frames")
                 if request.steps > 0 and request.progress is not None:
                     request.progress(done, request.total)
+                if request.checkpoint is not None and request.checkpoint_every > 0 \
+                        and done - request.checkpointed >= request.checkpoint_every:
+                    request.checkpointed = done
+                    request.checkpoint(done, fe.frames[slot, :done].T.contiguous().cpu())
             except Exception as exc:  # noqa: BLE001 - a cancel, or a callback that raised: this song only
                 fe.done[slot] = True
                 finished.append((request, None, exc))
@@ -476,7 +521,8 @@ class GenerationEngine:
         return BatchedGenerationResult(
             frames=grid, stop_reason="eos" if state["eos"][slot] else "max_length",
             prompt_length=request.prompt.length, batch_size=request.batch_size, slots=self.max_songs,
-            queued_s=request.admitted - request.submitted, generation_s=now - request.admitted), None
+            queued_s=request.admitted - request.submitted, generation_s=now - request.admitted,
+            resumed_from=request.resumed_from, resume_s=request.resume_s), None
 
 
 def _is_device_error(exc: BaseException) -> bool:

@@ -247,3 +247,58 @@ def test_a_song_through_the_fused_frame_step_gets_the_eager_fast_paths_tokens(fo
     eager, fused = results
     assert fused.frames.shape == (8, 3)
     assert torch.equal(fused.frames, eager.frames)
+
+
+@pytest.mark.parametrize("device, dtype", _cases())
+def test_with_a_fixed_chunk_each_rows_attention_is_the_same_bits_at_any_capacity_and_through_any_cache_row(
+        fo, device, dtype):
+    """What batch invariance needs from attention: the bucket (set by the longest song in the batch)
+    only adds empty chunks, and a row pointed at another row's cache gets that row's numbers."""
+    rows, kv_heads, group, hd, slots = 4, 2, 3, 16, 512
+    gen = torch.Generator().manual_seed(4)
+    k_cache = torch.randn(rows, kv_heads, slots, hd, generator=gen).to(device, dtype)
+    v_cache = torch.randn(rows, kv_heads, slots, hd, generator=gen).to(device, dtype)
+    q = torch.randn(rows, kv_heads, group, hd, generator=gen).to(device, dtype)
+    base = torch.tensor([3, 70, 130, 200], device=device)
+    chunk = fo.attention_chunk(slots, rows * kv_heads, target_programs=64)
+    assert 64 <= chunk < 256 and chunk % 64 == 0  # several chunks below the smallest capacity tried
+    at = {capacity: fo.decode_attention(q, k_cache, v_cache, base, seq=1, capacity=capacity, chunk=chunk)
+          for capacity in (256, 384, 512)}
+    assert torch.equal(at[256], at[384]) and torch.equal(at[256], at[512])
+    torch.testing.assert_close(at[256], _reference_attention(q, k_cache, v_cache, base, 1), **_tolerance(dtype))
+    pointed = torch.tensor([2, 2, 2, 2], device=device)  # every row reads row 2's cache at its own position
+    same_q = q[2:3].expand(rows, -1, -1, -1).contiguous()
+    got = fo.decode_attention(same_q, k_cache, v_cache, torch.full_like(base, 130), seq=1, capacity=512,
+                              chunk=chunk, cache_rows=pointed)
+    assert all(torch.equal(got[i], at[512][2]) for i in range(rows))
+
+
+def test_a_song_resumed_through_the_fused_frame_step_continues_with_the_uninterrupted_tokens(fo, lm):
+    """FrameEngine.resume on the Triton kernels: the replayed chunk writes the keys the frame steps wrote."""
+    from gpu_worker.fast_generate import FrameEngine
+
+    model = lm.model if INTERPRETED else copy.deepcopy(lm.model).to("cuda")
+    prompts = tiny_prompts(lm, 2)
+    params = dataclasses.replace(tiny_params(6), cfg_scale=1.5)
+    device = model.device
+
+    def engine() -> FrameEngine:
+        return FrameEngine(model, num_songs=2, rows=2, cache_len=128, max_frames=6, audio_eos_id=EOS, bucket=64,
+                           use_graphs=False, logits_hook=no_eos_on(model), fused_kernels=True)
+
+    whole = engine()
+    for slot, prompt in enumerate(prompts):
+        whole.prefill(slot, prompt, params, 30 + slot)
+    whole.first_frame(whole.all_songs)
+    for step in range(1, 6):
+        whole.step(max(p.length for p in prompts) - 1 + step)
+    assert whole.read_state()["count"] == [6, 6]
+    again = engine()
+    again.prefill(1, prompts[1], params, 30)  # a companion in the other slot, another seed
+    again.first_frame(torch.tensor([False, True], device=device))
+    again.prefill(0, prompts[0], params, 30)
+    again.resume(0, whole.frames[0, :3].long())
+    for step in range(3, 6):
+        again.step(max(p.length for p in prompts) - 1 + step)
+    assert again.read_state()["count"][0] == 6
+    assert torch.equal(again.frames[0, :6], whole.frames[0, :6])

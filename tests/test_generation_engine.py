@@ -310,3 +310,35 @@ def test_batching_is_the_default_on_cuda_and_off_on_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert gpu_batching_enabled(Settings(device="auto"))
     assert not gpu_batching_enabled(Settings(device="auto", gpu_batching=False))
+
+
+@pytest.mark.parametrize("resume_at", [1, 5, 23, 39])
+def test_a_song_resumed_from_its_first_frames_ends_with_the_uninterrupted_tokens(lm, prompts, engine_factory,
+                                                                                 resume_at):
+    """Resume replays the checkpointed frames through the backbone in frame-step-shaped chunks, beside
+    songs that keep running; the continuation equals the song's uninterrupted run."""
+    engine = engine_factory(max_songs=4)
+    whole = engine.submit(prompts[0], PARAMS, 11).result(TIMEOUT).frames  # 40 frames, no EOS
+    companions = [engine.submit(prompts[i], dataclasses.replace(PARAMS, max_audio_length_ms=(30 + i) * 80), 20 + i)
+                  for i in (1, 2)]
+    resumed = engine.submit(prompts[0], PARAMS, 11, resume=whole[:, :resume_at].clone()).result(TIMEOUT)
+    assert resumed.resumed_from == resume_at
+    assert torch.equal(resumed.frames, whole)
+    for future in companions:
+        assert future.result(TIMEOUT).frames.shape[1] > 0
+
+
+def test_checkpoints_hand_out_the_frames_so_far_and_a_bad_resume_grid_fails_only_that_song(lm, prompts,
+                                                                                         engine_factory):
+    engine = engine_factory(max_songs=2)
+    seen: list[tuple[int, torch.Tensor]] = []
+    result = engine.submit(prompts[0], PARAMS, 5, checkpoint=lambda done, grid: seen.append((done, grid)),
+                           checkpoint_every=8).result(TIMEOUT)
+    assert [done for done, _ in seen] == sorted({done for done, _ in seen}) and len(seen) >= 3
+    assert all(done - before >= 8 for (before, _), (done, _) in zip([(0, None), *seen], seen))
+    for done, grid in seen:
+        assert grid.shape == (8, done) and torch.equal(grid.long(), result.frames[:, :done].long())
+    too_long = engine.submit(prompts[0], PARAMS, 5, resume=result.frames.clone())  # nothing left to generate
+    with pytest.raises(ValueError, match="resume grid"):
+        too_long.result(TIMEOUT)
+    assert engine.submit(prompts[1], PARAMS, 6).result(TIMEOUT).frames.shape[1] == 40
