@@ -69,8 +69,8 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
