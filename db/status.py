@@ -41,6 +41,8 @@ STAGE_CLAIMABLE: frozenset[StageStatus] = frozenset({StageStatus.QUEUED})  # a w
 STAGE_DONE: frozenset[StageStatus] = frozenset({StageStatus.SUCCEEDED, StageStatus.REUSED})  # outputs downstream reads
 STAGE_ENDED: frozenset[StageStatus] = frozenset(set(StageStatus) - {StageStatus.QUEUED, StageStatus.RUNNING})
 STAGE_PENDING: frozenset[StageStatus] = frozenset({StageStatus.QUEUED, StageStatus.RUNNING})  # work still owed
+# an attempt that ended this way may leave a resume point for the next attempt of its stage
+STAGE_RESUMABLE: frozenset[StageStatus] = frozenset({StageStatus.LOST, StageStatus.FAILED})
 
 
 def sql_in(values: frozenset[str] | tuple[str, ...]) -> str:

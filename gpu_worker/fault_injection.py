@@ -16,6 +16,8 @@ tag is just an unknown tag). Kinds:
 - `oom-always`         token stage, every attempt: the retry fails too and the job fails.
 - `slow-<ms>`          GPU stages take <ms> extra per frame (per codec window in decoding), in
                        slices that honour cancellation: long stages for crash and cancel tests.
+                       In the batching engine the engine itself waits <ms> after each frame step
+                       while the song is live (`frame_pace_s`), so frames really come that slowly.
 
 Registration: the GPU worker imports this module (gpu_worker/celery_worker.py). Faults fire at the
 stage's first progress report, i.e. inside the model loop, after the stage's
@@ -132,6 +134,17 @@ def _slow_down(fault: Fault, ctx: StageContext, info: dict, state: dict) -> None
             raise JobCancelled(f"job {ctx.job_id} cancelled during {ctx.stage}")
 
 
+def frame_pace_s(ctx: StageContext) -> float:
+    """Seconds the batching engine waits after each frame step for this job's `slow-<ms>` fault (0: none)."""
+    if not switch_on(ctx.settings):
+        return 0.0
+    slow = [f.ms_per_step for f in faults_in(ctx.job_request.get("tags")) if f.kind == "slow" and f.stage == ctx.stage]
+    if slow:
+        ctx.environment_extra["injected_faults"] = ["slow"]
+        ctx.__dict__["_engine_paced"] = True  # the engine paces the frames: the progress hook must not as well
+    return max(slow, default=0) / 1000
+
+
 def stage_hook(ctx: StageContext, event: str, info: dict) -> None:
     """Registered with the stage wrapper: fires the faults a job asks for, when the switch is on."""
     if ctx.stage not in GPU_STAGES or event != "progress" or not switch_on(ctx.settings):
@@ -143,7 +156,8 @@ def stage_hook(ctx: StageContext, event: str, info: dict) -> None:
     state = ctx.__dict__.setdefault("_fault_state", {})
     for fault in faults:
         if fault.kind == "slow":
-            _slow_down(fault, ctx, info, state)
+            if not ctx.__dict__.get("_engine_paced"):
+                _slow_down(fault, ctx, info, state)
         elif not state.get("fired"):
             state["fired"] = fault.kind
             _inject(fault, ctx, info)

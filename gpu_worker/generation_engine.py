@@ -131,6 +131,7 @@ class _Request:
     checkpoint: CheckpointFn | None = None
     checkpoint_every: int = 0  # frames between checkpoints (0: none)
     checkpointed: int = 0  # frames in the last checkpoint handed out
+    pace_s: float = 0.0
     resumed_from: int = 0
     resume_s: float = 0.0
     submitted: float = field(default_factory=time.monotonic)
@@ -202,19 +203,21 @@ class GenerationEngine:
     def submit(self, prompt: Prompt, params: SamplingParams, seed: int,
                progress: ProgressFn | None = None, should_cancel: CancelFn | None = None, *,
                resume: torch.Tensor | None = None, checkpoint: CheckpointFn | None = None,
-               checkpoint_every: int = 0) -> Future:
+               checkpoint_every: int = 0, pace_s: float = 0.0) -> Future:
         """Queue one song; its future resolves to a BatchedGenerationResult or the song's error.
 
         `resume [8, k]`: the song's first k frames from an earlier attempt (a token checkpoint of this
         engine's shape); the song continues from frame k and ends with the tokens of an uninterrupted
         run. `checkpoint(frames, grid)` receives the frames so far about every `checkpoint_every` frames.
+        `pace_s`: the engine waits this long after every frame step while the song is live (fault
+        injection's slow songs, so crash tests can strike mid-song).
         Raises EngineBroken / EngineClosed when the engine takes no more songs; song-level validation
         errors (context limit, prompt ids, seed, a bad resume grid) come back through the future.
         """
         future: Future = Future()
         future.set_running_or_notify_cancel()
         request = _Request(prompt, params, seed, progress, should_cancel, future, resume=resume,
-                           checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, pace_s=pace_s)
         try:
             self._validate(request)
         except Exception as exc:  # noqa: BLE001 - song-level: it goes through the future
@@ -388,6 +391,9 @@ class GenerationEngine:
             fe.step(max_position)
             self.stats["frames_stepped"] += 1
             since_sync += 1
+            pace = max(r.pace_s for r in live)
+            if pace > 0:
+                time.sleep(pace)
 
     def _pick_admissions(self, live: list[_Request]) -> list[_Request]:
         """Strict FIFO: admit from the head while slots are free and it fits the slot buffers."""
@@ -589,15 +595,19 @@ def _soft_deadline() -> float | None:
 
 
 def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed: int, ctx, *,
-                  engine: GenerationEngine | None = None, poll_s: float = STAGE_POLL_S) -> BatchedGenerationResult:
+                  engine: GenerationEngine | None = None, poll_s: float = STAGE_POLL_S,
+                  resume: torch.Tensor | None = None, save_checkpoint: CheckpointFn | None = None,
+                  checkpoint_every: int = 0, pace_s: float = 0.0) -> BatchedGenerationResult:
     """Submit one song to the process's engine and wait for it on the calling (task) thread.
 
-    The engine thread only stores the latest progress and reads a cancel flag; this thread does the
-    SQL work every `poll_s`: `ctx.progress` (heartbeat, fault hooks, raises JobCancelled on a cancel
-    request) and `ctx.should_cancel`. Whatever stops this thread (cancel, superseded, soft time limit,
-    an injected fault) cancels the song in the engine, so its slot is freed; a CUDA-poison error
-    raised here breaks the engine (every song of the process fails, as on a real poisoned device).
-    Raises GenerationCancelled when the engine cancelled the song; the stage maps it to JobCancelled.
+    The engine thread only stores the latest progress, the latest checkpoint and reads a cancel flag;
+    this thread does the SQL work every `poll_s`: `save_checkpoint(frames, grid)` for a new checkpoint,
+    `ctx.progress` (heartbeat, fault hooks, raises JobCancelled on a cancel request) and
+    `ctx.should_cancel`. `resume` and `pace_s` go to `GenerationEngine.submit`. Whatever stops this
+    thread (cancel, superseded, soft time limit, an injected fault) cancels the song in the engine, so
+    its slot is freed; a CUDA-poison error raised here breaks the engine (every song of the process
+    fails, as on a real poisoned device). Raises GenerationCancelled when the engine cancelled the
+    song; the stage maps it to JobCancelled.
     """
     from celery.exceptions import SoftTimeLimitExceeded
 
@@ -610,7 +620,14 @@ def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed
     def remember(done: int, total: int) -> None:
         latest[:] = [(done, total)]
 
-    future = engine.submit(prompt, params, seed, progress=remember, should_cancel=cancel.is_set)
+    checkpoints: list[tuple[int, torch.Tensor]] = []
+
+    def keep_checkpoint(done: int, grid: torch.Tensor) -> None:
+        checkpoints[:] = [(done, grid)]
+
+    future = engine.submit(prompt, params, seed, progress=remember, should_cancel=cancel.is_set, resume=resume,
+                           checkpoint=keep_checkpoint if save_checkpoint is not None else None,
+                           checkpoint_every=checkpoint_every, pace_s=pace_s)
     deadline = _soft_deadline()
     reported: tuple[int, int] | None = None
     try:
@@ -621,6 +638,9 @@ def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed
                 pass
             if deadline is not None and time.monotonic() > deadline:
                 raise SoftTimeLimitExceeded(f"soft time limit exceeded while generating ({params.max_frames} frames)")
+            if checkpoints and save_checkpoint is not None:
+                done, grid = checkpoints.pop()
+                save_checkpoint(done, grid)
             current = latest[0] if latest else None
             if current is not None and current != reported:
                 reported = current

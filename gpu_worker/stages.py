@@ -58,17 +58,7 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
     result: GenerationResult
     try:
         if gpu_batching_enabled(ctx.settings):
-            # continuous batching: the process's engine runs this song in a slot beside others
-            from gpu_worker.fast_generate import fused_kernels_default
-            from gpu_worker.generation_engine import get_engine, run_in_engine
-
-            engine = get_engine(lm.model, max_songs=ctx.settings.gpu_batch_slots)
-            ctx.environment_extra.update(generation_path="batched", engine_slots=engine.max_songs,
-                                         bucket=engine.bucket, complex_rope=engine.complex_rope,
-                                         fused_kernels=fused_kernels_default(lm.model))
-            batched = run_in_engine(lm.model, prompt, params, inp.seed, ctx, engine=engine)
-            ctx.environment_extra.update(batch_size=batched.batch_size, queued_s=round(batched.queued_s, 3))
-            result = batched
+            result = _generate_batched(lm, prompt, params, inp, ctx, dtype)
         elif device.type == "cuda":
             # the CUDA-graph frame step (Triton kernels where fused_kernels); same draws as the plain path,
             # bf16 logits within tolerance
@@ -93,6 +83,41 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
                                 prompt_length=result.prompt_length, tags_text=prompt.tags_text,
                                 lyrics_text=prompt.lyrics_text, device=str(device), dtype=str(dtype),
                                 batch_size=getattr(result, "batch_size", 1))
+
+
+def _generate_batched(lm, prompt, params, inp: GenerateTokensInput, ctx: StageContext, dtype: torch.dtype):
+    """Continuous batching: the process's engine runs this song in a slot beside others, continuing from
+    an earlier attempt's token checkpoint where one fits this engine (gpu_worker/token_checkpoints.py)."""
+    from gpu_worker.fast_generate import fused_kernels_default
+    from gpu_worker.fault_injection import frame_pace_s
+    from gpu_worker.generation_engine import get_engine, run_in_engine
+    from gpu_worker.token_checkpoints import CheckpointWriter, compat_key, find_resume_point
+    from tasks.environment import code_version
+
+    engine = get_engine(lm.model, max_songs=ctx.settings.gpu_batch_slots)
+    fused = fused_kernels_default(lm.model)
+    ctx.environment_extra.update(generation_path="batched", engine_slots=engine.max_songs, bucket=engine.bucket,
+                                 complex_rope=engine.complex_rope, fused_kernels=fused)
+    device = lm.model.device
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    compat = compat_key(slots=engine.max_songs, cache_len=engine.cache_len, bucket=engine.bucket, fused=fused,
+                        complex_rope=engine.complex_rope, card=card, dtype=str(dtype), noise=NOISE_SCHEME,
+                        weights=lm.checksums, code=code_version(), torch=torch.__version__)
+    every = ctx.settings.token_checkpoint_frames
+    resume = find_resume_point(inp, ctx, compat) if every else None
+    writer = CheckpointWriter(ctx, compat, params.max_frames) if every else None
+    batched = run_in_engine(lm.model, prompt, params, inp.seed, ctx, engine=engine,
+                            resume=resume.frames if resume else None,
+                            save_checkpoint=writer.save if writer else None, checkpoint_every=every,
+                            pace_s=frame_pace_s(ctx))
+    ctx.environment_extra.update(batch_size=batched.batch_size, queued_s=round(batched.queued_s, 3))
+    if resume is not None:
+        ctx.environment_extra["resumed_from"] = {
+            "attempt": resume.attempt, "frames": batched.resumed_from,
+            "tokens_sha256": resume.point["tokens"]["sha256"], "replay_s": round(batched.resume_s, 3)}
+    if writer is not None:
+        ctx.environment_extra["token_checkpoints"] = writer.saved
+    return batched
 
 
 def decode_audio(inp: DecodeAudioInput, ctx: StageContext) -> DecodeAudioOutput:

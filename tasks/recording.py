@@ -123,6 +123,7 @@ class StageContext:
     _superseded: bool = False
     _environment_recorded: bool = False  # the full snapshot is on the row (written with the inputs)
     _started: float = field(default_factory=time.monotonic)
+    _checkpoint: dict[str, Any] | None = None  # the last resume point, kept in every progress write
 
     @property
     def database_url(self) -> str:
@@ -154,11 +155,20 @@ class StageContext:
         if force or now - self._last_progress >= PROGRESS_WRITE_INTERVAL_S or done >= total:
             self._last_progress = now
             elapsed = max(now - self._started, 1e-9)
-            payload = {"done": done, "total": total, "unit": unit, "rate_per_s": round(done / elapsed, 3),
-                       "elapsed_s": round(elapsed, 3)}
+            payload: dict[str, Any] = {"done": done, "total": total, "unit": unit,
+                                       "rate_per_s": round(done / elapsed, 3), "elapsed_s": round(elapsed, 3)}
+            if self._checkpoint is not None:
+                payload["checkpoint"] = self._checkpoint
             self._write_held(progress=payload, heartbeat_at=db_now())
         if self.should_cancel():
             raise JobCancelled(f"job {self.job_id} cancelled during {self.stage} after {done} of {total} {unit}")
+
+    def checkpoint(self, done: int, total: int, unit: str, point: dict[str, Any]) -> None:
+        """Record a resume point (e.g. the frames so far, as an artifact) with this attempt's progress:
+        a later attempt of the same stage and inputs may continue from it
+        (tasks.pipeline.attempts.latest_checkpoint)."""
+        self._checkpoint = point
+        self.progress(done, total, unit, force=True)
 
     def heartbeat(self) -> None:
         self._write_held(heartbeat_at=db_now())

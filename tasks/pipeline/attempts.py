@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from db.clock import db_now
 from db.engine import rowcount
 from db.models import STAGE_CLAIMABLE, STAGE_DONE, Job, JobStatus, StageRun, StageStatus
+from db.status import STAGE_RESUMABLE
 from tasks.celery_app import queue_for
 from tasks.contracts import STAGES
 
@@ -139,3 +140,20 @@ def end_waiting_cancelled_job(session: Session, job: Job, now: dt.datetime) -> S
         return None
     end_job(session, job, JobStatus.CANCELLED, row.stage, None, job.cancel_reason or "cancelled", now)
     return row
+
+
+def latest_checkpoint(session: Session, job_id: str, stage: str, before_attempt: int,
+                      inputs: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """The furthest resume point an earlier attempt of this stage recorded with these very inputs:
+    (attempt, its `progress.checkpoint`), or None. Only attempts that ended lost or failed count."""
+    rows = session.scalars(select(StageRun).where(
+        StageRun.job_id == job_id, StageRun.stage == stage, StageRun.attempt < before_attempt,
+        StageRun.status.in_(STAGE_RESUMABLE)))
+    best: tuple[int, dict[str, Any]] | None = None
+    for row in rows:
+        point = (row.progress or {}).get("checkpoint")
+        if not point or row.inputs != inputs:
+            continue
+        if best is None or int(point.get("done", 0)) > int(best[1].get("done", 0)):
+            best = (row.attempt, point)
+    return best

@@ -1,0 +1,87 @@
+"""Resume a half-made song (issue 12): `songpipe run` with batching on, the GPU worker killed mid-song.
+
+Real processes under the supervisor (embedded Redis, SQLite, the tiny checkpoint on the CPU, lease 3 s).
+The batching engine records the song's frames so far every 16 frames; after a SIGKILL of the GPU
+worker the supervisor restarts it, the reconciler gives the song a new attempt, and that attempt
+continues from the last checkpoint. The finished song must equal an uninterrupted run of the same
+request (same seed): the token and audio artifacts have the same sha256.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+from typing import Any
+
+import pytest
+
+from tests.stack_fixtures import wait_until
+from tests.supervised_stack import supervised_stack
+
+pytestmark = pytest.mark.integration
+
+EVERY = 16
+RESUME_ENV = {"SONGPIPE_GPU_BATCHING": "1", "SONGPIPE_TOKEN_CHECKPOINT_FRAMES": str(EVERY)}
+BODY = {"lyrics": "de doo doo doo\nde blaa blaa blaa", "seed": 4242, "max_audio_length_ms": 10_240,
+        "tags": ["ska", "songpipe-fault-slow-40"],  # the engine steps a frame every 40 ms: time to strike
+        "output_format": "wav"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_checkpoint_dir):
+    with supervised_stack(tmp_path_factory.mktemp("resume"), tiny_checkpoint_dir, RESUME_ENV) as running:
+        yield running
+
+
+def token_attempts(stack, job_id: str) -> list[dict[str, Any]]:
+    with sqlite3.connect(stack.data_dir / "songpipe.db") as db:
+        rows = db.execute("SELECT attempt, status, progress, environment, outputs, worker_pid FROM stage_runs "
+                          "WHERE job_id = ? AND stage = 'generate_tokens' ORDER BY attempt", (job_id,)).fetchall()
+    keys = ("attempt", "status", "progress", "environment", "outputs", "worker_pid")
+    return [{k: (json.loads(v) if isinstance(v, str) and k in ("progress", "environment", "outputs") else v)
+             for k, v in zip(keys, row)} for row in rows]
+
+
+def artifacts(stack, job_id: str) -> dict[str, str]:
+    with sqlite3.connect(stack.data_dir / "songpipe.db") as db:
+        rows = db.execute("SELECT stage, outputs FROM stage_runs WHERE job_id = ? AND status = 'succeeded'",
+                          (job_id,)).fetchall()
+    outputs = {stage: json.loads(raw) for stage, raw in rows}
+    return {"tokens": outputs["generate_tokens"]["tokens"]["sha256"], "wav": outputs["decode_audio"]["wav"]["sha256"]}
+
+
+def test_a_song_whose_gpu_worker_is_killed_mid_song_resumes_from_its_checkpoint_with_identical_tokens(stack):
+    job_id = stack.submit(BODY)
+
+    def checkpointed() -> bool:
+        rows = token_attempts(stack, job_id)
+        point = ((rows[-1]["progress"] or {}).get("checkpoint") or {}) if rows else {}
+        return rows[-1]["status"] == "running" and point.get("done", 0) >= 2 * EVERY if rows else False
+
+    wait_until(checkpointed, 180, "a token checkpoint of 32 frames or more")
+    first = token_attempts(stack, job_id)[0]
+    point = first["progress"]["checkpoint"]
+    assert first["progress"]["done"] < first["progress"]["total"], "the song finished before the kill"
+    old = stack.pid("gpu")
+    os.killpg(old, signal.SIGKILL)
+    assert stack.wait_for_new_pid("gpu", old) != old
+    view = stack.wait_for_job(job_id)
+    assert view["status"] == "succeeded", view.get("error_message")
+
+    rows = token_attempts(stack, job_id)
+    assert [(r["attempt"], r["status"]) for r in rows] == [(1, "lost"), (2, "succeeded")], rows
+    last = rows[0]["progress"]["checkpoint"]  # the furthest checkpoint recorded before the kill
+    assert last["done"] >= point["done"] >= 2 * EVERY
+    resumed = rows[1]["environment"]["resumed_from"]
+    assert resumed["attempt"] == 1 and resumed["frames"] == last["done"]
+    assert resumed["tokens_sha256"] == last["tokens"]["sha256"]
+    assert rows[1]["worker_pid"] != first["worker_pid"]
+    assert rows[1]["outputs"]["frames"] > resumed["frames"]
+
+    again = stack.submit(BODY)  # the same request, never interrupted
+    assert stack.wait_for_job(again)["status"] == "succeeded"
+    (uninterrupted,) = token_attempts(stack, again)
+    assert "resumed_from" not in uninterrupted["environment"]
+    assert uninterrupted["environment"]["token_checkpoints"] >= 2
+    assert artifacts(stack, job_id) == artifacts(stack, again)  # the same tokens and the same audio, bit for bit
