@@ -13,6 +13,11 @@ song runs its full length):
   per step (weights + the live songs' KV cache) and the fraction of the floor reached.
 * `determinism`: reference songs alone in the engine and inside batches of 4, 16 and 64 (random
   companions, other slots), then the same with eager execution instead of graphs: identical tokens?
+  Companions' prompts are up to 400 tokens longer, so the key-length bucket of a shared step often
+  differs from the reference song's own.
+* `resume`: songs of `--frames` frames run whole, then each again from a random frame k of its own
+  tokens (what a token checkpoint holds after a lost worker): identical tokens? and the time of the
+  replay of those k frames (GenerationEngine resume, prefill excluded).
 
     python bench/engine_batching.py --only copy,table --songs 1,8,64 --slots 64
     SONGPIPE_BENCH_SRC=/path/to/old/checkout python bench/engine_batching.py ...   # another version's code
@@ -40,6 +45,8 @@ from gpu_worker.heartmula import PRESETS  # noqa: E402
 PROMPT = 300
 SHORT_FRAMES = 150
 SYNC_EVERY = 25
+COMPANION_EXTRA = 400  # determinism: companions' prompts reach this far past PROMPT
+CACHE_LEN: int | None = None  # --cache-len: the engines' KV length (unset: what the songs need)
 
 
 def copy_bandwidth(device: torch.device, gib: int = 4) -> float:
@@ -93,7 +100,8 @@ def run_whole(engine: GenerationEngine, prompts: list, songs: int, frames: int) 
 
 def table(model, args, device, slots: int, song_counts: list[int], frames: int, bandwidth: float) -> None:
     prompts = [random_prompt(args, PROMPT, seed=i) for i in range(8)]
-    engine = GenerationEngine(model, max_songs=slots, cache_len=PROMPT + frames + 1, sync_every=SYNC_EVERY)
+    engine = GenerationEngine(model, max_songs=slots, cache_len=CACHE_LEN or PROMPT + frames + 1,
+                              sync_every=SYNC_EVERY)
     try:
         run_short(engine, prompts, 1)  # warm-up: buffers, first graph captures
         rows = []
@@ -123,7 +131,7 @@ def determinism(model, args, device, slots: int, references: int, frames: int, g
     prompts = [random_prompt(args, PROMPT - 11 * i, seed=100 + i) for i in range(references)]
     settings = [params(frames, cfg=rng.choice([1.0, 1.5, 2.0]), temperature=rng.choice([0.8, 1.0, 1.2]),
                        top_k=rng.choice([20, 50, 200])) for _ in range(references)]
-    engine = GenerationEngine(model, max_songs=slots, cache_len=PROMPT + frames + 1,
+    engine = GenerationEngine(model, max_songs=slots, cache_len=CACHE_LEN or PROMPT + COMPANION_EXTRA + frames + 1,
                               use_graphs=graphs and device.type == "cuda")
     try:
         alone = [engine.submit(prompts[i], settings[i], 500 + i).result().frames for i in range(references)]
@@ -136,7 +144,8 @@ def determinism(model, args, device, slots: int, references: int, frames: int, g
             for first in range(0, references, per_batch):
                 chosen = list(range(first, min(first + per_batch, references)))
                 jobs = [(prompts[i], settings[i], 500 + i, None) for i in chosen]
-                jobs += [(random_prompt(args, rng.randint(PROMPT // 2, PROMPT), seed=rng.randint(0, 10**6)),
+                jobs += [(random_prompt(args, rng.randint(PROMPT // 2, PROMPT + COMPANION_EXTRA),
+                                        seed=rng.randint(0, 10**6)),
                           params(rng.randint(frames // 2, frames), cfg=rng.choice([1.0, 1.5, 3.0]),
                                  temperature=rng.choice([0.7, 1.0, 1.3]), top_k=rng.choice([10, 50, 500])),
                           rng.randint(0, 2**62), None) for _ in range(batch - len(chosen))]
@@ -161,6 +170,37 @@ def determinism(model, args, device, slots: int, references: int, frames: int, g
             torch.cuda.empty_cache()
 
 
+def resume(model, args, device, slots: int, songs: int, frames: int) -> None:
+    """Whole songs, then each resumed from a random frame of its own tokens: identical? replay seconds?"""
+    rng = random.Random(11)
+    prompts = [random_prompt(args, PROMPT - 7 * i, seed=300 + i) for i in range(songs)]
+    settings = [params(frames, cfg=rng.choice([1.0, 1.5, 2.0]), temperature=rng.choice([0.8, 1.0, 1.2]),
+                       top_k=rng.choice([20, 50, 200])) for _ in range(songs)]
+    engine = GenerationEngine(model, max_songs=slots, cache_len=CACHE_LEN or PROMPT + frames + 1)
+    try:
+        started = time.perf_counter()
+        runs = [f.result() for f in submit_together(
+            engine, [(prompts[i], settings[i], 700 + i, None) for i in range(songs)])]
+        whole_s = time.perf_counter() - started
+        whole = [r.frames for r in runs]
+        cut = [rng.randint(1, frames - 1) for _ in range(songs)]
+        with engine._cond:
+            futures = [engine.submit(prompts[i], settings[i], 700 + i, resume=whole[i][:, :cut[i]].clone())
+                       for i in range(songs)]
+        results = [f.result() for f in futures]
+        rows = [{"song": i, "killed at frame": cut[i], "identical tokens": torch.equal(r.frames, whole[i]),
+                 "replay s": r.resume_s, "replay ms/frame": r.resume_s / max(cut[i] - 1, 1) * 1e3,
+                 "generating them took s": runs[i].generation_s * cut[i] / frames} for i, r in enumerate(results)]
+        same = sum(r["identical tokens"] for r in rows)
+        print_table(f"resume, {songs} songs of {frames} frames, {slots} slots ({same}/{songs} identical; "
+                    f"the whole batch took {whole_s:.1f} s)", rows)
+    finally:
+        engine.shutdown()
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="copy,table,determinism")
@@ -171,8 +211,19 @@ def main() -> None:
     parser.add_argument("--det-frames", type=int, default=200)
     parser.add_argument("--eager", action="store_true", help="also check determinism without CUDA graphs")
     parser.add_argument("--tiny", action="store_true", help="a dry run of the script: tiny model, CPU, fp32")
+    parser.add_argument("--resume-songs", type=int, default=10)
+    parser.add_argument("--cache-len", type=int, default=None,
+                        help="the engines' KV length (the production engine: the model's max_seq_len)")
+    parser.add_argument("--attention-programs", type=int, default=None,
+                        help="fused_ops.ATTENTION_TARGET_PROGRAMS for the engines built here (tuning)")
     opts = parser.parse_args()
-    global PROMPT, SHORT_FRAMES
+    global PROMPT, SHORT_FRAMES, COMPANION_EXTRA, CACHE_LEN
+    CACHE_LEN = opts.cache_len
+    if opts.attention_programs is not None:
+        from gpu_worker import fused_ops
+
+        fused_ops.ATTENTION_TARGET_PROGRAMS = opts.attention_programs
+        print(f"attention: {opts.attention_programs} target programs at a full cache")
     only = set(opts.only.split(","))
     started = time.perf_counter()
     if opts.tiny:
@@ -180,7 +231,7 @@ def main() -> None:
 
         device, args, dtype, bandwidth = torch.device("cpu"), heartmula_args_from_config(TINY_CONFIG, Path("tiny")), \
             torch.float32, 1e11
-        PROMPT, SHORT_FRAMES = 40, 90
+        PROMPT, SHORT_FRAMES, COMPANION_EXTRA = 40, 90, 30
     else:
         device, args, dtype = torch.device("cuda", 0), PRESETS["3B"], torch.bfloat16
         torch.cuda.set_device(device)
@@ -198,6 +249,8 @@ def main() -> None:
             if opts.eager:
                 few = min(opts.references, 4)
                 determinism(model, args, device, slots, few, opts.det_frames, graphs=False, against=graphed[:few])
+        if "resume" in only:
+            resume(model, args, device, slots, opts.resume_songs, opts.frames)
     print(f"total {time.perf_counter() - started:.1f} s")
 
 

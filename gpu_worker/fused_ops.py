@@ -312,7 +312,7 @@ def attention_splits(capacity: int, pairs: int, target_programs: int = 264, min_
     return max(1, min(by_work, math.ceil(target_programs / max(pairs, 1)), MAX_SPLITS))
 
 
-def attention_chunk(cache_len: int, pairs: int, target_programs: int = ATTENTION_TARGET_PROGRAMS) -> int:
+def attention_chunk(cache_len: int, pairs: int, target_programs: int | None = None) -> int:
     """A fixed key chunk for a cache of `cache_len` slots read by `pairs` (row, KV head) programs.
 
     With the chunk fixed, a row's keys are reduced in the same chunks whatever the capacity of the
@@ -320,7 +320,8 @@ def attention_chunk(cache_len: int, pairs: int, target_programs: int = ATTENTION
     come and go, and they merge in as exact zeros. That is what keeps a song's attention independent
     of its batch mates' lengths, and a resumed song's replayed rows equal to its decoded ones.
     """
-    splits = max(1, min(MAX_SPLITS, math.ceil(target_programs / max(pairs, 1))))
+    target = ATTENTION_TARGET_PROGRAMS if target_programs is None else target_programs
+    splits = max(1, min(MAX_SPLITS, math.ceil(target / max(pairs, 1))))
     block_n = 64 if cache_len >= 64 else 16
     chunk = math.ceil(math.ceil(cache_len / splits) / block_n) * block_n
     return max(chunk, math.ceil(cache_len / MAX_SPLITS / block_n) * block_n)
