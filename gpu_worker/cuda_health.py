@@ -20,7 +20,7 @@ import os
 from celery.signals import task_postrun
 
 from tasks.contracts import GPU_STAGES
-from tasks.recording import add_stage_hook
+from tasks.recording import JobCancelled, add_stage_hook
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ def handle_gpu_failure(exc: BaseException, ctx) -> None:
                   ctx.job_id, ctx.stage, exc)
     elif is_out_of_memory(exc) and _is_pool_child():
         _replace_reason = "out of device memory (a retry gets a fresh process and allocator)"
+    elif type(exc).__name__ == "EngineStalled":
+        _replace_reason = "the generation engine stopped stepping (hung device work); a fresh process gets a fresh one"
+        log.error("job %s stage %s: %s; this worker process will be replaced", ctx.job_id, ctx.stage, exc)
     if _replace_reason is not None:
         ctx.environment_extra["worker_process"] = {"pid": os.getpid(), "replaced_after_this_failure": True,
                                                    "reason": _replace_reason}
@@ -77,8 +80,15 @@ def refuse_if_poisoned() -> None:
 
 
 def _guard(ctx, event: str, _info: dict) -> None:
-    if event == "start" and ctx.stage in GPU_STAGES:
-        refuse_if_poisoned()
+    if event != "start" or ctx.stage not in GPU_STAGES:
+        return
+    if _replace_reason is not None and not _is_pool_child():
+        # threads / solo pool: this whole process is on its way out (a warm shutdown, then the supervisor
+        # starts a fresh one). A stage that reaches it now (e.g. a failed song's retry, published before
+        # the consumer stopped) is handed back, as on a clean stop, instead of failing here.
+        ctx._stopping = True
+        raise JobCancelled(f"GPU worker process {os.getpid()} is being replaced ({_replace_reason}): handed back")
+    refuse_if_poisoned()
 
 
 add_stage_hook(_guard)

@@ -14,6 +14,10 @@ tag is just an unknown tag). Kinds:
 - `cuda-assert-decode` the same in the codec stage.
 - `oom-once`           token stage, attempt 1 only: torch.OutOfMemoryError (transient: one retry).
 - `oom-always`         token stage, every attempt: the retry fails too and the job fails.
+- `hang-once`          token stage, attempt 1 only: the work stops making progress while the process
+                       lives. In the batching engine the engine thread blocks after its next frame
+                       step, as on a hung kernel (every song of the engine stalls); elsewhere the
+                       stage blocks in its progress report. The heartbeat keeps beating.
 - `slow-<ms>`          GPU stages take <ms> extra per frame (per codec window in decoding), in
                        slices that honour cancellation: long stages for crash and cancel tests.
                        In the batching engine the engine itself waits <ms> after each frame step
@@ -37,7 +41,8 @@ from tasks.settings import Settings
 log = logging.getLogger(__name__)
 
 TAG_PREFIX = "songpipe-fault-"
-KINDS = ("cuda-assert", "cuda-assert-decode", "oom-once", "oom-always", "slow")
+KINDS = ("cuda-assert", "cuda-assert-decode", "oom-once", "oom-always", "hang-once", "slow")
+HANG_S = 24 * 3600.0  # "forever" for a test: far past every stall and time limit
 SLEEP_SLICE_S = 0.2
 
 
@@ -84,7 +89,7 @@ def faults_in(tags: list[str] | None) -> list[Fault]:
             found.append(Fault("cuda-assert", "generate_tokens"))
         elif spec == "cuda-assert-decode":
             found.append(Fault("cuda-assert", "decode_audio"))
-        elif spec in ("oom-once", "oom-always"):
+        elif spec in ("oom-once", "oom-always", "hang-once"):
             found.append(Fault(spec, "generate_tokens"))
         elif spec.startswith("slow-") and spec[5:].isdigit():
             ms = int(spec[5:])
@@ -138,7 +143,12 @@ def frame_pace_s(ctx: StageContext) -> float:
     """Seconds the batching engine waits after each frame step for this job's `slow-<ms>` fault (0: none)."""
     if not switch_on(ctx.settings):
         return 0.0
-    slow = [f.ms_per_step for f in faults_in(ctx.job_request.get("tags")) if f.kind == "slow" and f.stage == ctx.stage]
+    faults = [f for f in faults_in(ctx.job_request.get("tags")) if f.stage == ctx.stage]
+    if any(f.kind == "hang-once" for f in faults) and ctx.attempt == 1:
+        ctx.environment_extra["injected_faults"] = ["hang-once"]
+        ctx.__dict__["_engine_paced"] = True
+        return HANG_S
+    slow = [f.ms_per_step for f in faults if f.kind == "slow"]
     if slow:
         ctx.environment_extra["injected_faults"] = ["slow"]
         ctx.__dict__["_engine_paced"] = True  # the engine paces the frames: the progress hook must not as well
@@ -155,9 +165,13 @@ def stage_hook(ctx: StageContext, event: str, info: dict) -> None:
     ctx.environment_extra["injected_faults"] = [f.kind for f in faults]  # on record with the attempt
     state = ctx.__dict__.setdefault("_fault_state", {})
     for fault in faults:
+        if ctx.__dict__.get("_engine_paced") and fault.kind in ("slow", "hang-once"):
+            continue  # the batching engine does it (frame_pace_s)
         if fault.kind == "slow":
-            if not ctx.__dict__.get("_engine_paced"):
-                _slow_down(fault, ctx, info, state)
+            _slow_down(fault, ctx, info, state)
+        elif fault.kind == "hang-once":
+            if ctx.attempt == 1:
+                _slow_down(Fault("slow", ctx.stage, int(HANG_S * 1000)), ctx, {"done": 1}, {})
         elif not state.get("fired"):
             state["fired"] = fault.kind
             _inject(fault, ctx, info)

@@ -105,6 +105,14 @@ class EngineClosed(RuntimeError):
     """The engine was shut down."""
 
 
+class EngineStalled(RuntimeError):
+    """The engine made no frame step for longer than the stall limit while songs were live (hung device
+    work or a blocked engine thread): every song of the engine fails with it, is retried once, and the
+    process is replaced (gpu_worker.cuda_health)."""
+
+    transient = True  # tasks.recording.is_transient: one new attempt, in a fresh process
+
+
 @dataclass
 class BatchedGenerationResult(GenerationResult):
     batch_size: int = 1  # most songs live in the engine at once while this one ran (itself included)
@@ -181,6 +189,7 @@ class GenerationEngine:
         self._error: BaseException | None = None
         self._frames: FrameEngine | None = None
         self._frames_key: int | None = None  # the audio EOS id of the slot buffers
+        self._last_step = time.monotonic()  # the engine thread's last sign of progress
         self.stats = {"frames_stepped": 0, "songs_done": 0, "max_live": 0, "buffer_rebuilds": 0,
                       "songs_out_of_memory": 0}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -245,6 +254,18 @@ class GenerationEngine:
             if self._error is None:
                 self._error = exc
             self._cond.notify_all()
+
+    def abandon(self, exc: BaseException) -> None:
+        """Break the engine and fail every song now, without waiting for the engine thread (it is hung)."""
+        self.fail(exc)
+        self._break(exc)
+
+    def stalled_s(self) -> float:
+        """Seconds since the engine thread last stepped, admitted or retired, while songs are live (else 0)."""
+        with self._cond:
+            if not any(r is not None for r in self._slots):
+                return 0.0
+            return time.monotonic() - self._last_step
 
     def shutdown(self, *, wait: bool = True, cancel: bool = True, timeout: float | None = None) -> None:
         """Stop taking songs; `cancel` resolves waiting and live songs with GenerationCancelled
@@ -371,6 +392,7 @@ class GenerationEngine:
                 _resolve(request.future, exc=GenerationCancelled("cancelled before it started"))
 
             fe = self._frames
+            self._last_step = time.monotonic()
             if admit:
                 fe = self._frame_engine(admit[0].key) if not live else fe
                 assert fe is not None  # live songs run on self._frames
@@ -389,6 +411,7 @@ class GenerationEngine:
                 request.batch_size = max(request.batch_size, len(live))
             max_position = max(min(r.prompt.length - 1 + r.steps, r.prompt.length + r.total - 1) for r in live)
             fe.step(max_position)
+            self._last_step = time.monotonic()
             self.stats["frames_stepped"] += 1
             since_sync += 1
             pace = max(r.pace_s for r in live)
@@ -597,14 +620,17 @@ def _soft_deadline() -> float | None:
 def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed: int, ctx, *,
                   engine: GenerationEngine | None = None, poll_s: float = STAGE_POLL_S,
                   resume: torch.Tensor | None = None, save_checkpoint: CheckpointFn | None = None,
-                  checkpoint_every: int = 0, pace_s: float = 0.0) -> BatchedGenerationResult:
+                  checkpoint_every: int = 0, pace_s: float = 0.0,
+                  stall_s: float | None = None) -> BatchedGenerationResult:
     """Submit one song to the process's engine and wait for it on the calling (task) thread.
 
     The engine thread only stores the latest progress, the latest checkpoint and reads a cancel flag;
     this thread does the SQL work every `poll_s`: `save_checkpoint(frames, grid)` for a new checkpoint,
     `ctx.progress` (heartbeat, fault hooks, raises JobCancelled on a cancel request) and
-    `ctx.should_cancel`. `resume` and `pace_s` go to `GenerationEngine.submit`. Whatever stops this
-    thread (cancel, superseded, soft time limit, an injected fault) cancels the song in the engine, so
+    `ctx.should_cancel`. `resume` and `pace_s` go to `GenerationEngine.submit`. When the engine has not
+    stepped for `stall_s` while songs are live, EngineStalled abandons the engine (every song fails now;
+    the stage's failure handler replaces the process, the retry continues from a checkpoint). Whatever
+    stops this thread (cancel, superseded, soft time limit, an injected fault) cancels the song in the engine, so
     its slot is freed; a CUDA-poison error raised here breaks the engine (every song of the process
     fails, as on a real poisoned device). Raises GenerationCancelled when the engine cancelled the
     song; the stage maps it to JobCancelled.
@@ -638,6 +664,10 @@ def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed
                 pass
             if deadline is not None and time.monotonic() > deadline:
                 raise SoftTimeLimitExceeded(f"soft time limit exceeded while generating ({params.max_frames} frames)")
+            stalled = engine.stalled_s()
+            if stall_s is not None and stalled > stall_s:
+                raise EngineStalled(f"the generation engine made no frame step for {stalled:.0f} s (limit "
+                                    f"{stall_s:.0f} s) while songs were live: hung device work or engine thread")
             if checkpoints and save_checkpoint is not None:
                 done, grid = checkpoints.pop()
                 save_checkpoint(done, grid)
@@ -652,6 +682,8 @@ def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed
         engine.cancel(future)
         if is_cuda_poison(exc):
             engine.fail(exc)
+        elif isinstance(exc, EngineStalled):
+            engine.abandon(exc)
         raise
 
 

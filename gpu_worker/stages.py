@@ -15,10 +15,11 @@ from gpu_worker.tiny_checkpoint import is_tiny_checkpoint
 from gpu_worker.token_validation import validate_codes
 from tasks.audio_files import SAMPLE_RATE, wav_bytes
 from tasks.contracts import DecodeAudioInput, DecodeAudioOutput, GenerateTokensInput, GenerateTokensOutput
-from tasks.recording import JobCancelled, StageContext, stage_task
+from tasks.recording import JobCancelled, StageContext, lease_s, stage_task
 from tasks.stage_inputs import RESOLVERS
 
 CHECKSUM_CACHE_NAME = "checksums.json"
+STALL_LEASES = 3  # a batching engine with no frame step for this many leases is hung: its songs are reclaimed
 
 
 def _checkpoint(path: str, ctx: StageContext) -> Path:
@@ -109,7 +110,7 @@ def _generate_batched(lm, prompt, params, inp: GenerateTokensInput, ctx: StageCo
     batched = run_in_engine(lm.model, prompt, params, inp.seed, ctx, engine=engine,
                             resume=resume.frames if resume else None,
                             save_checkpoint=writer.save if writer else None, checkpoint_every=every,
-                            pace_s=frame_pace_s(ctx))
+                            pace_s=frame_pace_s(ctx), stall_s=STALL_LEASES * lease_s(ctx.settings))
     ctx.environment_extra.update(batch_size=batched.batch_size, queued_s=round(batched.queued_s, 3))
     if resume is not None:
         ctx.environment_extra["resumed_from"] = {

@@ -79,8 +79,9 @@ def lease_s(settings: Settings) -> float:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Out of device memory (e.g. after fragmentation) may pass on a fresh process; nothing else is retried."""
-    if isinstance(exc, TransientStageError):
+    """Out of device memory (e.g. after fragmentation) may pass on a fresh process, and so may an error
+    that declares itself transient (`transient = True`, e.g. a stalled engine); nothing else is retried."""
+    if isinstance(exc, TransientStageError) or getattr(exc, "transient", False) is True:
         return True
     return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
 

@@ -342,3 +342,29 @@ def test_checkpoints_hand_out_the_frames_so_far_and_a_bad_resume_grid_fails_only
     with pytest.raises(ValueError, match="resume grid"):
         too_long.result(TIMEOUT)
     assert engine.submit(prompts[1], PARAMS, 6).result(TIMEOUT).frames.shape[1] == 40
+
+
+def test_an_engine_that_stops_stepping_is_abandoned_and_every_song_fails_with_a_transient_stall(lm, prompts):
+    from tasks.recording import is_transient
+
+    # not the fixture's engine: its thread stays asleep (a daemon), nothing may wait to join it
+    engine = GenerationEngine(lm.model, max_songs=2, logits_hook=no_eos, sync_every=4)
+
+    class Ctx:
+        def progress(self, *args, **kwargs):
+            pass
+
+        def should_cancel(self):
+            return False
+
+    companion = engine.submit(prompts[1], PARAMS, 2)
+    with pytest.raises(ge.EngineStalled, match="no frame step") as raised:  # the engine thread sleeps an hour
+        ge.run_in_engine(lm.model, prompts[0], PARAMS, 1, Ctx(), engine=engine, poll_s=0.02, pace_s=3600,
+                         stall_s=0.5)
+    assert is_transient(raised.value) and engine.broken
+    with pytest.raises(ge.EngineStalled):  # failed at once, although the engine thread never woke up
+        companion.result(1)
+    assert engine.live_count() == 0
+    with pytest.raises(EngineBroken):
+        engine.submit(prompts[2], PARAMS, 3)
+    engine.shutdown(wait=False)

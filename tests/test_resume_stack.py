@@ -85,3 +85,39 @@ def test_a_song_whose_gpu_worker_is_killed_mid_song_resumes_from_its_checkpoint_
     assert "resumed_from" not in uninterrupted["environment"]
     assert uninterrupted["environment"]["token_checkpoints"] >= 2
     assert artifacts(stack, job_id) == artifacts(stack, again)  # the same tokens and the same audio, bit for bit
+
+
+def test_a_hung_engine_is_reclaimed_its_songs_retried_in_a_fresh_process_and_continued(stack):
+    """No frame step for 3 leases while songs are live: every song of the engine fails (EngineStalled),
+    the worker process is replaced although its heartbeat kept beating, and each song's retry succeeds;
+    the song that had a checkpoint continues from it with the tokens of an uninterrupted run."""
+    companion = stack.submit(BODY)
+    wait_until(lambda: ((token_attempts(stack, companion)[-1]["progress"] or {}).get("checkpoint") or {})
+               .get("done", 0) >= EVERY if token_attempts(stack, companion) else False, 180, "a checkpoint")
+    old = stack.pid("gpu")
+    hung = stack.submit({**BODY, "seed": 77, "tags": ["ska", "songpipe-fault-hang-once"]})
+    for job_id in (companion, hung):
+        assert stack.wait_for_job(job_id)["status"] == "succeeded", job_id
+    assert stack.pid("gpu") != old
+    assert "engine stopped stepping" in stack.output() or "must be replaced" in stack.output()
+
+    for job_id in (companion, hung):
+        rows = token_attempts(stack, job_id)
+        # the retry may reach the process on its way out first: it is handed back (lost), not failed
+        statuses = [r["status"] for r in rows]
+        assert statuses[0] == "failed" and statuses[-1] == "succeeded" and set(statuses[1:-1]) <= {"lost"}, statuses
+        first, second = rows[0], rows[-1]
+        assert first["worker_pid"] == old and second["worker_pid"] != old
+        with sqlite3.connect(stack.data_dir / "songpipe.db") as db:
+            (error_type, message), = db.execute(
+                "SELECT error_type, error_message FROM stage_runs WHERE job_id = ? AND stage = 'generate_tokens' "
+                "AND attempt = 1", (job_id,)).fetchall()
+        assert error_type.endswith("EngineStalled") and "no frame step" in message
+        assert first["environment"]["worker_process"]["replaced_after_this_failure"] is True
+    resumed = token_attempts(stack, companion)[-1]["environment"]["resumed_from"]
+    assert resumed["attempt"] == 1 and resumed["frames"] >= EVERY
+    assert "resumed_from" not in token_attempts(stack, hung)[-1]["environment"]  # it had no checkpoint yet
+
+    reference = stack.submit(BODY)
+    assert stack.wait_for_job(reference)["status"] == "succeeded"
+    assert artifacts(stack, companion) == artifacts(stack, reference)
