@@ -66,6 +66,13 @@ def handle_gpu_failure(exc: BaseException, ctx) -> None:
                                                    "reason": _replace_reason}
 
 
+def mark_for_replacement(reason: str) -> None:
+    """This process must be replaced (e.g. a task overran its hard time limit in the threads pool)."""
+    global _replace_reason
+    if _replace_reason is None:
+        _replace_reason = reason
+
+
 def mark_simulated_poison(reason: str) -> None:
     """Fault injection on CPU: from now on this process refuses GPU work, as a poisoned one would."""
     global _simulated_poison

@@ -714,9 +714,9 @@ def _threads_mode() -> bool:
     return current_process().name == "MainProcess" and gpu_batching_enabled(get_settings())
 
 
-def request_worker_exit(reason: str, exit_code: int | None = None) -> None:
+def request_worker_exit(reason: str, exit_code: int | None = None, grace_s: float = POISON_EXIT_GRACE_S) -> None:
     """Stop consuming and shut the Celery worker down warm (in-flight tasks finish and record), then
-    exit with `exit_code`; a watchdog hard-exits after POISON_EXIT_GRACE_S."""
+    exit with `exit_code`; a watchdog hard-exits after `grace_s`."""
     global _exit_requested
     from celery.worker import state as worker_state
 
@@ -730,7 +730,7 @@ def request_worker_exit(reason: str, exit_code: int | None = None) -> None:
                  "with %s once the in-flight tasks have recorded their results - the supervisor restarts it",
                  os.getpid(), reason, code)
     worker_state.should_stop = code  # the consumer loop raises WorkerShutdown(code): a warm shutdown
-    _start_watchdog(code, POISON_EXIT_GRACE_S)
+    _start_watchdog(code, grace_s)
 
 
 def _start_watchdog(code: int, grace_s: float) -> None:
@@ -743,13 +743,72 @@ def _start_watchdog(code: int, grace_s: float) -> None:
     threading.Thread(target=watchdog, name="poison-exit-watchdog", daemon=True).start()
 
 
+# Hard time limits in threads mode. Celery enforces them only by killing a pool child, and the threads pool
+# has none, so a task past its hard limit (a hung decode holding the codec lock, a hung engine) would run
+# forever while its heartbeat thread kept its lease. The watchdog below replaces the process instead: the
+# hung attempt stops heartbeating once the process is gone, and the reconciler records it.
+HARD_LIMIT_EXIT_GRACE_S = 30.0  # the other in-flight tasks get this long; the overdue one never finishes
+TIME_LIMIT_CHECK_S = 1.0
+_running: dict[str, tuple[str, float, float]] = {}  # task id -> (task name, started, hard limit s)
+_running_lock = threading.Lock()
+_time_limit_watchdog: threading.Thread | None = None
+
+
+def _hard_limit(task) -> float | None:
+    limits = getattr(getattr(task, "request", None), "timelimit", None) or ()
+    hard = limits[0] if limits else None
+    return float(hard) if hard else None
+
+
+def overdue_tasks(now: float | None = None) -> list[tuple[str, float]]:
+    """(task name, hard limit) of the tasks of this process running past their hard time limit."""
+    now = time.monotonic() if now is None else now
+    with _running_lock:
+        return [(name, hard) for name, started, hard in _running.values() if now - started > hard]
+
+
+def check_time_limits(now: float | None = None) -> bool:
+    """Replace this process when a task ran past its hard time limit; True when it did."""
+    overdue = overdue_tasks(now)
+    if not overdue:
+        return False
+    from gpu_worker import cuda_health
+
+    name, hard = overdue[0]
+    reason = f"{name} ran past its hard time limit of {hard:.0f} s (the threads pool cannot kill one task)"
+    cuda_health.mark_for_replacement(reason)
+    request_worker_exit(reason, grace_s=HARD_LIMIT_EXIT_GRACE_S)
+    return True
+
+
+def _watch_time_limits() -> None:
+    while not check_time_limits():
+        time.sleep(TIME_LIMIT_CHECK_S)
+
+
 def _task_prerun(task=None, **_kwargs) -> None:
-    if getattr(task, "name", "") == "songpipe.decode_audio" and _threads_mode():
-        _codec_lock.acquire()  # one codec decode at a time, as with prefork concurrency 1
+    global _time_limit_watchdog
+    if not _threads_mode():
+        return
+    if getattr(task, "name", "") == "songpipe.decode_audio":
+        _codec_lock.acquire()  # one codec decode at a time, as with prefork concurrency 1; its clock starts now
         _codec_holder.held = True
+    hard = _hard_limit(task)
+    task_id = getattr(getattr(task, "request", None), "id", None)
+    if hard is not None and task_id is not None:
+        with _running_lock:
+            _running[task_id] = (getattr(task, "name", "?"), time.monotonic(), hard)
+            if _time_limit_watchdog is None:
+                _time_limit_watchdog = threading.Thread(target=_watch_time_limits, name="hard-time-limits",
+                                                        daemon=True)
+                _time_limit_watchdog.start()
 
 
 def _task_postrun(task=None, **_kwargs) -> None:
+    task_id = getattr(getattr(task, "request", None), "id", None)
+    if task_id is not None:
+        with _running_lock:
+            _running.pop(task_id, None)
     if getattr(_codec_holder, "held", False):
         _codec_holder.held = False
         _codec_lock.release()

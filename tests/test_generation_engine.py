@@ -368,3 +368,54 @@ def test_an_engine_that_stops_stepping_is_abandoned_and_every_song_fails_with_a_
     with pytest.raises(EngineBroken):
         engine.submit(prompts[2], PARAMS, 3)
     engine.shutdown(wait=False)
+
+
+def test_threads_mode_replaces_the_process_when_a_task_runs_past_its_hard_time_limit(monkeypatch):
+    """The threads pool cannot kill one task: a decode hung past its hard limit (holding the codec lock)
+    ends the process warm, with a short grace, and later stages are handed back meanwhile."""
+    import time as clock
+
+    from celery.worker import state as worker_state
+
+    from gpu_worker import cuda_health
+
+    exits: list[tuple[int, float]] = []
+    monkeypatch.setattr(ge, "_start_watchdog", lambda code, grace: exits.append((code, grace)))
+    monkeypatch.setattr(ge, "_threads_mode", lambda: True)
+    monkeypatch.setattr(ge, "_exit_requested", False)
+    monkeypatch.setattr(ge, "_time_limit_watchdog", "not started in a test")
+    monkeypatch.setattr(ge, "_running", {})
+    monkeypatch.setattr(worker_state, "should_stop", None)
+    monkeypatch.setattr(cuda_health, "_replace_reason", None)
+    decode = SimpleNamespace(name="songpipe.decode_audio", request=SimpleNamespace(id="d1", timelimit=(30.0, 20.0)))
+    tokens = SimpleNamespace(name="songpipe.generate_tokens", request=SimpleNamespace(id="t1", timelimit=(600.0, 500.0)))
+    ge._task_prerun(task=decode)
+    ge._task_prerun(task=tokens)
+    try:
+        now = clock.monotonic()
+        assert not ge.check_time_limits(now + 10) and worker_state.should_stop is None
+        assert ge.overdue_tasks(now + 31) == [("songpipe.decode_audio", 30.0)]
+        assert ge.check_time_limits(now + 31)
+        assert worker_state.should_stop == cuda_health.POISON_EXIT_CODE
+        assert exits == [(cuda_health.POISON_EXIT_CODE, ge.HARD_LIMIT_EXIT_GRACE_S)]
+        assert "hard time limit of 30 s" in cuda_health._replace_reason
+    finally:
+        ge._task_postrun(task=tokens)
+        ge._task_postrun(task=decode)
+    assert not ge._codec_lock.locked() and ge.overdue_tasks(clock.monotonic() + 10**6) == []
+
+
+def test_a_gpu_stage_reaching_a_threads_worker_on_its_way_out_is_handed_back_not_failed(monkeypatch):
+    from gpu_worker import cuda_health
+    from tasks.recording import JobCancelled
+
+    ctx = SimpleNamespace(stage="generate_tokens", _stopping=False)
+    monkeypatch.setattr(cuda_health, "_is_pool_child", lambda: False)
+    monkeypatch.setattr(cuda_health, "_simulated_poison", None)
+    monkeypatch.setattr(cuda_health, "_replace_reason", None)
+    cuda_health._guard(ctx, "start", {})  # a healthy process runs it
+    assert ctx._stopping is False
+    cuda_health.mark_for_replacement("the generation engine stopped stepping")
+    with pytest.raises(JobCancelled, match="handed back"):
+        cuda_health._guard(ctx, "start", {})
+    assert ctx._stopping is True  # StageRunner then ends the attempt lost and queues a new one
