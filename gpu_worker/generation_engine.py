@@ -105,6 +105,14 @@ class EngineClosed(RuntimeError):
     """The engine was shut down."""
 
 
+class EngineLost(RuntimeError):
+    """This song's engine failed with a device error the song did not raise itself. The message carries
+    the original error, so gpu_worker.cuda_health still replaces the process; the song gets one new
+    attempt (transient), which continues from its token checkpoint."""
+
+    transient = True
+
+
 class EngineStalled(RuntimeError):
     """The engine made no frame step for longer than the stall limit while songs were live (hung device
     work or a blocked engine thread): every song of the engine fails with it, is retried once, and the
@@ -662,6 +670,13 @@ def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed
                 return future.result(timeout=poll_s)
             except TimeoutError:
                 pass
+            except BaseException as exc:
+                if not is_cuda_poison(exc):
+                    raise
+                # a device error this song did not raise on its own thread: it broke the engine the song
+                # shared (another song's fault, or a frame step of all of them) - give the song another try
+                raise EngineLost(f"the generation engine this song shared failed ({type(exc).__name__}: {exc}); "
+                                 "it gets a new attempt in a fresh process") from exc
             if deadline is not None and time.monotonic() > deadline:
                 raise SoftTimeLimitExceeded(f"soft time limit exceeded while generating ({params.max_frames} frames)")
             stalled = engine.stalled_s()

@@ -121,3 +121,33 @@ def test_a_hung_engine_is_reclaimed_its_songs_retried_in_a_fresh_process_and_con
     reference = stack.submit(BODY)
     assert stack.wait_for_job(reference)["status"] == "succeeded"
     assert artifacts(stack, companion) == artifacts(stack, reference)
+
+
+def test_a_device_error_in_one_song_gives_its_batch_mates_new_attempts_that_continue(stack):
+    """Another song's (simulated) device-side assert poisons the shared engine: that song fails with the
+    poison; its batch mate fails with EngineLost, is retried in the fresh process and continues from its
+    checkpoint with the tokens of an uninterrupted run."""
+    companion = stack.submit({**BODY, "seed": 4243})
+    wait_until(lambda: ((token_attempts(stack, companion)[-1]["progress"] or {}).get("checkpoint") or {})
+               .get("done", 0) >= EVERY if token_attempts(stack, companion) else False, 180, "a checkpoint")
+    old = stack.pid("gpu")
+    culprit = stack.submit({**BODY, "seed": 78, "tags": ["ska", "songpipe-fault-cuda-assert"]})
+    assert stack.wait_for_job(culprit)["status"] == "failed"
+    assert stack.wait_for_job(companion)["status"] == "succeeded"
+    assert stack.pid("gpu") != old
+
+    (poisoned,) = token_attempts(stack, culprit)
+    assert poisoned["environment"]["worker_process"]["replaced_after_this_failure"] is True
+    rows = token_attempts(stack, companion)
+    statuses = [r["status"] for r in rows]
+    assert statuses[0] == "failed" and statuses[-1] == "succeeded" and set(statuses[1:-1]) <= {"lost"}, statuses
+    with sqlite3.connect(stack.data_dir / "songpipe.db") as db:
+        (error_type, message), = db.execute(
+            "SELECT error_type, error_message FROM stage_runs WHERE job_id = ? AND stage = 'generate_tokens' "
+            "AND attempt = 1", (companion,)).fetchall()
+    assert error_type.endswith("EngineLost") and "device-side assert" in message
+    assert rows[-1]["worker_pid"] != old and rows[-1]["environment"]["resumed_from"]["attempt"] == 1
+
+    reference = stack.submit({**BODY, "seed": 4243})
+    assert stack.wait_for_job(reference)["status"] == "succeeded"
+    assert artifacts(stack, companion) == artifacts(stack, reference)
