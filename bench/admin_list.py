@@ -29,7 +29,7 @@ VARIANTS = (
     ("newest first (default)", "/admin/jobs"),
     ("status=failed", "/admin/jobs?status=failed"),
     ("failing stage decode_audio", "/admin/jobs?stage=decode_audio"),
-    ("error type", "/admin/jobs?error_type=gpu_worker.token_validation.InvalidCodesError"),
+    ("error type", "/admin/jobs?error_type=gpu_worker.model.token_validation.InvalidCodesError"),
     ("text 'river' (common word)", "/admin/jobs?q=river"),
     ("text 'zebra' (no match: full scan)", "/admin/jobs?q=zebra"),
     ("date range (3 days)", None),  # filled in with dates relative to now

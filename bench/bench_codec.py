@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from gpu_worker.heartcodec import (
+from gpu_worker.model.heartcodec import (
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
     WINDOW_FRAMES,

@@ -45,17 +45,17 @@ from bench.bench_lm import (  # noqa: E402
     write_published_layout,
 )
 from bench.table import print_table  # noqa: E402
-from gpu_worker.fast_codec import FastCodec, snr_db  # noqa: E402
-from gpu_worker.fast_generate import generate_fast, release_engines  # noqa: E402
-from gpu_worker.generate import SamplingParams, generate  # noqa: E402
-from gpu_worker.heartcodec import HeartCodecConfig, build_random_heartcodec, plan_windows  # noqa: E402
-from gpu_worker.heartmula import PRESETS  # noqa: E402
-from gpu_worker.heartmula_checkpoint import (  # noqa: E402
+from gpu_worker.checkpoints.heartmula_checkpoint import (  # noqa: E402
     TINY_CONFIG,
     TINY_GEN_CONFIG,
     heartmula_args_from_config,
     load_heartmula,
 )
+from gpu_worker.codec.fast_codec import FastCodec, snr_db  # noqa: E402
+from gpu_worker.generation.fast_generate import generate_fast, release_engines  # noqa: E402
+from gpu_worker.generation.generate import SamplingParams, generate  # noqa: E402
+from gpu_worker.model.heartcodec import HeartCodecConfig, build_random_heartcodec, plan_windows  # noqa: E402
+from gpu_worker.model.heartmula import PRESETS  # noqa: E402
 
 REAL_CONFIG = {"model_type": "heartmula", "backbone_flavor": "llama-3B", "decoder_flavor": "llama-300M",
                "text_vocab_size": 128256, "audio_vocab_size": 8197, "audio_num_codebooks": 8, "muq_dim": 512}
@@ -365,7 +365,7 @@ def run_gpu_checks(device: str = "cuda", quick: bool = False, frames: int = 100)
     """Correctness of the fast path on the device: RNG draws, graph vs eager, teacher-forced logits."""
     import copy
 
-    from gpu_worker.fast_generate import FrameEngine
+    from gpu_worker.generation.fast_generate import FrameEngine
 
     dev = torch.device(device)
     args, dtype = _setup(dev, quick)
@@ -374,7 +374,7 @@ def run_gpu_checks(device: str = "cuda", quick: bool = False, frames: int = 100)
     rows: list[dict[str, Any]] = []
 
     # 1. the engine's in-graph draws equal the plain path's per-frame draws (counter-based noise)
-    from gpu_worker.sampling_noise import song_noise
+    from gpu_worker.generation.sampling_noise import song_noise
 
     engine = FrameEngine(model, num_songs=3, rows=2, cache_len=512, max_frames=4, audio_eos_id=AUDIO_EOS_ID,
                          use_graphs=False)

@@ -26,17 +26,17 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
-from gpu_worker.checkpoint_files import write_state_dict  # noqa: E402
-from gpu_worker.generate import SamplingParams, generate  # noqa: E402
-from gpu_worker.heartmula import PRESETS, HeartMuLa, HeartMuLaArgs  # noqa: E402
-from gpu_worker.heartmula_checkpoint import (  # noqa: E402
+from gpu_worker.checkpoints.checkpoint_files import write_state_dict  # noqa: E402
+from gpu_worker.checkpoints.heartmula_checkpoint import (  # noqa: E402
     TINY_CONFIG,
     TINY_GEN_CONFIG,
     heartmula_args_from_config,
     load_heartmula,
 )
-from gpu_worker.prompt import Prompt  # noqa: E402
-from gpu_worker.synthetic_tokenizer import write_synthetic_tokenizer  # noqa: E402
+from gpu_worker.checkpoints.synthetic_tokenizer import write_synthetic_tokenizer  # noqa: E402
+from gpu_worker.generation.generate import SamplingParams, generate  # noqa: E402
+from gpu_worker.model.heartmula import PRESETS, HeartMuLa, HeartMuLaArgs  # noqa: E402
+from gpu_worker.model.prompt import Prompt  # noqa: E402
 
 H100_COPY_BANDWIDTH = 3.0e12  # bytes/s, measured copy bandwidth of an H100 SXM (spec §9)
 # The synthetic tokenizer's specials (256/257) stand in for 128000/128001: text ids are random here.

@@ -24,8 +24,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.table import print_table  # noqa: E402
-from gpu_worker.fast_codec import FastCodec, snr_db  # noqa: E402
-from gpu_worker.heartcodec_checkpoint import load_heartcodec  # noqa: E402
+from gpu_worker.checkpoints.heartcodec_checkpoint import load_heartcodec  # noqa: E402
+from gpu_worker.codec.fast_codec import FastCodec, snr_db  # noqa: E402
 
 
 def _timed(device: torch.device, fn):

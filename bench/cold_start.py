@@ -30,9 +30,10 @@ def child(checkpoint: Path) -> None:
     import torch
 
     from bench.bench_lm import random_prompt
-    from gpu_worker import file_checksums, model_cache
-    from gpu_worker.fast_generate import generate_fast
-    from gpu_worker.generate import SamplingParams
+    from gpu_worker.checkpoints import file_checksums
+    from gpu_worker.generation.fast_generate import generate_fast
+    from gpu_worker.generation.generate import SamplingParams
+    from gpu_worker.worker import model_cache
 
     dev = torch.device("cuda")
     torch.zeros(1, device=dev)
@@ -82,7 +83,7 @@ def main() -> None:
 
             from bench.bench_fast import REAL_CONFIG
             from bench.bench_lm import REAL_GEN_CONFIG, random_model, write_published_layout
-            from gpu_worker.heartmula import PRESETS
+            from gpu_worker.model.heartmula import PRESETS
 
             checkpoint = work / "ckpt"
             model = random_model(PRESETS["3B"], torch.device("cuda"), torch.bfloat16)

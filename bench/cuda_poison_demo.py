@@ -3,11 +3,11 @@
     .venv/bin/python bench/cuda_poison_demo.py
 
 1. A child process touches CUDA, then makes the seed story's fault for real: an embedding lookup of
-   id 8192 into a codebook of 8192 rows on the GPU (gpu_worker.fault_injection.trigger_device_assert),
+   id 8192 into a codebook of 8192 rows on the GPU (gpu_worker.worker.fault_injection.trigger_device_assert),
    synchronised. We print the exception type and message, and what songpipe's classifier says.
 2. The same child then tries an unrelated, valid CUDA call: it fails too (the context is poisoned).
 3. A fresh process runs the same valid call: it works. This is why the GPU worker records the
-   failure and then ends its prefork child (gpu_worker/cuda_health.py).
+   failure and then ends its prefork child (gpu_worker/worker/cuda_health.py).
 Exit 0 when all three behave as described. No CUDA: prints so and exits 2.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _error(exc: BaseException) -> dict:
-    from gpu_worker.cuda_health import is_cuda_poison
+    from gpu_worker.worker.cuda_health import is_cuda_poison
 
     return {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc).strip()[:400],
             "is_cuda_poison": is_cuda_poison(exc)}
@@ -39,7 +39,7 @@ def _valid_cuda_call() -> float:
 def child_assert() -> dict:
     import torch
 
-    from gpu_worker.fault_injection import trigger_device_assert
+    from gpu_worker.worker.fault_injection import trigger_device_assert
 
     report: dict = {"pid": os.getpid(), "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                     "cuda": torch.version.cuda, "before": _valid_cuda_call()}

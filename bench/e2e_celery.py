@@ -25,11 +25,11 @@ import torch  # noqa: E402
 
 from bench.bench_lm import random_model  # noqa: E402
 from bench.table import print_table  # noqa: E402
-from gpu_worker.checkpoint_files import write_state_dict  # noqa: E402
-from gpu_worker.heartcodec import HeartCodecConfig  # noqa: E402
-from gpu_worker.heartcodec_checkpoint import tiny_codec_tensors  # noqa: E402
-from gpu_worker.heartmula import PRESETS  # noqa: E402
-from gpu_worker.synthetic_tokenizer import write_synthetic_tokenizer  # noqa: E402
+from gpu_worker.checkpoints.checkpoint_files import write_state_dict  # noqa: E402
+from gpu_worker.checkpoints.heartcodec_checkpoint import tiny_codec_tensors  # noqa: E402
+from gpu_worker.checkpoints.synthetic_tokenizer import write_synthetic_tokenizer  # noqa: E402
+from gpu_worker.model.heartcodec import HeartCodecConfig  # noqa: E402
+from gpu_worker.model.heartmula import PRESETS  # noqa: E402
 from tests.stack_fixtures import database, redis_server, running_stack  # noqa: E402
 
 LM_CONFIG = {"model_type": "heartmula", "backbone_flavor": "llama-3B", "decoder_flavor": "llama-300M",

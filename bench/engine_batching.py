@@ -38,9 +38,9 @@ import torch  # noqa: E402
 
 from bench.bench_lm import bytes_per_frame, random_model, random_prompt  # noqa: E402
 from bench.table import print_table  # noqa: E402
-from gpu_worker.generate import SamplingParams  # noqa: E402
-from gpu_worker.generation_engine import GenerationEngine  # noqa: E402
-from gpu_worker.heartmula import PRESETS  # noqa: E402
+from gpu_worker.generation.generate import SamplingParams  # noqa: E402
+from gpu_worker.model.heartmula import PRESETS  # noqa: E402
+from gpu_worker.worker.generation_engine import GenerationEngine  # noqa: E402
 
 PROMPT = 300
 SHORT_FRAMES = 150
@@ -220,14 +220,13 @@ def main() -> None:
     global PROMPT, SHORT_FRAMES, COMPANION_EXTRA, CACHE_LEN
     CACHE_LEN = opts.cache_len
     if opts.attention_programs is not None:
-        from gpu_worker import fused_ops
-
+        from gpu_worker.kernels import fused_ops
         fused_ops.ATTENTION_TARGET_PROGRAMS = opts.attention_programs
         print(f"attention: {opts.attention_programs} target programs at a full cache")
     only = set(opts.only.split(","))
     started = time.perf_counter()
     if opts.tiny:
-        from gpu_worker.heartmula_checkpoint import TINY_CONFIG, heartmula_args_from_config
+        from gpu_worker.checkpoints.heartmula_checkpoint import TINY_CONFIG, heartmula_args_from_config
 
         device, args, dtype, bandwidth = torch.device("cpu"), heartmula_args_from_config(TINY_CONFIG, Path("tiny")), \
             torch.float32, 1e11

@@ -26,8 +26,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from bench.bench_fast import _params, _random_codec_and_song, _setup  # noqa: E402
 from bench.bench_lm import random_model, random_prompt  # noqa: E402
 from bench.table import print_table  # noqa: E402
-from gpu_worker.fast_codec import FastCodec  # noqa: E402
-from gpu_worker.fast_generate import generate_fast, release_engines  # noqa: E402
+from gpu_worker.codec.fast_codec import FastCodec  # noqa: E402
+from gpu_worker.generation.fast_generate import generate_fast, release_engines  # noqa: E402
 
 KINDS = (  # first match wins; names as the CUDA kernels call themselves
     ("gemm", ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "splitk")),
@@ -126,8 +126,7 @@ def profile_codec(precision: str, compiled: bool) -> None:
 
 def time_kernels(songs: int = 1) -> None:
     """Per-call microseconds of the sampling kernels against torch.topk (CUDA events, 200 calls)."""
-    from gpu_worker import fused_ops
-
+    from gpu_worker.kernels import fused_ops
     dev = torch.device("cuda")
     z = torch.randn(songs, 8197, device=dev)
     noise = torch.empty(songs, 8197, device=dev).exponential_()

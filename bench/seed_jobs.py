@@ -31,8 +31,8 @@ TAGS = ("ska pop rock jazz bossa_nova blues folk electronic hip_hop reggae upbea
 ERRORS = {
     "refine_lyrics": ("tasks.lyrics_refinement.LyricsTooLong", "lyrics need 3120 prompt tokens, budget is 3000"),
     "generate_tags": ("tasks.tags_generation.LlmAnswerInvalid", "LLM answer is not JSON: 'Sure! Here are'"),
-    "generate_tokens": ("gpu_worker.generate.GenerationCancelled", "stopped at frame 812"),
-    "decode_audio": ("gpu_worker.token_validation.InvalidCodesError",
+    "generate_tokens": ("gpu_worker.generation.generate.GenerationCancelled", "stopped at frame 812"),
+    "decode_audio": ("gpu_worker.model.token_validation.InvalidCodesError",
                      "invalid code at frame 0, codebook 3: value 8192 is outside the valid range 0..8191"),
     "encode_audio": ("subprocess.CalledProcessError", "ffmpeg exited with status 1"),
 }

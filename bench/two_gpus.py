@@ -37,7 +37,7 @@ def main() -> None:
             with running_stack("2gpu", work / "stack", url, broker, checkpoint, extra_env=env) as stack:
                 second = f"gpu1-{uuid.uuid4().hex[:6]}@bench"
                 stack.env = {**stack.env, "CUDA_VISIBLE_DEVICES": "1"}
-                _spawn(stack, "gpu1-worker", [sys.executable, "-m", "celery", "-A", "gpu_worker.celery_worker", "worker",
+                _spawn(stack, "gpu1-worker", [sys.executable, "-m", "celery", "-A", "gpu_worker.worker.celery_worker", "worker",
                                               "-Q", "gpu", "-c", "1", "-P", "prefork", "-n", second,
                                               "--without-gossip", "--without-mingle", "-l", "INFO"])
                 wait_until(lambda: _workers_answer(broker, [second]), 120, "second GPU worker")

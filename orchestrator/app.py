@@ -14,7 +14,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from db.schema import require_current_schema
-from gpu_worker.fault_injection import check_allowed as check_fault_injection_allowed
+from gpu_worker.worker.fault_injection import check_allowed as check_fault_injection_allowed
 from tasks.settings import Settings, get_settings
 
 SECRET_KEY_FILE = "secret_key"

@@ -113,7 +113,7 @@ WORKERS = {
     # kind: (Celery app module, queue, default concurrency, pool)
     "cpu": ("tasks.cpu_worker", "cpu", 2, "prefork"),
     # one process per GPU: the model is loaded once per child, and one song owns the device at a time
-    "gpu": ("gpu_worker.celery_worker", "gpu", 1, "prefork"),
+    "gpu": ("gpu_worker.worker.celery_worker", "gpu", 1, "prefork"),
 }
 
 
@@ -125,10 +125,10 @@ def worker_argv(kind: str, concurrency: int | None, loglevel: str, *, gpu_batchi
         # SONGPIPE_GPU_BATCHING=1: one process per GPU still, but a threads pool with one thread per
         # engine slot, so every token task of the process shares one engine, model and CUDA context.
         # After a CUDA poison the whole process exits (warm, after in-flight tasks recorded their
-        # failure; gpu_worker/generation_engine.py) and the supervisor (systemd, a restart loop) must
+        # failure; gpu_worker/worker/generation_engine.py) and the supervisor (systemd, a restart loop) must
         # start it again - there is no prefork child to replace.
         pool, default_concurrency = "threads", _settings().gpu_batch_slots
-        extra = ["--include", "gpu_worker.generation_engine"]
+        extra = ["--include", "gpu_worker.worker.generation_engine"]
     return [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", queue,
             "--concurrency", str(concurrency or default_concurrency), "--pool", pool, *extra,
             # SONGPIPE_WORKER_NAME: the node name the supervisor of `songpipe run` pings (its Procfile line)
@@ -136,7 +136,7 @@ def worker_argv(kind: str, concurrency: int | None, loglevel: str, *, gpu_batchi
 
 
 def _gpu_batching() -> bool:
-    from gpu_worker.device import gpu_batching_enabled
+    from gpu_worker.worker.device import gpu_batching_enabled
 
     return gpu_batching_enabled(_settings())
 
@@ -181,7 +181,7 @@ def db_upgrade() -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 def make_checkpoint(size: str, out: Path, seed: int) -> None:
     """Write a random-weight checkpoint in the published folder layout (noise, not music)."""
-    from gpu_worker.tiny_checkpoint import make_tiny_checkpoint
+    from gpu_worker.checkpoints.tiny_checkpoint import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(out, seed=seed)
     click.echo(f"{size} checkpoint written to {path} (random weights: noise, not music)")
@@ -259,8 +259,7 @@ def _run_stage(stage: str, inputs_payload: dict[str, Any], source: dict[str, Any
     except ValidationError as exc:
         _fail_validation(field_errors(exc), as_json=False)
     settings = _settings()
-    from gpu_worker import stages
-
+    from gpu_worker.worker import stages
     computes: dict[str, Callable[[Any, Any], BaseModel]] = {"generate_tokens": stages.generate_tokens,
                                                             "decode_audio": stages.decode_audio}
     compute = computes[stage]
@@ -355,7 +354,7 @@ def stage_decode_audio(job_id: str | None, attempt: int | None, tokens_file: Pat
         return
     if tokens_file is None:
         raise click.UsageError("give --tokens FILE.npy or --from-job JOB")
-    from gpu_worker.stages import tokens_from_bytes
+    from gpu_worker.worker.stages import tokens_from_bytes
     from tasks.artifact_store import open_store
 
     data = tokens_file.read_bytes()

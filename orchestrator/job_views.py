@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from db.engine import session_scope
 from db.models import JOB_TERMINAL, STAGE_DONE, Artifact, Job, StageRun
-from gpu_worker.checkpoint_marker import MARKER as TINY_CHECKPOINT_MARKER
+from gpu_worker.checkpoints.checkpoint_marker import MARKER as TINY_CHECKPOINT_MARKER
 from tasks.contracts import STAGES
 from tasks.pipeline.attempts import latest_done, latest_runs
 from tasks.settings import Settings

@@ -143,7 +143,7 @@ def _backbone_max_seq_len(config_path: str, _mtime_ns: int) -> int:
     custom = config.get("flavors") or {}
     if flavor in custom:  # tiny checkpoints define their own flavour, so no torch import is needed
         return int(custom[flavor]["max_seq_len"])
-    from gpu_worker.model_flavors import flavor_args  # published flavours: the model's own table (torch-free)
+    from gpu_worker.model.model_flavors import flavor_args  # published flavours: the model's own table (torch-free)
 
     return int(flavor_args(flavor, custom).max_seq_len)
 

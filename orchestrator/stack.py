@@ -91,7 +91,7 @@ def prepare(settings: Settings, echo: Echo) -> None:
     revision = upgrade(settings.resolved_database_url)
     echo(f"database: {settings.resolved_database_url} (schema {revision})")
     if settings.uses_tiny_checkpoint:
-        from gpu_worker.tiny_checkpoint import ensure_tiny_checkpoint
+        from gpu_worker.checkpoints.tiny_checkpoint import ensure_tiny_checkpoint
 
         echo(f"checkpoint: tiny random checkpoint at {settings.resolved_checkpoint_dir} "
              "(HEARTMULA_CKPT is unset) - random weights: noise, not music")

@@ -1,6 +1,6 @@
 """A worker's /metrics: multiprocess files, an HTTP server in the main process, stage-end observations.
 
-Imported by the worker entry points (tasks/cpu_worker.py, gpu_worker/celery_worker.py); it only
+Imported by the worker entry points (tasks/cpu_worker.py, gpu_worker/worker/celery_worker.py); it only
 connects Celery signals, so importing it elsewhere changes nothing.
 
 - worker_init (main process, before the pool forks): when SONGPIPE_METRICS_PORT is set, a fresh

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-# Without an NVIDIA GPU, Triton kernels (gpu_worker/fused_ops.py) can only run through Triton's
+# Without an NVIDIA GPU, Triton kernels (gpu_worker/kernels/fused_ops.py) can only run through Triton's
 # interpreter; it is chosen when triton is first imported, so it is set before any test imports it.
 if not Path("/dev/nvidia0").exists() and not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")

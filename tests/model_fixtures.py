@@ -30,7 +30,7 @@ SONGS = [
 
 def tiny_params(frames: int):
     """The sampling parameters of the tiny-checkpoint tests, for a song of at most `frames` frames."""
-    from gpu_worker.generate import SamplingParams
+    from gpu_worker.generation.generate import SamplingParams
 
     return SamplingParams(temperature=1.0, top_k=50, cfg_scale=1.5, max_audio_length_ms=frames * FRAME_MS)
 
@@ -38,7 +38,7 @@ def tiny_params(frames: int):
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     """The tiny checkpoint (seed 2), written and loaded once per test module."""
-    from gpu_worker.heartmula_checkpoint import load_heartmula, write_tiny_heartmula
+    from gpu_worker.checkpoints.heartmula_checkpoint import load_heartmula, write_tiny_heartmula
 
     root = tmp_path_factory.mktemp("ckpt")
     write_tiny_heartmula(root, seed=2)
@@ -47,7 +47,7 @@ def lm(tmp_path_factory):
 
 def tiny_prompts(lm, count: int) -> list:
     """Prompts of the first `count` of SONGS."""
-    from gpu_worker.prompt import build_prompt
+    from gpu_worker.model.prompt import build_prompt
 
     return [build_prompt(lm.tokenizer, lm.gen_config, tags, lyrics) for tags, lyrics in SONGS[:count]]
 

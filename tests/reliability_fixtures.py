@@ -104,7 +104,7 @@ def spawn(stack: Stack, name: str, argv: list[str], extra_env: dict[str, str] | 
 
 
 def worker_argv(kind: str, hostname: str) -> list[str]:
-    module = {"cpu": "tasks.cpu_worker", "gpu": "gpu_worker.celery_worker"}[kind]
+    module = {"cpu": "tasks.cpu_worker", "gpu": "gpu_worker.worker.celery_worker"}[kind]
     return [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", kind, "-c", "1", "-P", "prefork",
             "-n", hostname, "--without-gossip", "--without-mingle", "-l", "INFO"]
 

@@ -221,7 +221,7 @@ def count_rows(url: str) -> dict[str, int]:
 # -- checkpoints -------------------------------------------------------------------------------
 
 def tiny_checkpoint(path: Path) -> Path:
-    from gpu_worker.tiny_checkpoint import make_tiny_checkpoint
+    from gpu_worker.checkpoints.tiny_checkpoint import make_tiny_checkpoint
 
     return make_tiny_checkpoint(path, seed=0)
 
@@ -370,13 +370,13 @@ def running_stack(name: str, workdir: Path, database_url: str, redis_url: str, c
     `stack.metrics_urls` maps "cpu"/"gpu" to the URLs.
 
     `gpu_pool` / `gpu_extra_args`: the GPU worker's pool and concurrency, e.g. ("threads", 8) with
-    ("--include", "gpu_worker.generation_engine") for the continuous-batching mode.
+    ("--include", "gpu_worker.worker.generation_engine") for the continuous-batching mode.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     stack = Stack(name, workdir, stack_environment(workdir, database_url, redis_url, checkpoint, extra_env),
                   database_url, redis_url, checkpoint)
     tag = uuid.uuid4().hex[:8]
-    workers = {"cpu": ("tasks.cpu_worker", f"cpu-{tag}@test"), "gpu": ("gpu_worker.celery_worker", f"gpu-{tag}@test")}
+    workers = {"cpu": ("tasks.cpu_worker", f"cpu-{tag}@test"), "gpu": ("gpu_worker.worker.celery_worker", f"gpu-{tag}@test")}
     try:
         for kind, (module, hostname) in workers.items():
             pool, concurrency = gpu_pool if kind == "gpu" else ("prefork", 1)

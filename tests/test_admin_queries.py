@@ -111,7 +111,7 @@ def test_failing_stage_and_error_type_filters(settings, seeded):
     with session_scope(settings.resolved_database_url) as session:
         failed = all_pages(session, status="failed", limit="200")
         decode = all_pages(session, stage="decode_audio", limit="200")
-        by_type = all_pages(session, error_type="gpu_worker.token_validation.InvalidCodesError", limit="200")
+        by_type = all_pages(session, error_type="gpu_worker.model.token_validation.InvalidCodesError", limit="200")
     assert decode and all(r["failed_stage"] == "decode_audio" for r in decode)
     assert {r["id"] for r in decode} == {r["id"] for r in failed if r["failed_stage"] == "decode_audio"}
     assert {r["id"] for r in by_type} == {r["id"] for r in decode}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gpu_worker.heartcodec_checkpoint import load_heartcodec, write_tiny_heartcodec
+from gpu_worker.checkpoints.heartcodec_checkpoint import load_heartcodec, write_tiny_heartcodec
 from tasks import audio_files
 
 AUDIBLE_DBFS = -40.0

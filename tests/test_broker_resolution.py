@@ -92,7 +92,7 @@ def test_queue_lengths_on_an_embedded_socket_url(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("module", ["tasks.cpu_worker", "gpu_worker.celery_worker"])
+@pytest.mark.parametrize("module", ["tasks.cpu_worker", "gpu_worker.worker.celery_worker"])
 def test_a_worker_started_on_an_empty_database_exits_naming_db_upgrade(tmp_path, redis_service, module):
     with redis_service.db() as redis_url:
         env = stack_environment(tmp_path, f"sqlite:///{tmp_path}/empty.db", redis_url, tmp_path / "ckpt")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gpu_worker.heartcodec import (
+from gpu_worker.model.heartcodec import (
     HOP_SAMPLES,
     OVERLAP_SAMPLES,
     PREFIX_LATENTS,

@@ -11,8 +11,8 @@ import logging
 import pytest
 import torch
 
-from gpu_worker.fast_codec import FastCodec, compile_by_default, snr_db
-from gpu_worker.heartcodec import (
+from gpu_worker.codec.fast_codec import FastCodec, compile_by_default, snr_db
+from gpu_worker.model.heartcodec import (
     PREFIX_LATENTS,
     HeartCodecConfig,
     build_random_heartcodec,
@@ -145,7 +145,7 @@ def test_a_failing_torch_compile_falls_back_to_eager_and_says_so(codec, probe, m
         raise RuntimeError("no C compiler")
 
     monkeypatch.setattr(torch, "compile", broken)
-    with caplog.at_level(logging.WARNING, logger="gpu_worker.fast_codec"):
+    with caplog.at_level(logging.WARNING, logger="gpu_worker.codec.fast_codec"):
         fast = FastCodec(codec, precision="fp32", compile=True)
     assert not fast.compiled and "no C compiler" in fast.compile_error
     assert "running it eager" in caplog.text
@@ -160,7 +160,7 @@ def test_a_compile_failing_at_the_first_call_falls_back_to_eager(codec, probe, f
 
     fast = FastCodec(codec, precision="fp32", compile=True, compile_backend=backend)
     assert fast.compiled  # not known before the first call
-    with caplog.at_level(logging.WARNING, logger="gpu_worker.fast_codec"), torch.inference_mode():
+    with caplog.at_level(logging.WARNING, logger="gpu_worker.codec.fast_codec"), torch.inference_mode():
         out = fast._estimate(*probe)
         again = fast._estimate(*probe)
     assert torch.equal(out, codec.flow_matching.estimator(*probe)) and torch.equal(again, out)
@@ -264,7 +264,7 @@ def test_a_failing_compiled_sq_decoder_falls_back_to_the_eager_one_and_says_so(c
     fast._compiled_sq = broken
     channels = codec.scalar_model.latent_hidden_dim * codec.scalar_model.num_samples
     latents = torch.randn(1, 744, channels, generator=torch.Generator().manual_seed(5))
-    with caplog.at_level(logging.WARNING, logger="gpu_worker.fast_codec"), torch.inference_mode():
+    with caplog.at_level(logging.WARNING, logger="gpu_worker.codec.fast_codec"), torch.inference_mode():
         audio = fast.decode_latents(latents)
         assert torch.equal(audio, codec.scalar_model.decode_batch(latents))
     described = fast.describe()

@@ -9,19 +9,19 @@ import dataclasses
 import pytest
 import torch
 
-from gpu_worker.fast_generate import generate_fast
-from gpu_worker.generate import (
+from gpu_worker.checkpoints.heartmula_checkpoint import (
+    TINY_CONFIG,
+    heartmula_args_from_config,
+    random_state_dict,
+)
+from gpu_worker.generation.fast_generate import generate_fast
+from gpu_worker.generation.generate import (
     ContextLimitError,
     EmptySongError,
     GenerationCancelled,
     generate,
 )
-from gpu_worker.heartmula import HeartMuLa
-from gpu_worker.heartmula_checkpoint import (
-    TINY_CONFIG,
-    heartmula_args_from_config,
-    random_state_dict,
-)
+from gpu_worker.model.heartmula import HeartMuLa
 from tests import model_fixtures
 from tests.model_fixtures import EOS, VOCAB, no_eos, tiny_params, tiny_prompts
 
@@ -229,7 +229,7 @@ def test_a_seed_outside_int64_is_refused(lm, prompts):
 
 
 def test_the_fast_path_allocates_no_model_kv_cache(tmp_path):
-    from gpu_worker.heartmula_checkpoint import load_heartmula, write_tiny_heartmula
+    from gpu_worker.checkpoints.heartmula_checkpoint import load_heartmula, write_tiny_heartmula
 
     write_tiny_heartmula(tmp_path, seed=2)
     fresh = load_heartmula(tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_worker import file_checksums
+from gpu_worker.checkpoints import file_checksums
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The fast path's Triton kernels (gpu_worker/fused_ops.py) against their eager twins.
+"""The fast path's Triton kernels (gpu_worker/kernels/fused_ops.py) against their eager twins.
 
 On a machine without a GPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, numpy
 on the CPU): the same kernel code, so indexing, masking, the split-K merge and the sampling race are
@@ -19,7 +19,7 @@ pytest.importorskip("triton")  # a test dependency (setup.cfg [test]); CUDA buil
 
 import torch.nn.functional as F  # noqa: E402
 
-from gpu_worker.generate import forbidden_ids_mask, top_k_race  # noqa: E402
+from gpu_worker.generation.generate import forbidden_ids_mask, top_k_race  # noqa: E402
 from tests import model_fixtures  # noqa: E402
 from tests.model_fixtures import EOS, VOCAB, tiny_params, tiny_prompts  # noqa: E402,F401
 
@@ -33,8 +33,7 @@ DEVICES = ["cpu"] if INTERPRETED else ["cuda"]
 
 @pytest.fixture(scope="module")
 def fo():
-    from gpu_worker import fused_ops
-
+    from gpu_worker.kernels import fused_ops
     if not INTERPRETED and not torch.cuda.is_available():
         pytest.fail("Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on the CPU")
     return fused_ops
@@ -50,7 +49,7 @@ def _cases():
 
 @pytest.mark.parametrize("device, dtype", _cases())
 def test_rms_norm_matches_the_model_norm_on_strided_rows(fo, device, dtype):
-    from gpu_worker.fast_generate import _rms_norm
+    from gpu_worker.generation.fast_generate import _rms_norm
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 2, 48, generator=gen).to(device, dtype) * 3
@@ -62,8 +61,8 @@ def test_rms_norm_matches_the_model_norm_on_strided_rows(fo, device, dtype):
 @pytest.mark.parametrize("device, dtype", _cases())
 @pytest.mark.parametrize("seq", [1, 2])
 def test_rope_to_cache_rotates_q_and_k_and_writes_k_v_at_each_rows_position(fo, device, dtype, seq):
-    from gpu_worker.fast_generate import _rope
-    from gpu_worker.heartmula import precompute_freqs_cis
+    from gpu_worker.generation.fast_generate import _rope
+    from gpu_worker.model.heartmula import precompute_freqs_cis
 
     heads, kv_heads, hd, rows, slots = 6, 2, 8, 4, 32
     gen = torch.Generator().manual_seed(1)
@@ -187,7 +186,7 @@ def test_each_song_gets_its_own_cfg_scale_temperature_and_top_k(fo, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_kernels_hashed_draws_pick_what_the_noise_buffer_of_sampling_noise_picks(fo, device):
     """The fused frame step hashes its draws in the sampling kernel; they must be race_noise's numbers."""
-    from gpu_worker.sampling_noise import race_noise
+    from gpu_worker.generation.sampling_noise import race_noise
 
     songs = 3
     z = (torch.randn(songs, VOCAB, generator=torch.Generator().manual_seed(8)) * 3).to(device)
@@ -234,7 +233,7 @@ def no_eos_on(model):
 
 
 def test_a_song_through_the_fused_frame_step_gets_the_eager_fast_paths_tokens(fo, lm):
-    from gpu_worker.fast_generate import generate_fast, release_engines
+    from gpu_worker.generation.fast_generate import generate_fast, release_engines
 
     model = lm.model if INTERPRETED else copy.deepcopy(lm.model).to("cuda")
     prompt = tiny_prompts(lm, 1)[0]
@@ -275,7 +274,7 @@ def test_with_a_fixed_chunk_each_rows_attention_is_the_same_bits_at_any_capacity
 
 def test_a_song_resumed_through_the_fused_frame_step_continues_with_the_uninterrupted_tokens(fo, lm):
     """FrameEngine.resume on the Triton kernels: the replayed chunk writes the keys the frame steps wrote."""
-    from gpu_worker.fast_generate import FrameEngine
+    from gpu_worker.generation.fast_generate import FrameEngine
 
     model = lm.model if INTERPRETED else copy.deepcopy(lm.model).to("cuda")
     prompts = tiny_prompts(lm, 2)

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from gpu_worker.generate import (
+from gpu_worker.generation.generate import (
     ContextLimitError,
     EmptySongError,
     GenerationCancelled,
@@ -15,7 +15,7 @@ from gpu_worker.generate import (
     generate,
     top_k_race,
 )
-from gpu_worker.sampling_noise import song_noise
+from gpu_worker.generation.sampling_noise import song_noise
 from tests import model_fixtures
 from tests.model_fixtures import EOS, VOCAB, no_eos, tiny_params, tiny_prompts
 

@@ -1,4 +1,4 @@
-"""Continuous batching (gpu_worker/generation_engine.py) on the CPU, fp32, tiny checkpoint.
+"""Continuous batching (gpu_worker/worker/generation_engine.py) on the CPU, fp32, tiny checkpoint.
 
 A song's tokens must not depend on which songs share the engine with it, nor on when it joins: each
 must equal `generate_fast` alone with the same seed.
@@ -12,15 +12,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpu_worker import generation_engine as ge
-from gpu_worker.fast_generate import generate_fast
-from gpu_worker.generate import (
+from gpu_worker.generation.fast_generate import generate_fast
+from gpu_worker.generation.generate import (
     ContextLimitError,
     EmptySongError,
     GenerationCancelled,
     generate,
 )
-from gpu_worker.generation_engine import (
+from gpu_worker.worker import generation_engine as ge
+from gpu_worker.worker.generation_engine import (
     BatchedGenerationResult,
     EngineBroken,
     EngineClosed,
@@ -169,7 +169,7 @@ def test_an_engine_error_fails_every_song_and_later_submissions(lm, prompts, eng
     assert engine.broken
     with pytest.raises(EngineBroken, match="illegal memory access") as caught:
         engine.submit(prompts[0], PARAMS, 0)
-    from gpu_worker.cuda_health import is_cuda_poison
+    from gpu_worker.worker.cuda_health import is_cuda_poison
 
     assert is_cuda_poison(caught.value)  # so the stage's failure handler replaces the process
 
@@ -190,7 +190,7 @@ def test_songs_with_different_sampling_parameters_share_frame_steps(lm, prompts,
 
 
 def test_an_out_of_memory_error_at_admission_fails_only_that_song(lm, prompts, engine_factory, monkeypatch):
-    from gpu_worker.fast_generate import FrameEngine
+    from gpu_worker.generation.fast_generate import FrameEngine
 
     engine = engine_factory(max_songs=3)
     original = FrameEngine.prefill
@@ -261,8 +261,7 @@ def test_run_in_engine_reports_progress_on_the_callers_thread_and_maps_a_cancel(
 def test_threads_mode_poison_stops_the_worker_warm_and_serialises_the_codec(monkeypatch):
     from celery.worker import state as worker_state
 
-    from gpu_worker import cuda_health
-
+    from gpu_worker.worker import cuda_health
     exits: list[tuple[int, float]] = []
     monkeypatch.setattr(ge, "_start_watchdog", lambda code, grace: exits.append((code, grace)))
     monkeypatch.setattr(ge, "_threads_mode", lambda: True)
@@ -289,7 +288,7 @@ def test_the_gpu_worker_command_uses_threads_only_when_batching_is_on():
     batched = worker_argv("gpu", None, "INFO", gpu_batching=True)
     assert batched[batched.index("--pool") + 1] == "threads"
     assert batched[batched.index("--concurrency") + 1] == str(ge.DEFAULT_MAX_SONGS)
-    assert batched[batched.index("--include") + 1] == "gpu_worker.generation_engine"
+    assert batched[batched.index("--include") + 1] == "gpu_worker.worker.generation_engine"
 
 
 def test_the_batching_workers_threads_follow_the_slot_setting(monkeypatch):
@@ -301,7 +300,7 @@ def test_the_batching_workers_threads_follow_the_slot_setting(monkeypatch):
 
 
 def test_batching_is_the_default_on_cuda_and_off_on_the_cpu(monkeypatch):
-    from gpu_worker.device import gpu_batching_enabled
+    from gpu_worker.worker.device import gpu_batching_enabled
     from tasks.settings import Settings
 
     monkeypatch.delenv("SONGPIPE_GPU_BATCHING", raising=False)
@@ -377,8 +376,7 @@ def test_threads_mode_replaces_the_process_when_a_task_runs_past_its_hard_time_l
 
     from celery.worker import state as worker_state
 
-    from gpu_worker import cuda_health
-
+    from gpu_worker.worker import cuda_health
     exits: list[tuple[int, float]] = []
     monkeypatch.setattr(ge, "_start_watchdog", lambda code, grace: exits.append((code, grace)))
     monkeypatch.setattr(ge, "_threads_mode", lambda: True)
@@ -406,7 +404,7 @@ def test_threads_mode_replaces_the_process_when_a_task_runs_past_its_hard_time_l
 
 
 def test_a_gpu_stage_reaching_a_threads_worker_on_its_way_out_is_handed_back_not_failed(monkeypatch):
-    from gpu_worker import cuda_health
+    from gpu_worker.worker import cuda_health
     from tasks.recording import JobCancelled
 
     ctx = SimpleNamespace(stage="generate_tokens", _stopping=False)

@@ -6,15 +6,15 @@ import dataclasses
 import pytest
 import torch
 
-from gpu_worker.heartcodec import (
+from gpu_worker.checkpoints.heartcodec_checkpoint import load_heartcodec, write_tiny_heartcodec
+from gpu_worker.model.heartcodec import (
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
     CodecConfigError,
     HeartCodec,
     HeartCodecConfig,
 )
-from gpu_worker.heartcodec_checkpoint import load_heartcodec, write_tiny_heartcodec
-from gpu_worker.token_validation import InvalidCodesError
+from gpu_worker.model.token_validation import InvalidCodesError
 
 
 @pytest.fixture(scope="module")

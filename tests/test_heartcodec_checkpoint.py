@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu_worker.checkpoint_files import INDEX_NAME, SINGLE_NAME, CheckpointError, WeightFiles, write_state_dict
-from gpu_worker.heartcodec_checkpoint import (
+from gpu_worker.checkpoints.checkpoint_files import INDEX_NAME, SINGLE_NAME, CheckpointError, WeightFiles, write_state_dict
+from gpu_worker.checkpoints.heartcodec_checkpoint import (
     BROKEN_VARIANT_TENSORS,
     CODEC_FOLDER,
     fold_weight_norm,

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpu_worker.heartmula import (
+from gpu_worker.checkpoints.heartmula_checkpoint import TINY_FLAVORS, load_heartmula, write_tiny_heartmula
+from gpu_worker.model.heartmula import (
     FLAVORS,
     PRESETS,
     FlavorError,
@@ -13,7 +14,6 @@ from gpu_worker.heartmula import (
     flavor_args,
     resolve_flavors,
 )
-from gpu_worker.heartmula_checkpoint import TINY_FLAVORS, load_heartmula, write_tiny_heartmula
 
 VOCAB = 8197
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gpu_worker.checkpoint_files import INDEX_NAME, CheckpointError, WeightFiles
-from gpu_worker.heartmula_checkpoint import (
+from gpu_worker.checkpoints.checkpoint_files import INDEX_NAME, CheckpointError, WeightFiles
+from gpu_worker.checkpoints.heartmula_checkpoint import (
     BROKEN_MISSING,
     BROKEN_UNEXPECTED,
     BROKEN_WRONG_SHAPE,

@@ -5,8 +5,8 @@ import pytest
 import torch
 from tokenizers import processors
 
-from gpu_worker.prompt import GenConfig, PromptError, build_prompt
-from gpu_worker.synthetic_tokenizer import BOS_ID, EOS_ID, build_synthetic_tokenizer
+from gpu_worker.checkpoints.synthetic_tokenizer import BOS_ID, EOS_ID, build_synthetic_tokenizer
+from gpu_worker.model.prompt import GenConfig, PromptError, build_prompt
 
 # deliberately not the published ids: nothing may hard-code 128000/128001
 GEN = GenConfig(text_bos_id=BOS_ID, text_eos_id=EOS_ID, audio_eos_id=8193, empty_id=0)

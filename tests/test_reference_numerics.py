@@ -1,7 +1,7 @@
 """Our HeartMuLa module (run in float64) against an independent float64 reference written here.
 
 The reference uses plain loops and einsum over the state-dict tensors and the spec's formulas
-(§2.2 block, §2.3 RoPE, §4.3 decoder); it calls nothing from gpu_worker.heartmula.
+(§2.2 block, §2.3 RoPE, §4.3 decoder); it calls nothing from gpu_worker.model.heartmula.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from gpu_worker.heartmula import apply_rotary_emb, precompute_freqs_cis
-from gpu_worker.heartmula_checkpoint import load_heartmula, write_tiny_heartmula
+from gpu_worker.checkpoints.heartmula_checkpoint import load_heartmula, write_tiny_heartmula
+from gpu_worker.model.heartmula import apply_rotary_emb, precompute_freqs_cis
 
 REL_TOL = 1e-6
 VOCAB = 8197

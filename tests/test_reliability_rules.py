@@ -341,7 +341,7 @@ def test_time_limits_grow_with_the_song_and_stay_under_the_visibility_timeout(se
 
 
 def test_the_fault_switch_is_off_by_default_and_refused_in_production():
-    from gpu_worker.fault_injection import FaultInjectionRefused, check_allowed, faults_in, switch_on
+    from gpu_worker.worker.fault_injection import FaultInjectionRefused, check_allowed, faults_in, switch_on
 
     assert not switch_on(Settings())
     assert switch_on(Settings(fault_injection=True))

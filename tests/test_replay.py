@@ -35,7 +35,7 @@ def settings(database_url: str, tiny_checkpoint_dir: Path, tmp_path_factory) -> 
 
 
 def runners() -> dict:
-    from gpu_worker import stages as gpu_stages
+    from gpu_worker.worker import stages as gpu_stages
     from tasks import cpu_stages
 
     return {"refine_lyrics": cpu_stages.refine_lyrics_task.runner, "generate_tags": cpu_stages.generate_tags_task.runner,

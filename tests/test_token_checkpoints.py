@@ -1,4 +1,4 @@
-"""Which token checkpoint a new attempt continues from (gpu_worker/token_checkpoints.py), against SQL.
+"""Which token checkpoint a new attempt continues from (gpu_worker/worker/token_checkpoints.py), against SQL.
 
 Only an earlier attempt of the same job and stage that ended lost or failed, with exactly the same
 recorded inputs, counts; the furthest wins; one made by another engine shape is refused with a reason.
@@ -10,8 +10,8 @@ import torch
 
 from db.engine import session_scope
 from db.models import StageRun
-from gpu_worker.stages import tokens_to_bytes
-from gpu_worker.token_checkpoints import CheckpointWriter, compat_key, find_resume_point
+from gpu_worker.worker.stages import tokens_to_bytes
+from gpu_worker.worker.token_checkpoints import CheckpointWriter, compat_key, find_resume_point
 from orchestrator.submission import new_job_rows
 from tasks.artifact_store import open_store
 from tasks.contracts import GenerateTokensInput, JobRequest

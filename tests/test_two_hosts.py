@@ -69,7 +69,7 @@ def two_host_stack(hosts, tmp_path_factory, tiny_checkpoint_dir) -> Iterator[Sta
         cpu, gpu = f"cpu-{tag}@host-a", f"gpu-{tag}@host-b"
         try:
             _spawn(stack, "cpu-worker", _worker("tasks.cpu_worker", "cpu", cpu), env_a)
-            _spawn(stack, "gpu-worker", hosts.on_b(_worker("gpu_worker.celery_worker", "gpu", gpu)), env_b)
+            _spawn(stack, "gpu-worker", hosts.on_b(_worker("gpu_worker.worker.celery_worker", "gpu", gpu)), env_b)
             _spawn(stack, "reconciler", [sys.executable, "-m", "tasks.reconciler_cli", "--interval", "1"], env_a)
             port = stack_fixtures.free_port()
             stack.base_url = f"http://{a}:{port}"

@@ -339,7 +339,7 @@ def _job_with_operator_facts(settings: Settings) -> str:
                                            "request": {"messages": []}}]}
         tokens.status, tokens.error_type = "failed", "FileNotFoundError"
         tokens.error_message = "no such file: /srv/songpipe/checkpoints/HeartMuLa-oss-3B/model.safetensors"
-        tokens.traceback = 'Traceback (most recent call last):\n  File "/opt/songpipe/gpu_worker/generate.py"'
+        tokens.traceback = 'Traceback (most recent call last):\n  File "/opt/songpipe/gpu_worker/generation/generate.py"'
         tokens.worker_hostname, tokens.worker_pid, tokens.celery_task_id = SECRET_HOST, SECRET_PID, "abc"
         tokens.inputs = {"checkpoint": "/srv/songpipe/checkpoints/HeartMuLa-oss-3B", "seed": 1}
         tokens.environment = {"hostname": SECRET_HOST, "pid": SECRET_PID, "cuda_visible_devices": "0"}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_worker.checkpoint_files import (
+from gpu_worker.checkpoints.checkpoint_files import (
     CheckpointError,
     ProblemReport,
     WeightFiles,
@@ -24,7 +24,7 @@ from gpu_worker.checkpoint_files import (
     read_json,
     write_state_dict,
 )
-from gpu_worker.heartcodec import WINDOW_FRAMES, CodecConfigError, HeartCodec, HeartCodecConfig, build_random_heartcodec
+from gpu_worker.model.heartcodec import WINDOW_FRAMES, CodecConfigError, HeartCodec, HeartCodecConfig, build_random_heartcodec
 
 CODEC_FOLDER = "HeartCodec-oss"
 CONFIG_NAME = "config.json"

@@ -14,14 +14,14 @@ load_seconds: dict[str, float] = {}
 
 
 def get_lm(ckpt_root: Path, device: torch.device, dtype: torch.dtype):
-    from gpu_worker.heartmula_checkpoint import load_heartmula
+    from gpu_worker.checkpoints.heartmula_checkpoint import load_heartmula
 
     return _get(("lm", str(ckpt_root), str(device), str(dtype)),
                 lambda: load_heartmula(ckpt_root, device=device, dtype=dtype))
 
 
 def get_codec(ckpt_root: Path, device: torch.device, dtype: torch.dtype):
-    from gpu_worker.heartcodec_checkpoint import load_heartcodec
+    from gpu_worker.checkpoints.heartcodec_checkpoint import load_heartcodec
 
     return _get(("codec", str(ckpt_root), str(device), str(dtype)),
                 lambda: load_heartcodec(ckpt_root, device=device, dtype=dtype))
@@ -29,7 +29,7 @@ def get_codec(ckpt_root: Path, device: torch.device, dtype: torch.dtype):
 
 def get_fast_codec(codec_model):
     """The bf16 estimator copy (about 3 GB at the real size), made once per codec."""
-    from gpu_worker.fast_codec import FastCodec
+    from gpu_worker.codec.fast_codec import FastCodec
 
     return _get(("fast_codec", str(id(codec_model)), "", "bf16"), lambda: FastCodec(codec_model, precision="bf16"))
 

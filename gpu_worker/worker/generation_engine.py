@@ -2,10 +2,10 @@
 
 Why: on an H100 the fast path's frame costs 8.99 ms for one song with CFG and 9.77 ms for eight songs
 together (bench/RESULTS.md), but with one Celery task per song each song ran alone. The engine keeps a
-FrameEngine (gpu_worker/fast_generate.py) of `max_songs` fixed slots busy: between frames it admits
+FrameEngine (gpu_worker/generation/fast_generate.py) of `max_songs` fixed slots busy: between frames it admits
 waiting songs into free slots (prefill + frame 0 for the new slots only) and retires finished ones
 (EOS, max length, cancel, error). It is the default on CUDA (`SONGPIPE_GPU_BATCHING`, unset: on with
-CUDA, off on the CPU; gpu_worker/device.py): `generate_tokens` submits here and `songpipe worker gpu`
+CUDA, off on the CPU; gpu_worker/worker/device.py): `generate_tokens` submits here and `songpipe worker gpu`
 runs Celery's threads pool (`-P threads -c SONGPIPE_GPU_BATCH_SLOTS`), so all token tasks of the process
 share this engine, one model copy and one CUDA context. docs/batching.md is the overview.
 
@@ -16,7 +16,7 @@ API:
     engine.cancel(future); engine.shutdown()
 `get_engine(model)` is the per-process registry the stage uses.
 
-Reproducibility: a song's draws are a function of its seed and frame index (gpu_worker/sampling_noise.py)
+Reproducibility: a song's draws are a function of its seed and frame index (gpu_worker/generation/sampling_noise.py)
 and every op of a frame is row-wise, so its tokens do not depend on its batch mates: on the CPU in fp32
 they are identical to `generate_fast` alone with the same seed (tests/test_generation_engine.py). On CUDA
 in bf16 the GEMM shapes (always `max_songs` slots) are fixed, but kernels may still reduce in another
@@ -42,13 +42,13 @@ Errors: a song-level error (EmptySongError, ContextLimitError, bad prompt ids, "
 a callback that raises) fails only that song's future. Anything raised by the device work itself
 (prefill, frame step, read-back - e.g. a CUDA error) is engine-level: every in-flight and waiting
 future fails with that exception, the engine is marked broken and refuses new submissions
-(EngineBroken, chained to and naming the original error so gpu_worker.cuda_health classifies it).
+(EngineBroken, chained to and naming the original error so gpu_worker.worker.cuda_health classifies it).
 The stage records the failure and the process-level handling below replaces the process.
 
 CUDA poison in threads mode (what changes against prefork): with prefork the poisoned child exits
 after recording and billiard forks a fresh one; with the threads pool there is no child - the worker
 process itself holds the poisoned context. So this module's task_prerun / task_postrun handlers (the CLI
-imports it at worker start with `--include gpu_worker.generation_engine`; they act only when tasks
+imports it at worker start with `--include gpu_worker.worker.generation_engine`; they act only when tasks
 run in the worker's main process with SONGPIPE_GPU_BATCHING on - a prefork child keeps the existing
 handling) make the worker, after the first task that recorded a poison / OOM
 failure, stop consuming and shut down warm: Celery waits for the in-flight tasks (they fail fast on
@@ -75,8 +75,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpu_worker.fast_generate import CancelFn, FastLogitsHook, FrameEngine, ProgressFn
-from gpu_worker.generate import (
+from gpu_worker.generation.fast_generate import CancelFn, FastLogitsHook, FrameEngine, ProgressFn
+from gpu_worker.generation.generate import (
     ContextLimitError,
     EmptySongError,
     GenerationCancelled,
@@ -85,9 +85,9 @@ from gpu_worker.generate import (
     check_prompt,
     check_seed,
 )
-from gpu_worker.heartmula import HeartMuLa
-from gpu_worker.prompt import Prompt
-from gpu_worker.token_validation import CODEBOOK_SIZE, validate_codes
+from gpu_worker.model.heartmula import HeartMuLa
+from gpu_worker.model.prompt import Prompt
+from gpu_worker.model.token_validation import CODEBOOK_SIZE, validate_codes
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class EngineClosed(RuntimeError):
 
 class EngineLost(RuntimeError):
     """This song's engine failed with a device error the song did not raise itself. The message carries
-    the original error, so gpu_worker.cuda_health still replaces the process; the song gets one new
+    the original error, so gpu_worker.worker.cuda_health still replaces the process; the song gets one new
     attempt (transient), which continues from its token checkpoint."""
 
     transient = True
@@ -116,7 +116,7 @@ class EngineLost(RuntimeError):
 class EngineStalled(RuntimeError):
     """The engine made no frame step for longer than the stall limit while songs were live (hung device
     work or a blocked engine thread): every song of the engine fails with it, is retried once, and the
-    process is replaced (gpu_worker.cuda_health)."""
+    process is replaced (gpu_worker.worker.cuda_health)."""
 
     transient = True  # tasks.recording.is_transient: one new attempt, in a fresh process
 
@@ -563,7 +563,7 @@ class GenerationEngine:
 
 
 def _is_device_error(exc: BaseException) -> bool:
-    from gpu_worker.cuda_health import is_cuda_poison
+    from gpu_worker.worker.cuda_health import is_cuda_poison
 
     return is_cuda_poison(exc)
 
@@ -645,7 +645,7 @@ def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed
     """
     from celery.exceptions import SoftTimeLimitExceeded
 
-    from gpu_worker.cuda_health import is_cuda_poison
+    from gpu_worker.worker.cuda_health import is_cuda_poison
 
     engine = engine or get_engine(model)
     latest: list[tuple[int, int]] = []
@@ -723,7 +723,7 @@ def _threads_mode() -> bool:
         return True
     from billiard.process import current_process
 
-    from gpu_worker.device import gpu_batching_enabled
+    from gpu_worker.worker.device import gpu_batching_enabled
     from tasks.settings import get_settings
 
     return current_process().name == "MainProcess" and gpu_batching_enabled(get_settings())
@@ -735,7 +735,7 @@ def request_worker_exit(reason: str, exit_code: int | None = None, grace_s: floa
     global _exit_requested
     from celery.worker import state as worker_state
 
-    from gpu_worker.cuda_health import POISON_EXIT_CODE
+    from gpu_worker.worker.cuda_health import POISON_EXIT_CODE
 
     if _exit_requested:
         return
@@ -787,8 +787,7 @@ def check_time_limits(now: float | None = None) -> bool:
     overdue = overdue_tasks(now)
     if not overdue:
         return False
-    from gpu_worker import cuda_health
-
+    from gpu_worker.worker import cuda_health
     name, hard = overdue[0]
     reason = f"{name} ran past its hard time limit of {hard:.0f} s (the threads pool cannot kill one task)"
     cuda_health.mark_for_replacement(reason)
@@ -829,8 +828,7 @@ def _task_postrun(task=None, **_kwargs) -> None:
         _codec_lock.release()
     if not _threads_mode():
         return
-    from gpu_worker import cuda_health
-
+    from gpu_worker.worker import cuda_health
     if cuda_health.process_is_poisoned():
         # this task has recorded its failure; the others finish (on a real poison they fail fast)
         request_worker_exit(cuda_health._replace_reason or "GPU failure")

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from gpu_worker.checkpoint_files import (
+from gpu_worker.checkpoints.checkpoint_files import (
     INDEX_NAME,
     CheckpointError,
     ProblemReport,
@@ -34,10 +34,10 @@ from gpu_worker.checkpoint_files import (
     sha256_file,
     write_state_dict,
 )
-from gpu_worker.heartmula import FlavorError, HeartMuLa, HeartMuLaArgs
-from gpu_worker.prompt import GenConfig
-from gpu_worker.synthetic_tokenizer import BOS_ID, EOS_ID, write_synthetic_tokenizer
-from gpu_worker.token_validation import CODEBOOK_SIZE
+from gpu_worker.checkpoints.synthetic_tokenizer import BOS_ID, EOS_ID, write_synthetic_tokenizer
+from gpu_worker.model.heartmula import FlavorError, HeartMuLa, HeartMuLaArgs
+from gpu_worker.model.prompt import GenConfig
+from gpu_worker.model.token_validation import CODEBOOK_SIZE
 
 logger = logging.getLogger(__name__)
 

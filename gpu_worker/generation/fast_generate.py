@@ -14,7 +14,7 @@ What changes against the plain path (spec §9 levers 1-4), and what does not:
 * RoPE is one complex multiply (the same products and sums; fp32 FMA contraction may differ in the
   last bit), and the backbone's additive attention mask is built once per frame, not per layer.
 * Randomness: a frame's Exponential(1) draws are a function of (seed, frame, codebook, id)
-  (gpu_worker/sampling_noise.py), computed inside the frame step from each slot's seed and frame count:
+  (gpu_worker/generation/sampling_noise.py), computed inside the frame step from each slot's seed and frame count:
   the plain path's numbers, with no per-song work outside the graph.
 * Sampling settings (temperature, top-k, CFG scale) are per-slot device tensors read by the frame step,
   so songs with different settings share a frame and no setting is baked into a captured graph.
@@ -38,8 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import sdpa_kernel
 
-from gpu_worker import fused_ops
-from gpu_worker.generate import (
+from gpu_worker.generation.generate import (
     SDPA_BACKENDS,
     ContextLimitError,
     EmptySongError,
@@ -51,10 +50,11 @@ from gpu_worker.generate import (
     forbidden_ids_mask,
     top_k_race,
 )
-from gpu_worker.heartmula import HeartMuLa, Transformer, TransformerBlock, compute_dtype
-from gpu_worker.prompt import Prompt
-from gpu_worker.sampling_noise import race_noise
-from gpu_worker.token_validation import CODEBOOK_SIZE, validate_codes
+from gpu_worker.generation.sampling_noise import race_noise
+from gpu_worker.kernels import fused_ops
+from gpu_worker.model.heartmula import HeartMuLa, Transformer, TransformerBlock, compute_dtype
+from gpu_worker.model.prompt import Prompt
+from gpu_worker.model.token_validation import CODEBOOK_SIZE, validate_codes
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]

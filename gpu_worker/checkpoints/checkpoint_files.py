@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gpu_worker.file_checksums import sha256_file
+from gpu_worker.checkpoints.file_checksums import sha256_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

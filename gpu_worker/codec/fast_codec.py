@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from gpu_worker.heartcodec import (
+from gpu_worker.model.heartcodec import (
     HeartCodec,
     RopeTables,
 )

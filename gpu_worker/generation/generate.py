@@ -17,10 +17,10 @@ from typing import Literal
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpu_worker.heartmula import HeartMuLa
-from gpu_worker.prompt import Prompt
-from gpu_worker.sampling_noise import SEED_LIMIT, song_noise
-from gpu_worker.token_validation import CODEBOOK_SIZE, validate_codes
+from gpu_worker.generation.sampling_noise import SEED_LIMIT, song_noise
+from gpu_worker.model.heartmula import HeartMuLa
+from gpu_worker.model.prompt import Prompt
+from gpu_worker.model.token_validation import CODEBOOK_SIZE, validate_codes
 
 MS_PER_FRAME = 80  # 12.5 frames per second
 AUDIO_VOCAB_SIZE = 8197
@@ -183,7 +183,7 @@ def generate(model: HeartMuLa, prompt: Prompt, params: SamplingParams, *, seed: 
     """Generate up to `params.max_frames` frames for `prompt` (spec §5, our rules).
 
     `seed` is the only source of randomness: frame f's draws are a function of (seed, f)
-    (gpu_worker/sampling_noise.py), so every path and a resumed attempt draw the same numbers.
+    (gpu_worker/generation/sampling_noise.py), so every path and a resumed attempt draw the same numbers.
     `progress(frames_done, frames_total)` and `should_cancel()` run every `progress_every` frames;
     `progress` runs once more at the end. `logits_hook(frame, codebook, logits [1, V])` may replace
     the guided logits just before sampling (tests inject EOS or special ids with it).

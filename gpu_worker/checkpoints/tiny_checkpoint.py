@@ -6,9 +6,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from gpu_worker.checkpoint_marker import MARKER
-from gpu_worker.heartcodec_checkpoint import write_tiny_heartcodec
-from gpu_worker.heartmula_checkpoint import write_tiny_heartmula
+from gpu_worker.checkpoints.checkpoint_marker import MARKER
+from gpu_worker.checkpoints.heartcodec_checkpoint import write_tiny_heartcodec
+from gpu_worker.checkpoints.heartmula_checkpoint import write_tiny_heartmula
 
 
 def make_tiny_checkpoint(out: Path, *, seed: int = 0, codec_layout: str = "sharded") -> Path:

@@ -1,5 +1,5 @@
-"""Entry point of the GPU worker: `celery -A gpu_worker.celery_worker worker -Q gpu --concurrency 1`."""
-from gpu_worker import (
+"""Entry point of the GPU worker: `celery -A gpu_worker.worker.celery_worker worker -Q gpu --concurrency 1`."""
+from gpu_worker.worker import (
     fault_injection,  # noqa: F401  (per-job faults when SONGPIPE_FAULT_INJECTION is on)
     stages,  # noqa: F401  (registers generate_tokens and decode_audio)
 )

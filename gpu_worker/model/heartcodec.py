@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_worker.token_validation import validate_codes
+from gpu_worker.model.token_validation import validate_codes
 
 logger = logging.getLogger(__name__)
 

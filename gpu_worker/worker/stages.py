@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpu_worker import file_checksums, model_cache
-from gpu_worker.cuda_health import handle_gpu_failure
-from gpu_worker.device import codec_dtype, gpu_batching_enabled, lm_dtype, resolve_device
-from gpu_worker.sampling_noise import SCHEME as NOISE_SCHEME
-from gpu_worker.tiny_checkpoint import is_tiny_checkpoint
-from gpu_worker.token_validation import validate_codes
+from gpu_worker.checkpoints import file_checksums
+from gpu_worker.checkpoints.tiny_checkpoint import is_tiny_checkpoint
+from gpu_worker.generation.sampling_noise import SCHEME as NOISE_SCHEME
+from gpu_worker.model.token_validation import validate_codes
+from gpu_worker.worker import model_cache
+from gpu_worker.worker.cuda_health import handle_gpu_failure
+from gpu_worker.worker.device import codec_dtype, gpu_batching_enabled, lm_dtype, resolve_device
 from tasks.audio_files import SAMPLE_RATE, wav_bytes
 from tasks.contracts import DecodeAudioInput, DecodeAudioOutput, GenerateTokensInput, GenerateTokensOutput
 from tasks.recording import JobCancelled, StageContext, lease_s, stage_task
@@ -26,7 +27,7 @@ def _checkpoint(path: str, ctx: StageContext) -> Path:
     root = Path(path)
     file_checksums.use_cache_file(ctx.settings.data_dir / CHECKSUM_CACHE_NAME)
     if ctx.settings.uses_tiny_checkpoint and root == ctx.settings.resolved_checkpoint_dir:
-        from gpu_worker.tiny_checkpoint import ensure_tiny_checkpoint
+        from gpu_worker.checkpoints.tiny_checkpoint import ensure_tiny_checkpoint
 
         ensure_tiny_checkpoint(root)
     return root
@@ -43,8 +44,8 @@ def tokens_from_bytes(data: bytes) -> np.ndarray:
 
 
 def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateTokensOutput:
-    from gpu_worker.generate import GenerationCancelled, GenerationResult, SamplingParams, generate
-    from gpu_worker.prompt import build_prompt
+    from gpu_worker.generation.generate import GenerationCancelled, GenerationResult, SamplingParams, generate
+    from gpu_worker.model.prompt import build_prompt
 
     device = resolve_device(ctx.settings)
     dtype = lm_dtype(ctx.settings, device)
@@ -63,7 +64,7 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
         elif device.type == "cuda":
             # the CUDA-graph frame step (Triton kernels where fused_kernels); same draws as the plain path,
             # bf16 logits within tolerance
-            from gpu_worker.fast_generate import fused_kernels_default, generate_fast
+            from gpu_worker.generation.fast_generate import fused_kernels_default, generate_fast
 
             ctx.environment_extra.update(generation_path="fast", bucket=512, complex_rope=True,
                                          fused_kernels=fused_kernels_default(lm.model))
@@ -88,11 +89,11 @@ def generate_tokens(inp: GenerateTokensInput, ctx: StageContext) -> GenerateToke
 
 def _generate_batched(lm, prompt, params, inp: GenerateTokensInput, ctx: StageContext, dtype: torch.dtype):
     """Continuous batching: the process's engine runs this song in a slot beside others, continuing from
-    an earlier attempt's token checkpoint where one fits this engine (gpu_worker/token_checkpoints.py)."""
-    from gpu_worker.fast_generate import fused_kernels_default
-    from gpu_worker.fault_injection import frame_pace_s
-    from gpu_worker.generation_engine import get_engine, run_in_engine
-    from gpu_worker.token_checkpoints import CheckpointWriter, compat_key, find_resume_point
+    an earlier attempt's token checkpoint where one fits this engine (gpu_worker/worker/token_checkpoints.py)."""
+    from gpu_worker.generation.fast_generate import fused_kernels_default
+    from gpu_worker.worker.fault_injection import frame_pace_s
+    from gpu_worker.worker.generation_engine import get_engine, run_in_engine
+    from gpu_worker.worker.token_checkpoints import CheckpointWriter, compat_key, find_resume_point
     from tasks.environment import code_version
 
     engine = get_engine(lm.model, max_songs=ctx.settings.gpu_batch_slots)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # the flavour table is torch-free so the web tier can read context lengths; re-exported here
-from gpu_worker.model_flavors import FLAVORS, FlavorError, TransformerArgs, flavor_args, resolve_flavors  # noqa: F401
+from gpu_worker.model.model_flavors import FLAVORS, FlavorError, TransformerArgs, flavor_args, resolve_flavors  # noqa: F401
 
 # Llama-3.1 RoPE scaling constants, shared by every flavour (spec §2.1).
 ROPE_LOW_FREQ_FACTOR = 1.0

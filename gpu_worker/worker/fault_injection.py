@@ -23,7 +23,7 @@ tag is just an unknown tag). Kinds:
                        In the batching engine the engine itself waits <ms> after each frame step
                        while the song is live (`frame_pace_s`), so frames really come that slowly.
 
-Registration: the GPU worker imports this module (gpu_worker/celery_worker.py). Faults fire at the
+Registration: the GPU worker imports this module (gpu_worker/worker/celery_worker.py). Faults fire at the
 stage's first progress report, i.e. inside the model loop, after the stage's
 inputs are recorded and the model is loaded - where a real fault would strike.
 """
@@ -33,7 +33,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from gpu_worker import cuda_health
+from gpu_worker.worker import cuda_health
 from tasks.contracts import GPU_STAGES
 from tasks.recording import JobCancelled, StageContext, add_stage_hook
 from tasks.settings import Settings
@@ -111,7 +111,7 @@ def trigger_device_assert(device) -> None:
 def _inject(fault: Fault, ctx: StageContext, info: dict) -> None:
     import torch
 
-    from gpu_worker.device import resolve_device
+    from gpu_worker.worker.device import resolve_device
 
     if fault.kind == "cuda-assert":
         device = resolve_device(ctx.settings)

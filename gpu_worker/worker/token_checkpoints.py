@@ -38,7 +38,7 @@ class ResumePoint:
 def find_resume_point(inp: GenerateTokensInput, ctx: StageContext, compat: str) -> ResumePoint | None:
     """The furthest usable checkpoint of an earlier attempt; notes in the record what was found and used."""
     from db.engine import session_scope
-    from gpu_worker.stages import tokens_from_bytes
+    from gpu_worker.worker.stages import tokens_from_bytes
     from tasks.pipeline.attempts import latest_checkpoint
 
     with session_scope(ctx.database_url) as session:
@@ -71,7 +71,7 @@ class CheckpointWriter:
         self.saved = 0
 
     def save(self, done: int, grid: torch.Tensor) -> None:
-        from gpu_worker.stages import tokens_to_bytes
+        from gpu_worker.worker.stages import tokens_to_bytes
 
         ref = self.ctx.put_artifact(tokens_to_bytes(grid), "tokens")
         self.ctx.checkpoint(done, self.total, "frames", {

@@ -1,7 +1,7 @@
 """The transformer flavours of HeartMuLa (spec section 2.1), without torch.
 
 The web tier reads a checkpoint's context length (max_seq_len) from here to refuse songs that
-cannot fit, so a web host needs neither torch nor a GPU; gpu_worker.heartmula builds the model
+cannot fit, so a web host needs neither torch nor a GPU; gpu_worker.model.heartmula builds the model
 from the same table.
 """
 from __future__ import annotations

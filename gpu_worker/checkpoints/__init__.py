@@ -1,0 +1,1 @@
+"""Checkpoint files: loaders of the published layout, file checksums, the tiny random checkpoint and its tokenizer."""

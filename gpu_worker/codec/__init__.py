@@ -1,0 +1,1 @@
+"""The fast codec decoder (compiled, bf16)."""

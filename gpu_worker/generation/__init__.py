@@ -1,0 +1,1 @@
+"""Token generation: the reference loop, the fast frame engine and its sampling draws."""

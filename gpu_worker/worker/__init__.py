@@ -1,0 +1,1 @@
+"""The Celery side of the GPU worker: stages, model cache, device choice, CUDA health, faults, batching glue."""
