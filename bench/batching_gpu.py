@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.e2e_celery import LYRICS, write_real_size_checkpoint  # noqa: E402
 from bench.table import print_table  # noqa: E402
-from gpu_worker.worker.generation_engine import DEFAULT_MAX_SONGS  # noqa: E402
+from gpu_worker.worker.batching import DEFAULT_MAX_SONGS  # noqa: E402
 from tests.stack_fixtures import database, redis_server, running_stack  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main() -> None:
         with redis_server(work / "redis") as redis, database("sqlite", work / "db") as url:
             with running_stack("batching", work / "stack", url, redis.claim_db(), work / "ckpt", extra_env=env,
                                gpu_pool=("threads", DEFAULT_MAX_SONGS),
-                               gpu_extra_args=("--include", "gpu_worker.worker.generation_engine")) as stack:
+                               gpu_extra_args=("--include", "gpu_worker.worker.batching")) as stack:
                 body = {"lyrics": LYRICS, "tags": "ska,upbeat,brass", "output_format": "wav",
                         "max_audio_length_ms": args.seconds * 1000}
                 start = time.perf_counter()

@@ -38,9 +38,9 @@ import torch  # noqa: E402
 
 from bench.bench_lm import bytes_per_frame, random_model, random_prompt  # noqa: E402
 from bench.table import print_table  # noqa: E402
+from gpu_worker.generation.engine import GenerationEngine  # noqa: E402
 from gpu_worker.generation.generate import SamplingParams  # noqa: E402
 from gpu_worker.model.heartmula import PRESETS  # noqa: E402
-from gpu_worker.worker.generation_engine import GenerationEngine  # noqa: E402
 
 PROMPT = 300
 SHORT_FRAMES = 150

@@ -25,7 +25,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 _known_urls: set[str] = set()
 
 POOL_SIZE_ENV = "SONGPIPE_DB_POOL_SIZE"
-DEFAULT_THREADS = 8  # a batching GPU worker's task threads (gpu_worker.worker.generation_engine.DEFAULT_MAX_SONGS)
+DEFAULT_THREADS = 8  # a batching GPU worker's task threads (gpu_worker.worker.batching.DEFAULT_MAX_SONGS)
 _configured_threads: int | None = None
 
 

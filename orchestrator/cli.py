@@ -125,10 +125,10 @@ def worker_argv(kind: str, concurrency: int | None, loglevel: str, *, gpu_batchi
         # SONGPIPE_GPU_BATCHING=1: one process per GPU still, but a threads pool with one thread per
         # engine slot, so every token task of the process shares one engine, model and CUDA context.
         # After a CUDA poison the whole process exits (warm, after in-flight tasks recorded their
-        # failure; gpu_worker/worker/generation_engine.py) and the supervisor (systemd, a restart loop) must
+        # failure; gpu_worker/worker/batching.py) and the supervisor (systemd, a restart loop) must
         # start it again - there is no prefork child to replace.
         pool, default_concurrency = "threads", _settings().gpu_batch_slots
-        extra = ["--include", "gpu_worker.worker.generation_engine"]
+        extra = ["--include", "gpu_worker.worker.batching"]
     return [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", queue,
             "--concurrency", str(concurrency or default_concurrency), "--pool", pool, *extra,
             # SONGPIPE_WORKER_NAME: the node name the supervisor of `songpipe run` pings (its Procfile line)

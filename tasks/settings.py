@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # "auto" -> cuda when available, else cpu
     lm_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     codec_dtype: Literal["float32", "bfloat16"] = "float32"
-    # continuous batching of token generation (gpu_worker/worker/generation_engine.py): one engine per GPU worker
+    # continuous batching of token generation (gpu_worker/generation/engine.py): one engine per GPU worker
     # process serves up to 8 songs at once and `songpipe worker gpu` runs Celery's threads pool.
     # Unset: on where the GPU worker's device is CUDA, off on the CPU (the plain path, one song at a time).
     gpu_batching: bool | None = None

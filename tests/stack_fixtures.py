@@ -370,7 +370,7 @@ def running_stack(name: str, workdir: Path, database_url: str, redis_url: str, c
     `stack.metrics_urls` maps "cpu"/"gpu" to the URLs.
 
     `gpu_pool` / `gpu_extra_args`: the GPU worker's pool and concurrency, e.g. ("threads", 8) with
-    ("--include", "gpu_worker.worker.generation_engine") for the continuous-batching mode.
+    ("--include", "gpu_worker.worker.batching") for the continuous-batching mode.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     stack = Stack(name, workdir, stack_environment(workdir, database_url, redis_url, checkpoint, extra_env),

@@ -1,4 +1,4 @@
-"""Continuous batching (gpu_worker/worker/generation_engine.py) on the CPU, fp32, tiny checkpoint.
+"""Continuous batching (gpu_worker/generation/engine.py, gpu_worker/worker/batching.py) on the CPU, fp32, tiny checkpoint.
 
 A song's tokens must not depend on which songs share the engine with it, nor on when it joins: each
 must equal `generate_fast` alone with the same seed.
@@ -12,6 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from gpu_worker.generation.engine import (
+    BatchedGenerationResult,
+    EngineBroken,
+    EngineClosed,
+    GenerationEngine,
+)
 from gpu_worker.generation.fast_generate import generate_fast
 from gpu_worker.generation.generate import (
     ContextLimitError,
@@ -19,13 +25,7 @@ from gpu_worker.generation.generate import (
     GenerationCancelled,
     generate,
 )
-from gpu_worker.worker import generation_engine as ge
-from gpu_worker.worker.generation_engine import (
-    BatchedGenerationResult,
-    EngineBroken,
-    EngineClosed,
-    GenerationEngine,
-)
+from gpu_worker.worker import batching as ge
 from tests import model_fixtures
 from tests.model_fixtures import EOS, no_eos, tiny_params, tiny_prompts
 
@@ -288,7 +288,7 @@ def test_the_gpu_worker_command_uses_threads_only_when_batching_is_on():
     batched = worker_argv("gpu", None, "INFO", gpu_batching=True)
     assert batched[batched.index("--pool") + 1] == "threads"
     assert batched[batched.index("--concurrency") + 1] == str(ge.DEFAULT_MAX_SONGS)
-    assert batched[batched.index("--include") + 1] == "gpu_worker.worker.generation_engine"
+    assert batched[batched.index("--include") + 1] == "gpu_worker.worker.batching"
 
 
 def test_the_batching_workers_threads_follow_the_slot_setting(monkeypatch):

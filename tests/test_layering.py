@@ -53,3 +53,14 @@ def test_the_check_sees_every_import_form(tmp_path, source):
     module = tmp_path / "m.py"
     module.write_text(source)
     assert any(name.split(".")[0] == "orchestrator" for name in imported_modules(module))
+
+
+@pytest.mark.parametrize("subpackage", ["model", "checkpoints", "generation", "kernels", "codec"])
+def test_only_the_gpu_workers_worker_package_knows_celery_the_pipeline_or_sql(subpackage):
+    """The models, loaders, generation and kernels run without Celery, the task code or a database
+    (benchmarks on a bare GPU machine import them); gpu_worker/worker/ is the glue."""
+    assert violations(f"gpu_worker/{subpackage}", ("celery", "billiard", "kombu", "tasks", "db", "orchestrator")) == []
+
+
+def test_the_gpu_worker_keeps_no_loose_modules_beside_its_subpackages():
+    assert sorted(p.name for p in (ROOT / "gpu_worker").glob("*.py")) == ["__init__.py"]

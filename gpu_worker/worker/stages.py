@@ -91,8 +91,8 @@ def _generate_batched(lm, prompt, params, inp: GenerateTokensInput, ctx: StageCo
     """Continuous batching: the process's engine runs this song in a slot beside others, continuing from
     an earlier attempt's token checkpoint where one fits this engine (gpu_worker/worker/token_checkpoints.py)."""
     from gpu_worker.generation.fast_generate import fused_kernels_default
+    from gpu_worker.worker.batching import get_engine, run_in_engine
     from gpu_worker.worker.fault_injection import frame_pace_s
-    from gpu_worker.worker.generation_engine import get_engine, run_in_engine
     from gpu_worker.worker.token_checkpoints import CheckpointWriter, compat_key, find_resume_point
     from tasks.environment import code_version
 

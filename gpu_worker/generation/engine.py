@@ -1,27 +1,24 @@
-"""Continuous batching for the GPU worker: one engine per model and device serves every song of the process.
+"""Continuous batching: one engine steps every song of a process together (no Celery, no SQL here).
 
-Why: on an H100 the fast path's frame costs 8.99 ms for one song with CFG and 9.77 ms for eight songs
-together (bench/RESULTS.md), but with one Celery task per song each song ran alone. The engine keeps a
-FrameEngine (gpu_worker/generation/fast_generate.py) of `max_songs` fixed slots busy: between frames it admits
-waiting songs into free slots (prefill + frame 0 for the new slots only) and retires finished ones
-(EOS, max length, cancel, error). It is the default on CUDA (`SONGPIPE_GPU_BATCHING`, unset: on with
-CUDA, off on the CPU; gpu_worker/worker/device.py): `generate_tokens` submits here and `songpipe worker gpu`
-runs Celery's threads pool (`-P threads -c SONGPIPE_GPU_BATCH_SLOTS`), so all token tasks of the process
-share this engine, one model copy and one CUDA context. docs/batching.md is the overview.
+The engine keeps a FrameEngine (gpu_worker/generation/fast_generate.py) of `max_songs` fixed slots busy:
+between frames it admits waiting songs into free slots (prefill + frame 0 for the new slots only, or
+the replay of a resumed song's frames) and retires finished ones (EOS, max length, cancel, error).
+gpu_worker/worker/batching.py is the Celery side (the per-process registry, the stage's wait loop, the
+threads-pool hooks); docs/batching.md is the overview.
 
 API:
     engine = GenerationEngine(model, max_songs=8)
-    future = engine.submit(prompt, params, seed, progress=None, should_cancel=None)
+    future = engine.submit(prompt, params, seed, progress=None, should_cancel=None, resume=None,
+                           checkpoint=None, checkpoint_every=0)
     result = future.result()   # BatchedGenerationResult (a GenerationResult with batch_size, slots, ...)
     engine.cancel(future); engine.shutdown()
-`get_engine(model)` is the per-process registry the stage uses.
 
-Reproducibility: a song's draws are a function of its seed and frame index (gpu_worker/generation/sampling_noise.py)
-and every op of a frame is row-wise, so its tokens do not depend on its batch mates: on the CPU in fp32
-they are identical to `generate_fast` alone with the same seed (tests/test_generation_engine.py). On CUDA
-in bf16 the GEMM shapes (always `max_songs` slots) are fixed, but kernels may still reduce in another
-order than a solo run; the result's `batch_size` (the most songs that were live in the engine at once
-while this one ran, itself included) goes into the stage output, and the stage records `engine_slots`.
+Reproducibility: a song's draws are a function of its seed and frame index
+(gpu_worker/generation/sampling_noise.py), every op of a frame is row-wise, the GEMM shapes (always
+`max_songs` slots) and the attention's key chunks are fixed for the engine, so a song's tokens do not
+depend on its batch mates, its slot or the step's bucket (tests/test_generation_engine.py on the CPU,
+bench/engine_batching.py on the GPU). The result's `batch_size` (the most songs live at once while this
+one ran, itself included) and `slots` go into the stage's record.
 
 Sharing: temperature, top-k and CFG scale are per-slot tensors of the FrameEngine and every slot has
 two rows (a scale-1 song ignores its second), so songs with any settings share a frame step and no
@@ -32,40 +29,22 @@ until the live songs have retired.
 Out of memory: an OOM while admitting a song (its prefill) fails that song only (the stage retries it
 once) and the allocator's cache is emptied; the other songs keep stepping.
 
-Callbacks: `progress(done, total)` and `should_cancel()` run on the engine thread at the read-back
-points (every `sync_every` frames, when a song is admitted, and when one must have finished), so they
-must be cheap - the stage passes callbacks that only touch local variables and does its SQL work on
-its own thread. A cancel (callback or `cancel(future)`) frees the slot at the next read-back and
-resolves the future with GenerationCancelled.
+Callbacks: `progress(done, total)`, `should_cancel()` and `checkpoint(done, grid)` run on the engine
+thread at the read-back points (every `sync_every` frames, when a song is admitted, and when one must
+have finished), so they must be cheap. A cancel (callback or `cancel(future)`) frees the slot at the
+next read-back and resolves the future with GenerationCancelled.
 
 Errors: a song-level error (EmptySongError, ContextLimitError, bad prompt ids, "no eligible id",
 a callback that raises) fails only that song's future. Anything raised by the device work itself
 (prefill, frame step, read-back - e.g. a CUDA error) is engine-level: every in-flight and waiting
 future fails with that exception, the engine is marked broken and refuses new submissions
-(EngineBroken, chained to and naming the original error so gpu_worker.worker.cuda_health classifies it).
-The stage records the failure and the process-level handling below replaces the process.
-
-CUDA poison in threads mode (what changes against prefork): with prefork the poisoned child exits
-after recording and billiard forks a fresh one; with the threads pool there is no child - the worker
-process itself holds the poisoned context. So this module's task_prerun / task_postrun handlers (the CLI
-imports it at worker start with `--include gpu_worker.worker.generation_engine`; they act only when tasks
-run in the worker's main process with SONGPIPE_GPU_BATCHING on - a prefork child keeps the existing
-handling) make the worker, after the first task that recorded a poison / OOM
-failure, stop consuming and shut down warm: Celery waits for the in-flight tasks (they fail fast on
-the broken engine and record their failure), puts reserved messages back (kombu restores unacked
-messages on a clean close) and exits with cuda_health.POISON_EXIT_CODE. A watchdog hard-exits if the
-warm shutdown does not finish in `POISON_EXIT_GRACE_S`. Nothing restarts the process inside it: the
-process supervisor does (`songpipe run`'s supervisor, orchestrator/supervisor.py, or systemd
-`Restart=always` in deploy/systemd/).
-The same hooks serialise `decode_audio` in threads mode (one codec decode at a time, as with prefork
-concurrency 1) while token songs share the engine; Celery time limits are not enforced by the threads
-pool, so the stage enforces the soft limit itself while it waits.
+(EngineBroken, chained to and naming the original error). `abandon(exc)` does the same from outside
+without waiting for the engine thread (a hung engine); `stalled_s()` says how long it has not stepped.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -88,13 +67,10 @@ from gpu_worker.generation.generate import (
 from gpu_worker.model.heartmula import HeartMuLa
 from gpu_worker.model.prompt import Prompt
 from gpu_worker.model.token_validation import CODEBOOK_SIZE, validate_codes
-from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SONGS: int = Settings.model_fields["gpu_batch_slots"].default  # SONGPIPE_GPU_BATCH_SLOTS
 DEFAULT_SYNC_EVERY = 25
-POISON_EXIT_GRACE_S = 300.0
 
 
 class EngineBroken(RuntimeError):
@@ -103,22 +79,6 @@ class EngineBroken(RuntimeError):
 
 class EngineClosed(RuntimeError):
     """The engine was shut down."""
-
-
-class EngineLost(RuntimeError):
-    """This song's engine failed with a device error the song did not raise itself. The message carries
-    the original error, so gpu_worker.worker.cuda_health still replaces the process; the song gets one new
-    attempt (transient), which continues from its token checkpoint."""
-
-    transient = True
-
-
-class EngineStalled(RuntimeError):
-    """The engine made no frame step for longer than the stall limit while songs were live (hung device
-    work or a blocked engine thread): every song of the engine fails with it, is retried once, and the
-    process is replaced (gpu_worker.worker.cuda_health)."""
-
-    transient = True  # tasks.recording.is_transient: one new attempt, in a fresh process
 
 
 @dataclass
@@ -170,7 +130,7 @@ class _Request:
 class GenerationEngine:
     """Continuous batching over a FrameEngine of `max_songs` slots, driven by one background thread."""
 
-    def __init__(self, model: HeartMuLa, *, max_songs: int = DEFAULT_MAX_SONGS,
+    def __init__(self, model: HeartMuLa, *, max_songs: int,
                  sync_every: int = DEFAULT_SYNC_EVERY, bucket: int | None = None, cache_len: int | None = None,
                  use_graphs: bool | None = None, complex_rope: bool = True,
                  logits_hook: FastLogitsHook | None = None, name: str = "generation-engine"):
@@ -562,12 +522,6 @@ class GenerationEngine:
             resumed_from=request.resumed_from, resume_s=request.resume_s), None
 
 
-def _is_device_error(exc: BaseException) -> bool:
-    from gpu_worker.worker.cuda_health import is_cuda_poison
-
-    return is_cuda_poison(exc)
-
-
 def _resolve(future: Future, *, result=None, exc: BaseException | None = None) -> None:
     if future.done():
         return
@@ -575,270 +529,3 @@ def _resolve(future: Future, *, result=None, exc: BaseException | None = None) -
         future.set_exception(exc)
     else:
         future.set_result(result)
-
-
-# ------------------------------------------------------------------------------------ registry
-
-_registry_lock = threading.Lock()
-_engines: dict[tuple, GenerationEngine] = {}
-
-
-def get_engine(model: HeartMuLa, *, max_songs: int = DEFAULT_MAX_SONGS) -> GenerationEngine:
-    """The process's engine for `model` (created lazily). A broken engine is replaced (e.g. after an
-    out-of-memory error in a frame step) unless its error poisoned the device: then submitting to it
-    raises that error again, and the process must be replaced."""
-    key = (id(model), str(model.device))
-    with _registry_lock:
-        engine = _engines.get(key)
-        if engine is not None and engine.model is model:
-            error = engine.error
-            if not engine.closed and (error is None or _is_device_error(error)):
-                return engine
-            engine.shutdown(wait=False)
-        engine = _engines[key] = GenerationEngine(model, max_songs=max_songs,
-                                                  name=f"generation-engine-{model.device}")
-        return engine
-
-
-def shutdown_engines(timeout: float | None = 10.0) -> None:
-    with _registry_lock:
-        engines = list(_engines.values())
-        _engines.clear()
-    for engine in engines:
-        engine.shutdown(wait=True, cancel=True, timeout=timeout)
-
-
-# ------------------------------------------------------------------------------ the stage's side
-
-STAGE_POLL_S = 0.5
-
-
-def _soft_deadline() -> float | None:
-    """The Celery task's soft time limit as a monotonic deadline (the threads pool does not enforce it)."""
-    try:
-        from celery import current_task
-
-        limits = getattr(current_task.request, "timelimit", None) if current_task else None
-    except Exception:  # noqa: BLE001 - no Celery task context: no deadline
-        return None
-    soft = limits[1] if limits and len(limits) > 1 else None
-    return time.monotonic() + float(soft) if soft else None
-
-
-def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed: int, ctx, *,
-                  engine: GenerationEngine | None = None, poll_s: float = STAGE_POLL_S,
-                  resume: torch.Tensor | None = None, save_checkpoint: CheckpointFn | None = None,
-                  checkpoint_every: int = 0, pace_s: float = 0.0,
-                  stall_s: float | None = None) -> BatchedGenerationResult:
-    """Submit one song to the process's engine and wait for it on the calling (task) thread.
-
-    The engine thread only stores the latest progress, the latest checkpoint and reads a cancel flag;
-    this thread does the SQL work every `poll_s`: `save_checkpoint(frames, grid)` for a new checkpoint,
-    `ctx.progress` (heartbeat, fault hooks, raises JobCancelled on a cancel request) and
-    `ctx.should_cancel`. `resume` and `pace_s` go to `GenerationEngine.submit`. When the engine has not
-    stepped for `stall_s` while songs are live, EngineStalled abandons the engine (every song fails now;
-    the stage's failure handler replaces the process, the retry continues from a checkpoint). Whatever
-    stops this thread (cancel, superseded, soft time limit, an injected fault) cancels the song in the engine, so
-    its slot is freed; a CUDA-poison error raised here breaks the engine (every song of the process
-    fails, as on a real poisoned device). Raises GenerationCancelled when the engine cancelled the
-    song; the stage maps it to JobCancelled.
-    """
-    from celery.exceptions import SoftTimeLimitExceeded
-
-    from gpu_worker.worker.cuda_health import is_cuda_poison
-
-    engine = engine or get_engine(model)
-    latest: list[tuple[int, int]] = []
-    cancel = threading.Event()
-
-    def remember(done: int, total: int) -> None:
-        latest[:] = [(done, total)]
-
-    checkpoints: list[tuple[int, torch.Tensor]] = []
-
-    def keep_checkpoint(done: int, grid: torch.Tensor) -> None:
-        checkpoints[:] = [(done, grid)]
-
-    future = engine.submit(prompt, params, seed, progress=remember, should_cancel=cancel.is_set, resume=resume,
-                           checkpoint=keep_checkpoint if save_checkpoint is not None else None,
-                           checkpoint_every=checkpoint_every, pace_s=pace_s)
-    deadline = _soft_deadline()
-    reported: tuple[int, int] | None = None
-    try:
-        while True:
-            try:
-                return future.result(timeout=poll_s)
-            except TimeoutError:
-                pass
-            except BaseException as exc:
-                if not is_cuda_poison(exc):
-                    raise
-                # a device error this song did not raise on its own thread: it broke the engine the song
-                # shared (another song's fault, or a frame step of all of them) - give the song another try
-                raise EngineLost(f"the generation engine this song shared failed ({type(exc).__name__}: {exc}); "
-                                 "it gets a new attempt in a fresh process") from exc
-            if deadline is not None and time.monotonic() > deadline:
-                raise SoftTimeLimitExceeded(f"soft time limit exceeded while generating ({params.max_frames} frames)")
-            stalled = engine.stalled_s()
-            if stall_s is not None and stalled > stall_s:
-                raise EngineStalled(f"the generation engine made no frame step for {stalled:.0f} s (limit "
-                                    f"{stall_s:.0f} s) while songs were live: hung device work or engine thread")
-            if checkpoints and save_checkpoint is not None:
-                done, grid = checkpoints.pop()
-                save_checkpoint(done, grid)
-            current = latest[0] if latest else None
-            if current is not None and current != reported:
-                reported = current
-                ctx.progress(*current, "frames")  # raises JobCancelled when the job was cancelled
-            elif ctx.should_cancel():
-                cancel.set()
-    except BaseException as exc:
-        cancel.set()
-        engine.cancel(future)
-        if is_cuda_poison(exc):
-            engine.fail(exc)
-        elif isinstance(exc, EngineStalled):
-            engine.abandon(exc)
-        raise
-
-
-# ---------------------------------------------------------------------- Celery threads-mode hooks
-
-_hooks_forced = False
-_exit_requested = False
-_codec_lock = threading.Lock()
-_codec_holder = threading.local()
-
-
-def install_threads_mode_hooks() -> None:
-    """Force the threads-pool process handling on (tests); normally `_threads_mode()` decides."""
-    global _hooks_forced
-    _hooks_forced = True
-
-
-def _threads_mode() -> bool:
-    """Tasks run in the worker's main process (threads or solo pool) with batching on: a prefork
-    child keeps the existing handling (cuda_health ends the child, billiard forks a new one)."""
-    if _hooks_forced:
-        return True
-    from billiard.process import current_process
-
-    from gpu_worker.worker.device import gpu_batching_enabled
-    from tasks.settings import get_settings
-
-    return current_process().name == "MainProcess" and gpu_batching_enabled(get_settings())
-
-
-def request_worker_exit(reason: str, exit_code: int | None = None, grace_s: float = POISON_EXIT_GRACE_S) -> None:
-    """Stop consuming and shut the Celery worker down warm (in-flight tasks finish and record), then
-    exit with `exit_code`; a watchdog hard-exits after `grace_s`."""
-    global _exit_requested
-    from celery.worker import state as worker_state
-
-    from gpu_worker.worker.cuda_health import POISON_EXIT_CODE
-
-    if _exit_requested:
-        return
-    _exit_requested = True
-    code = POISON_EXIT_CODE if exit_code is None else exit_code
-    log.critical("threads-mode GPU worker (pid %s) must be replaced (%s): no more tasks are consumed; exiting "
-                 "with %s once the in-flight tasks have recorded their results - the supervisor restarts it",
-                 os.getpid(), reason, code)
-    worker_state.should_stop = code  # the consumer loop raises WorkerShutdown(code): a warm shutdown
-    _start_watchdog(code, grace_s)
-
-
-def _start_watchdog(code: int, grace_s: float) -> None:
-    def watchdog() -> None:
-        time.sleep(grace_s)
-        log.critical("warm shutdown did not finish in %.0f s: hard exit %s", grace_s, code)
-        logging.shutdown()
-        os._exit(code)
-
-    threading.Thread(target=watchdog, name="poison-exit-watchdog", daemon=True).start()
-
-
-# Hard time limits in threads mode. Celery enforces them only by killing a pool child, and the threads pool
-# has none, so a task past its hard limit (a hung decode holding the codec lock, a hung engine) would run
-# forever while its heartbeat thread kept its lease. The watchdog below replaces the process instead: the
-# hung attempt stops heartbeating once the process is gone, and the reconciler records it.
-HARD_LIMIT_EXIT_GRACE_S = 30.0  # the other in-flight tasks get this long; the overdue one never finishes
-TIME_LIMIT_CHECK_S = 1.0
-_running: dict[str, tuple[str, float, float]] = {}  # task id -> (task name, started, hard limit s)
-_running_lock = threading.Lock()
-_time_limit_watchdog: threading.Thread | None = None
-
-
-def _hard_limit(task) -> float | None:
-    limits = getattr(getattr(task, "request", None), "timelimit", None) or ()
-    hard = limits[0] if limits else None
-    return float(hard) if hard else None
-
-
-def overdue_tasks(now: float | None = None) -> list[tuple[str, float]]:
-    """(task name, hard limit) of the tasks of this process running past their hard time limit."""
-    now = time.monotonic() if now is None else now
-    with _running_lock:
-        return [(name, hard) for name, started, hard in _running.values() if now - started > hard]
-
-
-def check_time_limits(now: float | None = None) -> bool:
-    """Replace this process when a task ran past its hard time limit; True when it did."""
-    overdue = overdue_tasks(now)
-    if not overdue:
-        return False
-    from gpu_worker.worker import cuda_health
-    name, hard = overdue[0]
-    reason = f"{name} ran past its hard time limit of {hard:.0f} s (the threads pool cannot kill one task)"
-    cuda_health.mark_for_replacement(reason)
-    request_worker_exit(reason, grace_s=HARD_LIMIT_EXIT_GRACE_S)
-    return True
-
-
-def _watch_time_limits() -> None:
-    while not check_time_limits():
-        time.sleep(TIME_LIMIT_CHECK_S)
-
-
-def _task_prerun(task=None, **_kwargs) -> None:
-    global _time_limit_watchdog
-    if not _threads_mode():
-        return
-    if getattr(task, "name", "") == "songpipe.decode_audio":
-        _codec_lock.acquire()  # one codec decode at a time, as with prefork concurrency 1; its clock starts now
-        _codec_holder.held = True
-    hard = _hard_limit(task)
-    task_id = getattr(getattr(task, "request", None), "id", None)
-    if hard is not None and task_id is not None:
-        with _running_lock:
-            _running[task_id] = (getattr(task, "name", "?"), time.monotonic(), hard)
-            if _time_limit_watchdog is None:
-                _time_limit_watchdog = threading.Thread(target=_watch_time_limits, name="hard-time-limits",
-                                                        daemon=True)
-                _time_limit_watchdog.start()
-
-
-def _task_postrun(task=None, **_kwargs) -> None:
-    task_id = getattr(getattr(task, "request", None), "id", None)
-    if task_id is not None:
-        with _running_lock:
-            _running.pop(task_id, None)
-    if getattr(_codec_holder, "held", False):
-        _codec_holder.held = False
-        _codec_lock.release()
-    if not _threads_mode():
-        return
-    from gpu_worker.worker import cuda_health
-    if cuda_health.process_is_poisoned():
-        # this task has recorded its failure; the others finish (on a real poison they fail fast)
-        request_worker_exit(cuda_health._replace_reason or "GPU failure")
-
-
-def _connect_signals() -> None:
-    from celery.signals import task_postrun, task_prerun
-
-    task_prerun.connect(_task_prerun, weak=False)
-    task_postrun.connect(_task_postrun, weak=False)
-
-
-_connect_signals()
