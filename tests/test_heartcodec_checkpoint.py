@@ -9,13 +9,12 @@ import torch
 
 from gpu_worker.checkpoints.checkpoint_files import INDEX_NAME, SINGLE_NAME, CheckpointError, WeightFiles, write_state_dict
 from gpu_worker.checkpoints.heartcodec_checkpoint import (
-    BROKEN_VARIANT_TENSORS,
     CODEC_FOLDER,
     fold_weight_norm,
     load_heartcodec,
-    write_broken_heartcodec_variants,
     write_tiny_heartcodec,
 )
+from tests.broken_checkpoints import BROKEN_VARIANT_TENSORS, write_broken_heartcodec_variants
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,14 @@ from safetensors.torch import load_file, save_file
 
 from gpu_worker.checkpoints.checkpoint_files import INDEX_NAME, CheckpointError, WeightFiles
 from gpu_worker.checkpoints.heartmula_checkpoint import (
-    BROKEN_MISSING,
-    BROKEN_UNEXPECTED,
-    BROKEN_WRONG_SHAPE,
     TINY_CONFIG,
     TINY_LM_FOLDER,
     heartmula_args_from_config,
     load_heartmula,
     tiny_state_dict,
-    write_broken_heartmula_variants,
     write_tiny_heartmula,
 )
+from tests.broken_checkpoints import BROKEN_MISSING, BROKEN_UNEXPECTED, BROKEN_WRONG_SHAPE, write_broken_heartmula_variants
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,56 +224,3 @@ def write_tiny_heartcodec(ckpt_root: Path, *, seed: int = 0, layout: str = "shar
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     write_state_dict(folder, tensors, shards=2 if layout == "sharded" else 1)
-
-
-# The tensor each broken variant breaks, so tests can check that the error names it.
-BROKEN_VARIANT_TENSORS = {
-    "both_weight_norm_conventions": "scalar_model.decoder.0",
-    "half_weight_norm_pair": "scalar_model.decoder.7.parametrizations.weight.original0",
-    "wrong_shape": "flow_matching.vq_embed.project_out.weight",
-    "missing_tensor": "flow_matching.zero_cond_embedding1",
-    "unexpected_tensor": "flow_matching.estimator.extra_head.weight",
-    "missing_shard": "model-00002-of-00002.safetensors",
-}
-
-
-def write_broken_heartcodec_variants(base_root: Path, out_dir: Path) -> dict[str, Path]:
-    """Copies of a tiny checkpoint root with one defect each; returns variant name -> checkpoint root.
-
-    The half pair keeps `original1` of decoder.7 and drops its `original0`; the wrong shape stores
-    project_out transposed; "missing_shard" deletes a shard that the index still names.
-    """
-    base = Path(base_root) / CODEC_FOLDER
-    files = WeightFiles(base)
-    tensors = {name: files.load(name) for name in files.tensors}
-    shards = 2 if files.sharded else 1
-    names = BROKEN_VARIANT_TENSORS
-    g_name, v_name = (f"{names['both_weight_norm_conventions']}.{s}" for s in PARAMETRIZATION_NAMES)
-    if g_name not in tensors:
-        raise ValueError(f"{base}: expected the parametrizations layout (write it with layout='sharded')")
-
-    both = dict(tensors)
-    both[f"{names['both_weight_norm_conventions']}.weight_g"] = tensors[g_name]
-    both[f"{names['both_weight_norm_conventions']}.weight_v"] = tensors[v_name]
-    half = {k: t for k, t in tensors.items() if k != names["half_weight_norm_pair"]}
-    wrong = dict(tensors)
-    wrong[names["wrong_shape"]] = tensors[names["wrong_shape"]].t().contiguous()
-    missing = {k: t for k, t in tensors.items() if k != names["missing_tensor"]}
-    unexpected = dict(tensors)
-    unexpected[names["unexpected_tensor"]] = torch.zeros(2, 2)
-    variants = {"both_weight_norm_conventions": both, "half_weight_norm_pair": half, "wrong_shape": wrong,
-                "missing_tensor": missing, "unexpected_tensor": unexpected, "missing_shard": tensors}
-
-    roots: dict[str, Path] = {}
-    for variant, state in variants.items():
-        root = Path(out_dir) / variant
-        folder = root / CODEC_FOLDER
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        shutil.copyfile(base / CONFIG_NAME, folder / CONFIG_NAME)
-        write_state_dict(folder, state, shards=2 if variant == "missing_shard" else shards)
-        if variant == "missing_shard":
-            (folder / names["missing_shard"]).unlink()
-        roots[variant] = root
-    return roots

@@ -13,18 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from gpu_worker.checkpoints.checkpoint_files import (
-    INDEX_NAME,
     CheckpointError,
     ProblemReport,
     WeightFiles,
@@ -277,50 +274,3 @@ def write_tiny_heartmula(ckpt_root: Path | str, *, seed: int = 0) -> None:
 
 
 # Tensors the broken variants tamper with; chosen from different parts of the model.
-BROKEN_MISSING = "backbone.layers.1.mlp.w2.weight"
-BROKEN_UNEXPECTED = "backbone.layers.0.attn.extra_proj.weight"
-BROKEN_WRONG_SHAPE = "decoder.layers.0.attn.k_proj.weight"
-
-
-def _edit_shard_holding(folder: Path, name: str, edit) -> None:
-    """Apply `edit(tensors: dict)` to the shard that holds `name` and keep the index in step."""
-    index_path = folder / INDEX_NAME
-    index = json.loads(index_path.read_text())
-    shard = index["weight_map"][name]
-    tensors = load_file(str(folder / shard))
-    edit(tensors)
-    save_file(tensors, str(folder / shard), metadata={"format": "pt"})
-    index["weight_map"] = {n: s for n, s in index["weight_map"].items() if s != shard}
-    index["weight_map"].update({n: shard for n in tensors})
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
-
-
-def write_broken_heartmula_variants(base_root: Path | str, out_dir: Path | str) -> dict[str, Path]:
-    """Full copies of a (tiny) ckpt_root, each with one defect, keyed by the defect's name."""
-    base_root, out_dir = Path(base_root), Path(out_dir)
-    variants: dict[str, Path] = {}
-
-    def copy(kind: str) -> Path:
-        root = out_dir / kind
-        shutil.copytree(base_root, root)
-        variants[kind] = root
-        return find_lm_folder(root)
-
-    copy_folder = copy("missing_tensor")
-    _edit_shard_holding(copy_folder, BROKEN_MISSING, lambda t: t.pop(BROKEN_MISSING))
-
-    copy_folder = copy("unexpected_tensor")  # added to whichever shard holds an existing tensor
-    _edit_shard_holding(copy_folder, BROKEN_MISSING,
-                        lambda t: t.__setitem__(BROKEN_UNEXPECTED, torch.zeros(4, 4)))
-
-    def reshape(tensors: dict[str, torch.Tensor]) -> None:
-        rows, cols = tensors[BROKEN_WRONG_SHAPE].shape
-        tensors[BROKEN_WRONG_SHAPE] = torch.zeros(rows + 8, cols)
-
-    copy_folder = copy("wrong_shape")
-    _edit_shard_holding(copy_folder, BROKEN_WRONG_SHAPE, reshape)
-
-    copy_folder = copy("missing_shard")
-    index = json.loads((copy_folder / INDEX_NAME).read_text())
-    (copy_folder / sorted(set(index["weight_map"].values()))[-1]).unlink()
-    return variants
