@@ -21,6 +21,7 @@ song runs its full length):
 
     python bench/engine_batching.py --only copy,table --songs 1,8,64 --slots 64
     SONGPIPE_BENCH_SRC=/path/to/old/checkout python bench/engine_batching.py ...   # another version's code
+(the other checkout must have the gpu_worker/ subpackage layout: main after 2026-12-01's split)
 """
 from __future__ import annotations
 
