@@ -38,9 +38,10 @@ class Settings(BaseSettings):
     # engine slots = songs one GPU worker steps together; every step computes all slots (fixed GEMM shapes keep
     # a song's tokens independent of its batch mates), so more slots cost the lone song time and KV memory
     gpu_batch_slots: int = Field(default=8, ge=1, le=256)
-    # the batching engine records a song's frames so far every this many frames (64: about 5 s of audio), so a
-    # new attempt after a lost worker continues from there with the same tokens (0: no checkpoints)
-    token_checkpoint_frames: int = Field(default=64, ge=0)
+    # the batching engine records a song's frames so far every this many frames (125: 10 s of audio; the stage
+    # thread writes at most one checkpoint per poll), so a new attempt after a lost worker continues from there
+    # with the same tokens (0: no checkpoints)
+    token_checkpoint_frames: int = Field(default=125, ge=0)
     loudness_target_lufs: float | None = Field(
         default=None, description="normalise every song to this integrated loudness (e.g. -14); unset: measure only")
 
