@@ -284,6 +284,11 @@ class FrameEngine:
         self.all_songs = torch.ones(b, dtype=torch.bool, device=dev)
         self.max_frames = max_frames
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # resume: one chunk of replayed frames (grid rows, positions, the song's cache rows) and its graphs
+        self.replay_tokens = torch.zeros(b, slots + 1, dtype=torch.long, device=dev)
+        self.replay_pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self.replay_rows = torch.zeros(n, dtype=torch.long, device=dev)
+        self.replay_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool: torch.cuda._POOL_HANDLE | None = None
         if self.use_graphs:
             self._warm_up()
@@ -376,13 +381,13 @@ class FrameEngine:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
 
-    def _capture(self, keys: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, keys: int, body: Callable[[int], None] | None = None) -> torch.cuda.CUDAGraph:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), sdpa_kernel(SDPA_BACKENDS), \
                 torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._step(keys)
+            (body or self._step)(keys)
         return graph
 
     # ---- the frame (static shapes: traced into the graphs)
@@ -403,17 +408,33 @@ class FrameEngine:
         frames = frames.to(self.device, torch.long)
         base = int(self.pos[song])  # the prompt length: frame j - 1 went in at base + j - 1
         per_chunk, rows = self.num_songs, self.rows
-        cache_rows = (song * rows + torch.arange(rows, device=self.device)).repeat(per_chunk)
+        self.replay_rows.copy_((song * rows + torch.arange(rows, device=self.device)).repeat(per_chunk))
         for first in range(0, k - 1, per_chunk):
             count = min(per_chunk, k - 1 - first)
             index = torch.arange(per_chunk, device=self.device).clamp_max(count - 1)  # pad: repeat the last
-            tokens = torch.cat([frames[first + index], frames.new_zeros(per_chunk, 1)], dim=1)
-            positions = (base + first + index).repeat_interleave(rows)
-            self._backbone(self._embed(tokens), positions, cache_rows, self.buckets_for(base + first + count - 1))
+            self.replay_tokens.copy_(torch.cat([frames[first + index], frames.new_zeros(per_chunk, 1)], dim=1))
+            self.replay_pos.copy_((base + first + index).repeat_interleave(rows))
+            self._replay_chunk(self.buckets_for(base + first + count - 1))
         self.frames[song, :k] = frames.to(torch.int32)
         self.prev[song] = frames[k - 1]
         self.pos[song] = base + k - 1
         self.count[song] = k
+
+    def _replay_chunk(self, keys: int) -> None:
+        """One resume chunk from the replay buffers; with graphs, captured per bucket like the frame step
+        (the first chunk of a bucket runs eagerly, then its graph serves the rest: the same kernels)."""
+        if self.use_graphs:
+            graph = self.replay_graphs.get(keys)
+            if graph is not None:
+                graph.replay()
+                return
+        with sdpa_kernel(SDPA_BACKENDS):
+            self._replay_backbone(keys)
+        if self.use_graphs:
+            self.replay_graphs[keys] = self._capture(keys, self._replay_backbone)
+
+    def _replay_backbone(self, keys: int) -> None:
+        self._backbone(self._embed(self.replay_tokens), self.replay_pos, self.replay_rows, keys)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Grid rows `[B, 9]` (8 codes, empty text) -> the backbone input `[N, 1, D]`, each song's row repeated."""
