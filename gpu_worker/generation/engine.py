@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gpu_worker.generation import scheduler
 from gpu_worker.generation.fast_generate import CancelFn, FastLogitsHook, FrameEngine, ProgressFn
 from gpu_worker.generation.generate import (
     ContextLimitError,
@@ -125,6 +126,10 @@ class _Request:
     @property
     def total(self) -> int:
         return self.params.max_frames
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt.length
 
 
 class GenerationEngine:
@@ -349,7 +354,7 @@ class GenerationEngine:
                     dropped = [r for r in self._waiting if r.cancel_requested]
                     for request in dropped:
                         self._waiting.remove(request)
-                    admit = self._pick_admissions(live)
+                    admit = scheduler.pick_admissions(self._waiting, self._slots, live)
             if closing:
                 if self._frames is not None:
                     self._frames.done.fill_(True)
@@ -368,8 +373,7 @@ class GenerationEngine:
             if not live:
                 continue
             assert fe is not None  # live songs run on self._frames
-            must_finish = any(r.steps >= r.total - 1 for r in live)
-            if admit or must_finish or since_sync >= self.sync_every:
+            if scheduler.must_read_back(live, admitted=bool(admit), since_sync=since_sync, sync_every=self.sync_every):
                 since_sync = 0
                 live = self._read_back(fe, live)
                 if not live:
@@ -377,26 +381,13 @@ class GenerationEngine:
             for request in live:
                 request.steps += 1
                 request.batch_size = max(request.batch_size, len(live))
-            max_position = max(min(r.prompt.length - 1 + r.steps, r.prompt.length + r.total - 1) for r in live)
-            fe.step(max_position)
+            fe.step(scheduler.step_bound(live))
             self._last_step = time.monotonic()
             self.stats["frames_stepped"] += 1
             since_sync += 1
             pace = max(r.pace_s for r in live)
             if pace > 0:
                 time.sleep(pace)
-
-    def _pick_admissions(self, live: list[_Request]) -> list[_Request]:
-        """Strict FIFO: admit from the head while slots are free and it fits the slot buffers."""
-        admit = []
-        free = [i for i, r in enumerate(self._slots) if r is None]
-        key = live[0].key if live else (self._waiting[0].key if self._waiting else None)
-        while self._waiting and free and self._waiting[0].key == key:
-            request = self._waiting.popleft()
-            request.slot = free.pop(0)
-            self._slots[request.slot] = request
-            admit.append(request)
-        return admit
 
     def _admit(self, fe: FrameEngine, admit: list[_Request]) -> list[_Request]:
         """Prefill and frame 0 for the new slots only; the live slots' state is untouched. Returns the
