@@ -417,3 +417,22 @@ def test_a_gpu_stage_reaching_a_threads_worker_on_its_way_out_is_handed_back_not
     with pytest.raises(JobCancelled, match="handed back"):
         cuda_health._guard(ctx, "start", {})
     assert ctx._stopping is True  # StageRunner then ends the attempt lost and queues a new one
+
+
+def test_cancel_frees_the_songs_slot_before_the_next_frame_step(lm, prompts, engine_factory):
+    engine = engine_factory(max_songs=2, sync_every=50)  # read-backs far apart: the cancel must not wait for one
+    long = dataclasses.replace(PARAMS, max_audio_length_ms=150 * 80)
+    started = threading.Event()
+    victim = engine.submit(prompts[0], long, 1, progress=lambda done, total: started.set())
+    other = engine.submit(prompts[1], long, 2)
+    for _ in range(600):  # until the first read-back after admission has run (frame 0 is out)
+        if engine.stats["frames_stepped"] > 0:
+            break
+        threading.Event().wait(0.01)
+    with engine._cond:  # between two steps: nothing else steps while we hold the lock
+        assert engine.cancel(victim)
+        at_cancel = engine.stats["frames_stepped"]
+    with pytest.raises(GenerationCancelled):
+        victim.result(TIMEOUT)
+    assert engine.stats["frames_stepped"] - at_cancel <= 1  # freed before (at most) the step already under way
+    assert engine.live_count() <= 1 and other.result(TIMEOUT).frames.shape[1] == 150  # the other runs on

@@ -31,8 +31,8 @@ once) and the allocator's cache is emptied; the other songs keep stepping.
 
 Callbacks: `progress(done, total)`, `should_cancel()` and `checkpoint(done, grid)` run on the engine
 thread at the read-back points (every `sync_every` frames, when a song is admitted, and when one must
-have finished), so they must be cheap. A cancel (callback or `cancel(future)`) frees the slot at the
-next read-back and resolves the future with GenerationCancelled.
+have finished), so they must be cheap. `cancel(future)` frees the slot before the next frame step, a
+`should_cancel()` that turns true at the next read-back; both resolve the future with GenerationCancelled.
 
 Errors: a song-level error (EmptySongError, ContextLimitError, bad prompt ids, "no eligible id",
 a callback that raises) fails only that song's future. Anything raised by the device work itself
@@ -332,6 +332,7 @@ class GenerationEngine:
     def _loop(self) -> None:
         since_sync = 0
         while True:
+            stopped: list[_Request] = []
             with self._cond:
                 while True:
                     if self._error is not None:
@@ -354,6 +355,11 @@ class GenerationEngine:
                     dropped = [r for r in self._waiting if r.cancel_requested]
                     for request in dropped:
                         self._waiting.remove(request)
+                    stopped += [r for r in live if r.cancel_requested]  # freed before the next step
+                    for request in stopped:
+                        self._slots[request.slot] = None
+                        live.remove(request)
+                    self.stats["songs_done"] += len(stopped)
                     admit = scheduler.pick_admissions(self._waiting, self._slots, live)
             if closing:
                 if self._frames is not None:
@@ -363,6 +369,11 @@ class GenerationEngine:
                 return
             for request in dropped:
                 _resolve(request.future, exc=GenerationCancelled("cancelled before it started"))
+            for request in stopped:
+                assert self._frames is not None  # a live song runs on the slot buffers
+                self._frames.done[request.slot] = True  # its rows are ignored from the next step on
+                _resolve(request.future, exc=GenerationCancelled(
+                    f"cancelled after about {request.steps + 1} of {request.total} frames"))
 
             fe = self._frames
             self._last_step = time.monotonic()
