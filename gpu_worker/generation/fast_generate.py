@@ -683,10 +683,16 @@ def generate_fast(model: HeartMuLa, prompts: Sequence[Prompt] | Prompt,
 
     graphs = (device.type == "cuda") if use_graphs is None else use_graphs
     bucket = bucket or (512 if graphs else 64)
-    need = max(p.length + t for p, t in zip(prompt_list, totals))
-    cache_len = min(limit, math.ceil(need / bucket) * bucket)
-    rows = 2 if any(p.uses_cfg for p in param_list) else 1
-    max_frames = max(totals)
+    # One engine shape per song count on a GPU (the whole context, two rows a song; a CFG-scale-1 song
+    # ignores its second): a job of another length or other settings reuses the buffers and graphs. On the
+    # CPU the buffers follow the job (they are cheap to build and the tests run many shapes).
+    if graphs:
+        cache_len, rows, max_frames = limit, 2, limit
+    else:
+        need = max(p.length + t for p, t in zip(prompt_list, totals))
+        cache_len = min(limit, math.ceil(need / bucket) * bucket)
+        rows = 2 if any(p.uses_cfg for p in param_list) else 1
+        max_frames = max(totals)
     fused = fused_kernels_default(model) if fused_kernels is None else fused_kernels
     key = _EngineKey(id(model), count, rows, cache_len, max_frames, eos_ids.pop(), bucket, graphs, complex_rope,
                      fused)
