@@ -99,7 +99,7 @@ def test_a_hung_engine_is_reclaimed_its_songs_retried_in_a_fresh_process_and_con
     for job_id in (companion, hung):
         assert stack.wait_for_job(job_id)["status"] == "succeeded", job_id
     assert stack.pid("gpu") != old
-    assert "engine stopped stepping" in stack.output() or "must be replaced" in stack.output()
+    assert "engine stopped stepping" in stack.output()  # the reason the worker gave for its replacement
 
     for job_id in (companion, hung):
         rows = token_attempts(stack, job_id)

@@ -58,6 +58,8 @@ class EngineStalled(RuntimeError):
     process is replaced (gpu_worker.worker.cuda_health)."""
 
     transient = True  # tasks.recording.is_transient: one new attempt, in a fresh process
+    # cuda_health.handle_gpu_failure: the hung engine thread cannot be recovered inside this process
+    replaces_process = "the generation engine stopped stepping (hung device work); a fresh process gets a fresh one"
 
 
 def _is_device_error(exc: BaseException) -> bool:

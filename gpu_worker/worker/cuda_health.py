@@ -58,8 +58,8 @@ def handle_gpu_failure(exc: BaseException, ctx) -> None:
                   ctx.job_id, ctx.stage, exc)
     elif is_out_of_memory(exc) and _is_pool_child():
         _replace_reason = "out of device memory (a retry gets a fresh process and allocator)"
-    elif type(exc).__name__ == "EngineStalled":
-        _replace_reason = "the generation engine stopped stepping (hung device work); a fresh process gets a fresh one"
+    elif getattr(exc, "replaces_process", None):  # an error that says this process cannot go on (a hung engine)
+        _replace_reason = str(exc.replaces_process)  # type: ignore[attr-defined]
         log.error("job %s stage %s: %s; this worker process will be replaced", ctx.job_id, ctx.stage, exc)
     if _replace_reason is not None:
         ctx.environment_extra["worker_process"] = {"pid": os.getpid(), "replaced_after_this_failure": True,

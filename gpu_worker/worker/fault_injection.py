@@ -128,15 +128,25 @@ def _inject(fault: Fault, ctx: StageContext, info: dict) -> None:
             f"attempt {ctx.attempt})")
 
 
-def _slow_down(fault: Fault, ctx: StageContext, info: dict, state: dict) -> None:
-    done = int(info.get("done") or 0)
-    steps = max(done - state.get("done", 0), 0)
-    state["done"] = done
-    deadline = time.monotonic() + steps * fault.ms_per_step / 1000
+def _wait(ctx: StageContext, seconds: float) -> None:
+    """Sleep in slices that honour a cancel request."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(min(SLEEP_SLICE_S, max(deadline - time.monotonic(), 0)))
         if ctx.should_cancel():
             raise JobCancelled(f"job {ctx.job_id} cancelled during {ctx.stage}")
+
+
+def _slow_down(fault: Fault, ctx: StageContext, info: dict, state: dict) -> None:
+    done = int(info.get("done") or 0)
+    steps = max(done - state.get("done", 0), 0)
+    state["done"] = done
+    _wait(ctx, steps * fault.ms_per_step / 1000)
+
+
+def _engine_paced(ctx: StageContext) -> bool:
+    """The batching engine runs this song: it paces (or hangs) the frames itself (`frame_pace_s`)."""
+    return ctx.environment_extra.get("generation_path") == "batched"
 
 
 def frame_pace_s(ctx: StageContext) -> float:
@@ -144,15 +154,11 @@ def frame_pace_s(ctx: StageContext) -> float:
     if not switch_on(ctx.settings):
         return 0.0
     faults = [f for f in faults_in(ctx.job_request.get("tags")) if f.stage == ctx.stage]
+    if faults:  # on record now: a hung engine may never report progress, where stage_hook records them
+        ctx.environment_extra["injected_faults"] = [f.kind for f in faults]
     if any(f.kind == "hang-once" for f in faults) and ctx.attempt == 1:
-        ctx.environment_extra["injected_faults"] = ["hang-once"]
-        ctx.__dict__["_engine_paced"] = True
         return HANG_S
-    slow = [f.ms_per_step for f in faults if f.kind == "slow"]
-    if slow:
-        ctx.environment_extra["injected_faults"] = ["slow"]
-        ctx.__dict__["_engine_paced"] = True  # the engine paces the frames: the progress hook must not as well
-    return max(slow, default=0) / 1000
+    return max((f.ms_per_step for f in faults if f.kind == "slow"), default=0) / 1000
 
 
 def stage_hook(ctx: StageContext, event: str, info: dict) -> None:
@@ -165,13 +171,13 @@ def stage_hook(ctx: StageContext, event: str, info: dict) -> None:
     ctx.environment_extra["injected_faults"] = [f.kind for f in faults]  # on record with the attempt
     state = ctx.__dict__.setdefault("_fault_state", {})
     for fault in faults:
-        if ctx.__dict__.get("_engine_paced") and fault.kind in ("slow", "hang-once"):
+        if fault.kind in ("slow", "hang-once") and _engine_paced(ctx):
             continue  # the batching engine does it (frame_pace_s)
         if fault.kind == "slow":
             _slow_down(fault, ctx, info, state)
         elif fault.kind == "hang-once":
             if ctx.attempt == 1:
-                _slow_down(Fault("slow", ctx.stage, int(HANG_S * 1000)), ctx, {"done": 1}, {})
+                _wait(ctx, HANG_S)
         elif not state.get("fired"):
             state["fired"] = fault.kind
             _inject(fault, ctx, info)

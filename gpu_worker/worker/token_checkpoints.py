@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
+from db.engine import session_scope
+from gpu_worker.worker.stages import tokens_from_bytes, tokens_to_bytes
 from tasks.contracts import GenerateTokensInput
+from tasks.pipeline.attempts import latest_checkpoint
 from tasks.recording import StageContext
 
 log = logging.getLogger(__name__)
@@ -37,10 +40,6 @@ class ResumePoint:
 
 def find_resume_point(inp: GenerateTokensInput, ctx: StageContext, compat: str) -> ResumePoint | None:
     """The furthest usable checkpoint of an earlier attempt; notes in the record what was found and used."""
-    from db.engine import session_scope
-    from gpu_worker.worker.stages import tokens_from_bytes
-    from tasks.pipeline.attempts import latest_checkpoint
-
     with session_scope(ctx.database_url) as session:
         found = latest_checkpoint(session, ctx.job_id, ctx.stage, ctx.attempt, inp.model_dump(mode="json"))
     if found is None:
@@ -71,8 +70,6 @@ class CheckpointWriter:
         self.saved = 0
 
     def save(self, done: int, grid: torch.Tensor) -> None:
-        from gpu_worker.worker.stages import tokens_to_bytes
-
         ref = self.ctx.put_artifact(tokens_to_bytes(grid), "tokens")
         self.ctx.checkpoint(done, self.total, "frames", {
             "done": done, "tokens": ref.model_dump(mode="json"), "compat": self.compat, "attempt": self.ctx.attempt})
