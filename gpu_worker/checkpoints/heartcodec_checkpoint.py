@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -212,13 +212,18 @@ def tiny_codec_tensors(config: HeartCodecConfig, *, seed: int, layout: str) -> d
     return state
 
 
-def write_tiny_heartcodec(ckpt_root: Path, *, seed: int = 0, layout: str = "sharded") -> None:
+def write_tiny_heartcodec(ckpt_root: Path, *, seed: int = 0, layout: str = "sharded",
+                          windows: tuple[int, int] | None = None) -> None:
     """Write `ckpt_root/HeartCodec-oss` at the tiny sizes of spec §10.
 
     "sharded": 2 shards + index, `parametrizations.weight.original0/1`, `initted` [1].
     "single": `model.safetensors`, legacy `weight_g/weight_v`, `initted` [].
+    `windows` (window_frames, hop_frames) replaces the published window geometry: a tiny song of a few
+    seconds then spans several windows (the streaming tests).
     """
     config = HeartCodecConfig.tiny()
+    if windows is not None:
+        config = replace(config, window_frames=windows[0], hop_frames=windows[1])
     tensors = tiny_codec_tensors(config, seed=seed, layout=layout)
     folder = Path(ckpt_root) / CODEC_FOLDER
     folder.mkdir(parents=True, exist_ok=True)

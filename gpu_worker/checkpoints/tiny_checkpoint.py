@@ -11,12 +11,16 @@ from gpu_worker.checkpoints.heartcodec_checkpoint import write_tiny_heartcodec
 from gpu_worker.checkpoints.heartmula_checkpoint import write_tiny_heartmula
 
 
-def make_tiny_checkpoint(out: Path, *, seed: int = 0, codec_layout: str = "sharded") -> Path:
-    """Write a complete checkpoint root (LM, codec, tokenizer, gen_config) into `out`."""
+def make_tiny_checkpoint(out: Path, *, seed: int = 0, codec_layout: str = "sharded",
+                         codec_windows: tuple[int, int] | None = None) -> Path:
+    """Write a complete checkpoint root (LM, codec, tokenizer, gen_config) into `out`.
+
+    `codec_windows` (window_frames, hop_frames): small codec windows, so a tiny song spans several.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_tiny_heartmula(out, seed=seed)
-    write_tiny_heartcodec(out, seed=seed, layout=codec_layout)
+    write_tiny_heartcodec(out, seed=seed, layout=codec_layout, windows=codec_windows)
     (out / MARKER).write_text(
         "Random weights in the published HeartMuLa/HeartCodec layout, for tests and the demo. "
         "It makes noise, not music.\n")

@@ -37,6 +37,58 @@ WINDOW_SAMPLES = WINDOW_FRAMES * SAMPLES_PER_FRAME  # 1,428,480
 HOP_SAMPLES = HOP_FRAMES * SAMPLES_PER_FRAME  # 1,228,800
 OVERLAP_SAMPLES = OVERLAP_FRAMES * SAMPLES_PER_FRAME  # 199,680
 
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """How a song's code frames are cut into codec windows (§7.6): the published 372 / 320 by default.
+
+    A checkpoint's config may set `window_frames` / `hop_frames` (a songpipe extension, absent from the
+    published config): the tests' tiny checkpoints use small windows so that a CPU song spans several.
+    """
+
+    window_frames: int = WINDOW_FRAMES
+    hop_frames: int = HOP_FRAMES
+
+    def __post_init__(self) -> None:
+        if not 0 < self.hop_frames < self.window_frames:
+            raise CodecConfigError("hop_frames", f"must be in 1..window_frames-1 = {self.window_frames - 1}, "
+                                   f"got {self.hop_frames}")
+
+    @property
+    def overlap_frames(self) -> int:
+        return self.window_frames - self.hop_frames
+
+    @property
+    def prefix_latents(self) -> int:
+        return self.overlap_frames * LATENTS_PER_FRAME
+
+    @property
+    def window_samples(self) -> int:
+        return self.window_frames * SAMPLES_PER_FRAME
+
+    @property
+    def hop_samples(self) -> int:
+        return self.hop_frames * SAMPLES_PER_FRAME
+
+    @property
+    def overlap_samples(self) -> int:
+        return self.overlap_frames * SAMPLES_PER_FRAME
+
+    def window(self, w: int) -> slice:
+        """The code frames of window w."""
+        return slice(self.hop_frames * w, self.hop_frames * w + self.window_frames)
+
+    def frames_needed(self, w: int) -> int:
+        """Frames a song must have for window w to be decodable before the song ends."""
+        return self.hop_frames * w + self.window_frames
+
+    def final_samples_after(self, w: int) -> int:
+        """Samples that no later window changes once window w (not the last) is cross-faded in."""
+        return (w + 1) * self.hop_samples
+
+
+PUBLISHED_WINDOWS = WindowGeometry()
+
 NUM_STEPS = 10
 GUIDANCE_SCALE = 1.25
 TIMESTEP_CHANNELS = 512  # sinusoidal timestep features: 256 cos | 256 sin (fixed, not tied to `dim`)
@@ -87,6 +139,8 @@ class HeartCodecConfig:
     delay_kernel_size: int = 5
     init_channel: int = 64
     res_kernel_size: int = 7
+    window_frames: int = WINDOW_FRAMES  # songpipe extension keys (absent from the published config)
+    hop_frames: int = HOP_FRAMES
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,6 +164,8 @@ class HeartCodecConfig:
         for f in fields(cls):
             default = f.default
             if f.name not in data:
+                if f.name in EXTENSION_KEYS:
+                    continue
                 logger.warning("codec config: key %r missing, using the published value %r", f.name, default)
                 continue
             values[f.name] = _coerce(f.name, data[f.name], default)
@@ -161,6 +217,13 @@ class HeartCodecConfig:
                                    f"{math.prod(self.upsample_factors)} for {list(self.upsample_factors)}")
         if self.sample_rate != SAMPLE_RATE:
             raise CodecConfigError("sample_rate", f"only {SAMPLE_RATE} is supported, got {self.sample_rate}")
+        if self.window_frames < 2:
+            raise CodecConfigError("window_frames", f"must be >= 2, got {self.window_frames}")
+        self.windows  # noqa: B018 - validates hop_frames against window_frames
+
+    @property
+    def windows(self) -> WindowGeometry:
+        return WindowGeometry(self.window_frames, self.hop_frames)
 
     @property
     def inner_dim(self) -> int:
@@ -177,6 +240,9 @@ class HeartCodecConfig:
         """SQ decoder widths: layer 0 output, then each upsampling block's output (2048 ... 64)."""
         n = len(self.upsample_factors)
         return [self.init_channel * 2 ** (n - i) for i in range(n + 1)]
+
+
+EXTENSION_KEYS = frozenset({"window_frames", "hop_frames"})  # silently defaulted: published configs lack them
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -592,48 +658,92 @@ class ScalarModel(nn.Module):
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """How T code frames are covered by 372-frame windows with a 320-frame hop (§7.6)."""
+    """How T code frames are covered by windows (372 frames with a 320-frame hop, published; §7.6)."""
 
     frames: int  # T
     padded_frames: int  # P: codes wrap around to fill the last window
     num_windows: int  # W
+    geometry: WindowGeometry = PUBLISHED_WINDOWS
 
     def window(self, w: int) -> slice:
-        return slice(HOP_FRAMES * w, HOP_FRAMES * w + WINDOW_FRAMES)
+        return self.geometry.window(w)
 
     @property
     def output_samples(self) -> int:
         """Samples before the crop: (W-1) hops plus one window, = P * 3840."""
-        return (self.num_windows - 1) * HOP_SAMPLES + WINDOW_SAMPLES
+        return (self.num_windows - 1) * self.geometry.hop_samples + self.geometry.window_samples
 
     @property
     def cropped_samples(self) -> int:
         return self.frames * SAMPLES_PER_FRAME
 
 
-def plan_windows(num_frames: int) -> WindowPlan:
+def plan_windows(num_frames: int, geometry: WindowGeometry = PUBLISHED_WINDOWS) -> WindowPlan:
     if num_frames < 1:
         raise ValueError(f"need at least one code frame, got {num_frames}")
-    if num_frames <= WINDOW_FRAMES:
-        padded = WINDOW_FRAMES
+    g = geometry
+    if num_frames <= g.window_frames:
+        padded = g.window_frames
     else:
-        padded = math.ceil((num_frames - OVERLAP_FRAMES) / HOP_FRAMES) * HOP_FRAMES + OVERLAP_FRAMES
-    return WindowPlan(num_frames, padded, (padded - OVERLAP_FRAMES) // HOP_FRAMES)
+        padded = math.ceil((num_frames - g.overlap_frames) / g.hop_frames) * g.hop_frames + g.overlap_frames
+    return WindowPlan(num_frames, padded, (padded - g.overlap_frames) // g.hop_frames, g)
 
 
-def overlap_add(out: torch.Tensor, audio: torch.Tensor, w: int) -> None:
-    """Write window w's audio [2, WINDOW_SAMPLES] into out, cross-fading linearly over the overlap.
+def overlap_add(out: torch.Tensor, audio: torch.Tensor, w: int, geometry: WindowGeometry = PUBLISHED_WINDOWS) -> None:
+    """Write window w's audio [2, window samples] into out, cross-fading linearly over the overlap.
 
     The ramp is linspace(0, 1) with inclusive ends in float64, as in the reference.
     """
-    start = w * HOP_SAMPLES
+    g = geometry
+    start = w * g.hop_samples
     if w == 0:
-        out[:, :WINDOW_SAMPLES] = audio
+        out[:, :g.window_samples] = audio
         return
-    ramp = torch.linspace(0, 1, OVERLAP_SAMPLES, dtype=torch.float64, device=out.device)
-    faded = out[:, start:start + OVERLAP_SAMPLES].double() * (1 - ramp) + audio[:, :OVERLAP_SAMPLES].double() * ramp
-    out[:, start:start + OVERLAP_SAMPLES] = faded.to(out.dtype)
-    out[:, start + OVERLAP_SAMPLES:start + WINDOW_SAMPLES] = audio[:, OVERLAP_SAMPLES:]
+    ramp = torch.linspace(0, 1, g.overlap_samples, dtype=torch.float64, device=out.device)
+    faded = out[:, start:start + g.overlap_samples].double() * (1 - ramp) + audio[:, :g.overlap_samples].double() * ramp
+    out[:, start:start + g.overlap_samples] = faded.to(out.dtype)
+    out[:, start + g.overlap_samples:start + g.window_samples] = audio[:, g.overlap_samples:]
+
+
+class WindowByWindow:
+    """A song decoded one window at a time, in order, as its frames become available (docs/streaming.md).
+
+    Window w > 0 takes window w-1's last latents as its in-context prefix, so windows go strictly in
+    order; each draws its noise from `generator` in that order. After `add(w)` the samples before
+    window w+1's cross-fade are final (`final_samples`); `finish(T)` adds nothing and crops to T frames.
+    `HeartCodec.decode` runs through this class, so a song decoded while it streams and one decoded
+    from its finished tokens are the same samples.
+    """
+
+    def __init__(self, geometry: WindowGeometry, generator: torch.Generator, capacity_frames: int, *,
+                 device: torch.device, solve_window: Callable[..., torch.Tensor],
+                 decode_latents: Callable[[torch.Tensor], torch.Tensor]):
+        self.geometry, self.generator = geometry, generator
+        self.solve_window, self.decode_latents = solve_window, decode_latents
+        capacity = plan_windows(max(capacity_frames, 1), geometry).output_samples
+        self.out = torch.empty(2, capacity, dtype=torch.float32, device=device)
+        self.windows = 0  # windows added so far
+        self.final_samples = 0
+        self._latents: torch.Tensor | None = None
+
+    def add(self, codes: torch.Tensor, *, last: bool = False) -> None:
+        """Solve and decode the next window: codes [Q, window_frames] (long, on the codec's device)."""
+        g, w = self.geometry, self.windows
+        if (w + 1) * g.hop_samples + g.overlap_samples > self.out.shape[1]:
+            raise ValueError(f"window {w} is past the {self.out.shape[1]} samples planned for this song")
+        prefix = None if self._latents is None else self._latents[-g.prefix_latents:]
+        self._latents = self.solve_window(codes, prefix, self.generator)
+        audio = self.decode_latents(torch.stack([self._latents]))
+        overlap_add(self.out, audio[0].float(), w, g)
+        del audio
+        self.windows = w + 1
+        self.final_samples = w * g.hop_samples + g.window_samples if last else g.final_samples_after(w)
+
+    def samples(self, start: int, end: int) -> torch.Tensor:
+        """Final samples [start, end) as float32 [2, n] on the CPU."""
+        if end > self.final_samples:
+            raise ValueError(f"samples up to {end} requested, only {self.final_samples} are final")
+        return self.out[:, start:end].cpu()
 
 
 class HeartCodec(nn.Module):
@@ -696,14 +806,23 @@ class HeartCodec(nn.Module):
         if torch.device(generator.device).type != device.type:
             raise ValueError(f"generator is on {generator.device}, the codec on {device}; "
                              "pass a generator created on the codec's device")
-        plan = plan_windows(codes.shape[1])
+        geometry = self.config.windows
+        plan = plan_windows(codes.shape[1], geometry)
         wrapped = torch.arange(plan.padded_frames) % plan.frames
         padded = codes.detach().to("cpu", torch.long)[:, wrapped].to(device)
+        if sq_batch_windows == 1:
+            song = WindowByWindow(geometry, generator, plan.frames, device=device, solve_window=solve_window,
+                                  decode_latents=decode_latents)
+            for w in range(plan.num_windows):
+                song.add(padded[:, plan.window(w)], last=w == plan.num_windows - 1)
+                if progress is not None:
+                    progress(w + 1, plan.num_windows)
+            return song.samples(0, plan.cropped_samples)
         out = torch.empty(2, plan.output_samples, dtype=torch.float32, device=device)
         solved: list[torch.Tensor] = []  # latents of the windows not yet through the SQ decoder
         latents = None
         for w in range(plan.num_windows):
-            prefix = None if latents is None else latents[-PREFIX_LATENTS:]
+            prefix = None if latents is None else latents[-geometry.prefix_latents:]
             latents = solve_window(padded[:, plan.window(w)], prefix, generator)
             solved.append(latents)
             if progress is not None:
@@ -712,7 +831,7 @@ class HeartCodec(nn.Module):
                 audio = decode_latents(torch.stack(solved))
                 first = w + 1 - len(solved)
                 for i in range(len(solved)):
-                    overlap_add(out, audio[i].float(), first + i)
+                    overlap_add(out, audio[i].float(), first + i, geometry)
                 solved = []
                 del audio
         return out[:, :plan.cropped_samples].cpu()
