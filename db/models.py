@@ -159,3 +159,34 @@ class Artifact(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     location: Mapped[str] = mapped_column(Text)  # store-relative key, never a client-supplied path
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StreamWindow(Base):
+    """One codec window decoded while its song was still being generated (docs/streaming.md).
+
+    `pcm` is the artifact of the samples this window made final: 16-bit little-endian interleaved
+    stereo, samples [sample_start, sample_end) of the song. The final WAV's data chunk is these
+    artifacts concatenated in window order, so what a listener was streamed is what the record holds.
+    A row names the decode attempt that wrote it; a new attempt never reads another attempt's rows.
+    """
+
+    __tablename__ = "stream_windows"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)  # the decode_audio attempt that decoded it
+    window: Mapped[int] = mapped_column(Integer)
+    frame_start: Mapped[int] = mapped_column(Integer)
+    frame_end: Mapped[int] = mapped_column(Integer)  # exclusive
+    tokens_sha256: Mapped[str] = mapped_column(String(64))  # of the [8, frames] int16 slice it was decoded from
+    tokens_attempt: Mapped[int] = mapped_column(Integer)  # the generate_tokens attempt those frames came from
+    pcm_sha256: Mapped[str] = mapped_column(String(64))
+    sample_start: Mapped[int] = mapped_column(BigInteger)
+    sample_end: Mapped[int] = mapped_column(BigInteger)  # exclusive
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    decode_s: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "attempt", "window", name="uq_stream_windows_job_attempt_window"),
+    )

@@ -127,7 +127,9 @@ def worker_argv(kind: str, concurrency: int | None, loglevel: str, *, gpu_batchi
         # After a CUDA poison the whole process exits (warm, after in-flight tasks recorded their
         # failure; gpu_worker/worker/batching.py) and the supervisor (systemd, a restart loop) must
         # start it again - there is no prefork child to replace.
-        pool, default_concurrency = "threads", _settings().gpu_batch_slots
+        # With streaming, a song's decode runs beside its token task (docs/streaming.md): two threads a slot.
+        settings = _settings()
+        pool, default_concurrency = "threads", settings.gpu_batch_slots * (2 if settings.streaming else 1)
         extra = ["--include", "gpu_worker.worker.batching"]
     return [sys.executable, "-m", "celery", "-A", module, "worker", "-Q", queue,
             "--concurrency", str(concurrency or default_concurrency), "--pool", pool, *extra,
@@ -144,7 +146,8 @@ def _gpu_batching() -> bool:
 @main.command()
 @click.argument("kind", type=click.Choice(sorted(WORKERS)))
 @click.option("--concurrency", "-c", type=int, default=None,
-              help="cpu: 2; gpu: always 1 per GPU (SONGPIPE_GPU_BATCHING=1: one thread per engine slot)")
+              help="cpu: 2; gpu: always 1 per GPU (SONGPIPE_GPU_BATCHING=1: one thread per engine slot, two "
+                   "with SONGPIPE_STREAMING)")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 def worker(kind: str, concurrency: int | None, loglevel: str) -> None:
     """Exec a Celery worker for the cpu or gpu queue (for the gpu: one per GPU, CUDA_VISIBLE_DEVICES)."""

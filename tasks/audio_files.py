@@ -38,14 +38,21 @@ def wav_bytes(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> tuple[bytes,
     if not np.isfinite(audio).all():
         raise ValueError("audio contains NaN or infinite samples")
     clipped = int((np.abs(audio) > 1.0).sum())
-    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as handle:
         handle.setnchannels(CHANNELS)
         handle.setsampwidth(2)
         handle.setframerate(sample_rate)
-        handle.writeframes(pcm.T.tobytes())  # interleaved L, R
+        handle.writeframes(pcm16_bytes(audio))
     return buffer.getvalue(), clipped
+
+
+def pcm16_bytes(audio: np.ndarray) -> bytes:
+    """float [channels, samples] -> 16-bit little-endian interleaved PCM (L, R, L, R ...), clipped at +-1.
+
+    Elementwise, so the PCM of a slice of samples is the same slice of the whole song's PCM: a streamed
+    window's bytes are the final WAV's bytes (docs/streaming.md)."""
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2").T.tobytes()
 
 
 def encode(wav: bytes, output_format: str, bitrate: str = "192k") -> bytes:

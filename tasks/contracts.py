@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 STAGES: tuple[str, ...] = ("refine_lyrics", "generate_tags", "generate_tokens", "decode_audio", "encode_audio")
 GPU_STAGES: frozenset[str] = frozenset({"generate_tokens", "decode_audio"})
@@ -118,7 +118,7 @@ class JobRequest(Contract):
 
 class ArtifactRef(Contract):
     sha256: Sha256
-    kind: Literal["tokens", "wav", "mp3"]
+    kind: Literal["tokens", "wav", "mp3", "pcm"]
     bytes: int = Field(ge=0)
     media_type: str
 
@@ -217,11 +217,30 @@ class GenerateTokensOutput(Contract):
 
 # --- stage 4: codec decoding (GPU) ------------------------------------------------------------
 
+class FollowedTokens(Contract):
+    """A decode that started while its token stage was still generating (docs/streaming.md)."""
+
+    attempt: int = Field(ge=1)  # the generate_tokens attempt running when the decode started
+    max_frames: int = Field(ge=1)  # the song's longest length, which sizes the decode
+
+
 class DecodeAudioInput(Contract):
-    tokens: ArtifactRef
-    frames: int = Field(ge=1)
+    """The finished token grid, or (while streaming) the token stage it follows. A following decode
+    records the grid it finally decoded here when it ends, so a replay reads plain tokens."""
+
+    tokens: ArtifactRef | None = None
+    frames: int | None = Field(None, ge=1)
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
     checkpoint: str
+    follow: FollowedTokens | None = None
+
+    @model_validator(mode="after")
+    def _tokens_or_follow(self) -> DecodeAudioInput:
+        if (self.tokens is None) != (self.frames is None):
+            raise ValueError("tokens and frames go together")
+        if self.tokens is None and self.follow is None:
+            raise ValueError("tokens is required (or follow, for a decode that streams)")
+        return self
 
 
 class DecodeAudioOutput(Contract):

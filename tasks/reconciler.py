@@ -48,7 +48,7 @@ from tasks.pipeline import chain as pipeline_chain
 from tasks.pipeline.attempts import add_attempts, end_job, end_waiting_cancelled_job, frontier, latest_runs
 from tasks.recording import lease_s
 from tasks.settings import Settings
-from tasks.time_limits import stage_limits
+from tasks.time_limits import following_limits, stage_limits
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,11 @@ def _settle(session: Session, settings: Settings, cand: _Candidate, now: dt.date
                  or_(StageRun.heartbeat_at.is_(None), StageRun.heartbeat_at < cutoff))
         seen = as_utc(row.heartbeat_at or row.started_at) or now
         ran_s = (seen - (as_utc(row.started_at) or seen)).total_seconds()
-        hard_s = stage_limits(row.stage, (job.request or {}).get("max_audio_length_ms"), settings).hard_s
+        length = (job.request or {}).get("max_audio_length_ms")
+        # a decode that followed its token stage (streaming) has lived through both stages' budgets
+        follows = bool((row.inputs or {}).get("follow"))
+        hard_s = (following_limits(row.stage, STAGES[STAGES.index(row.stage) - 1], length, settings) if follows
+                  else stage_limits(row.stage, length, settings)).hard_s
         progress = row.progress or {}
         where = (f"worker {row.worker_hostname} pid {row.worker_pid}, no heartbeat for "
                  f"{(now - seen).total_seconds():.0f} s"

@@ -39,13 +39,24 @@ from sqlalchemy.orm import Session
 
 from db.clock import db_now
 from db.engine import rowcount, session_scope
-from db.models import JOB_ACTIVE, STAGE_CLAIMABLE, STAGE_DONE, Artifact, Job, JobStatus, StageRun, StageStatus, utcnow
+from db.models import (
+    JOB_ACTIVE,
+    STAGE_CLAIMABLE,
+    STAGE_DONE,
+    Artifact,
+    Job,
+    JobStatus,
+    StageRun,
+    StageStatus,
+    StreamWindow,
+    utcnow,
+)
 from tasks.artifact_store import ArtifactStore, artifact_shas, open_store
 from tasks.celery_app import app, queue_for, task_name
 from tasks.contracts import STAGE_CONTRACTS, STAGES, ArtifactRef
 from tasks.environment import environment_snapshot, torch_snapshot
 from tasks.pipeline import chain as pipeline_chain
-from tasks.pipeline.attempts import add_attempts, end_job
+from tasks.pipeline.attempts import add_attempts, end_job, latest_by_stage
 from tasks.settings import Settings, get_settings
 from tasks.worker_stop import worker_is_stopping
 
@@ -173,6 +184,20 @@ class StageContext:
 
     def heartbeat(self) -> None:
         self._write_held(heartbeat_at=db_now())
+
+    def record_inputs(self, inputs: BaseModel) -> None:
+        """Replace the recorded inputs with what the stage finally consumed (a decode that followed its
+        token stage records the finished token grid once it has it)."""
+        self._write_held(inputs=inputs.model_dump(mode="json"))
+
+    def record_stream_window(self, **values: Any) -> None:
+        """One streamed codec window (db.models.StreamWindow), written only while this attempt is held."""
+        with session_scope(self.database_url) as session:
+            if session.scalar(select(StageRun.id).where(*self._held())) is None:
+                self._superseded = True
+                raise StageSuperseded(f"job {self.job_id} stage {self.stage} attempt {self.attempt} is no longer "
+                                      "held by this process; its window is not recorded")
+            session.add(StreamWindow(job_id=self.job_id, attempt=self.attempt, **values))
 
     def should_cancel(self) -> bool:
         """Cooperative cancel check against the job's flag in SQL, throttled to once a second.
@@ -305,7 +330,9 @@ class StageRunner:
         self.on_failure = on_failure
 
     def run(self, job_id: str, attempt: int, *, celery_task_id: str | None = None,
-            settings: Settings | None = None) -> dict[str, Any] | None:
+            settings: Settings | None = None, continue_chain: bool = False) -> dict[str, Any] | None:
+        """`continue_chain`: this delivery was sent outside the job's chain (a decode started early to stream,
+        docs/streaming.md), whose own delivery then backs off; on success it sends the stages after it."""
         settings = settings or get_settings()
         url = settings.resolved_database_url
         ctx = StageContext(job_id, self.stage, attempt, settings, open_store(settings))
@@ -337,6 +364,8 @@ class StageRunner:
                 outputs = self.output_model.model_validate(result.model_dump())
                 beat.stop()
                 self._record_success(url, job_id, attempt, outputs, ctx, started, recording)
+                if continue_chain:
+                    self._send_rest(url, job_id)
                 return outputs.model_dump(mode="json")
             except StageSuperseded as exc:
                 log.warning("%s; result discarded", exc)
@@ -414,6 +443,18 @@ class StageRunner:
         if outcome == "ignore":
             raise Ignore()  # after the commit, so the note about the skipped delivery is kept
         return outcome
+
+    def _send_rest(self, url: str, job_id: str) -> None:
+        """Send the queued attempts of the stages after this one (the chain this delivery was not part of)."""
+        later = STAGES[STAGES.index(self.stage) + 1:]
+        with session_scope(url) as session:
+            job = session.get_one(Job, job_id)
+            latest = latest_by_stage(session, job_id)
+            attempts = {stage: latest[stage].attempt for stage in later
+                        if stage in latest and latest[stage].status in STAGE_CLAIMABLE}
+            length = (job.request or {}).get("max_audio_length_ms")
+        if attempts:
+            _send_retry(ScheduledRetry(job_id, attempts, length))
 
     def _record_end_unless_superseded(self, url: str, job_id: str, attempt: int, status: str, exc: BaseException,
                                       ctx: StageContext, started: float) -> ScheduledRetry | None:
@@ -533,8 +574,8 @@ def stage_task(stage: str, resolve: Resolver, compute: Compute,
     runner = StageRunner(stage, resolve, compute, on_failure)
 
     @app.task(name=task_name(stage), bind=True, acks_late=True, reject_on_worker_lost=True)
-    def _task(self: Task, job_id: str, attempt: int) -> None:
-        runner.run(job_id, attempt, celery_task_id=self.request.id)
+    def _task(self: Task, job_id: str, attempt: int, continue_chain: bool = False) -> None:
+        runner.run(job_id, attempt, celery_task_id=self.request.id, continue_chain=continue_chain)
 
     _task.runner = runner  # type: ignore[attr-defined]
     return _task

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     # thread writes at most one checkpoint per poll), so a new attempt after a lost worker continues from there
     # with the same tokens (0: no checkpoints)
     token_checkpoint_frames: int = Field(default=125, ge=0)
+    # stream a song while it is made (docs/streaming.md): with token checkpoints on, the token stage also
+    # checkpoints at every codec window's last frame and starts the decode stage at the first one, which then
+    # decodes each window as its frames are recorded
+    streaming: bool = True
     loudness_target_lufs: float | None = Field(
         default=None, description="normalise every song to this integrated loudness (e.g. -14); unset: measure only")
 

@@ -14,13 +14,14 @@ from db.models import Job
 from tasks.contracts import (
     DecodeAudioInput,
     EncodeAudioInput,
+    FollowedTokens,
     GenerateTagsInput,
     GenerateTokensInput,
     JobRequest,
     RefineLyricsInput,
     SongFileTags,
 )
-from tasks.pipeline.attempts import latest_done
+from tasks.pipeline.attempts import latest_done, pending_attempt
 from tasks.settings import Settings
 
 T = TypeVar("T")
@@ -72,9 +73,18 @@ def generate_tokens_input(session: Session, job: Job, settings: Settings) -> Gen
 
 
 def decode_audio_input(session: Session, job: Job, settings: Settings) -> DecodeAudioInput:
-    tokens = upstream_outputs(session, job.id, "generate_tokens")
-    return DecodeAudioInput(tokens=tokens["tokens"], frames=tokens["frames"], seed=job.seed,
-                            checkpoint=str(settings.resolved_checkpoint_dir))
+    """The finished tokens; while the token stage still runs (a decode started early to stream the song,
+    docs/streaming.md), the token attempt to follow instead."""
+    checkpoint = str(settings.resolved_checkpoint_dir)
+    try:
+        tokens = upstream_outputs(session, job.id, "generate_tokens")
+    except MissingUpstreamOutput:
+        running = pending_attempt(session, job.id, "generate_tokens")
+        if running is None:
+            raise
+        follow = FollowedTokens(attempt=running.attempt, max_frames=job_request(job).params.max_frames)
+        return DecodeAudioInput(tokens=None, frames=None, seed=job.seed, checkpoint=checkpoint, follow=follow)
+    return DecodeAudioInput(tokens=tokens["tokens"], frames=tokens["frames"], seed=job.seed, checkpoint=checkpoint)
 
 
 def _model_checksum(session: Session, job_id: str) -> str | None:

@@ -64,6 +64,13 @@ def stage_limits(stage: str, max_audio_length_ms: int | None, settings: Settings
     return StageLimits(soft_s=int(soft), hard_s=int(hard))
 
 
+def following_limits(stage: str, followed: str, max_audio_length_ms: int | None, settings: Settings) -> StageLimits:
+    """A stage that starts while the stage before it still runs (a streaming decode) lives through both."""
+    own, before = stage_limits(stage, max_audio_length_ms, settings), stage_limits(followed, max_audio_length_ms, settings)
+    hard = min(own.hard_s + before.hard_s, MAX_HARD_TIME_LIMIT_S)
+    return StageLimits(soft_s=min(own.soft_s + before.soft_s, hard - HARD_LIMIT_MARGIN_S), hard_s=hard)
+
+
 def signature_options(stage: str, max_audio_length_ms: int | None, settings: Settings) -> dict[str, Any]:
     """Options for the stage's Celery signature: its soft and hard time limit."""
     return stage_limits(stage, max_audio_length_ms, settings).signature_options()

@@ -287,7 +287,8 @@ def test_the_gpu_worker_command_uses_threads_only_when_batching_is_on():
     assert "--include" not in default
     batched = worker_argv("gpu", None, "INFO", gpu_batching=True)
     assert batched[batched.index("--pool") + 1] == "threads"
-    assert batched[batched.index("--concurrency") + 1] == str(ge.DEFAULT_MAX_SONGS)
+    # two threads a slot: with streaming on (the default) a song's decode runs beside its token task
+    assert batched[batched.index("--concurrency") + 1] == str(2 * ge.DEFAULT_MAX_SONGS)
     assert batched[batched.index("--include") + 1] == "gpu_worker.worker.batching"
 
 
@@ -296,7 +297,10 @@ def test_the_batching_workers_threads_follow_the_slot_setting(monkeypatch):
 
     monkeypatch.setenv("SONGPIPE_GPU_BATCH_SLOTS", "5")
     batched = worker_argv("gpu", None, "INFO", gpu_batching=True)
-    assert batched[batched.index("--concurrency") + 1] == "5"
+    assert batched[batched.index("--concurrency") + 1] == "10"
+    monkeypatch.setenv("SONGPIPE_STREAMING", "0")
+    unstreamed = worker_argv("gpu", None, "INFO", gpu_batching=True)
+    assert unstreamed[unstreamed.index("--concurrency") + 1] == "5"
 
 
 def test_batching_is_the_default_on_cuda_and_off_on_the_cpu(monkeypatch):

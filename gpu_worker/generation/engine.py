@@ -107,6 +107,7 @@ class _Request:
     resume: torch.Tensor | None = None  # [8, k] frames to continue from
     checkpoint: CheckpointFn | None = None
     checkpoint_every: int = 0  # frames between checkpoints (0: none)
+    checkpoint_at: tuple[int, ...] = ()  # frame counts that get a checkpoint as well (codec window ends)
     checkpointed: int = 0  # frames in the last checkpoint handed out
     pace_s: float = 0.0
     resumed_from: int = 0
@@ -185,12 +186,13 @@ class GenerationEngine:
     def submit(self, prompt: Prompt, params: SamplingParams, seed: int,
                progress: ProgressFn | None = None, should_cancel: CancelFn | None = None, *,
                resume: torch.Tensor | None = None, checkpoint: CheckpointFn | None = None,
-               checkpoint_every: int = 0, pace_s: float = 0.0) -> Future:
+               checkpoint_every: int = 0, checkpoint_at: tuple[int, ...] = (), pace_s: float = 0.0) -> Future:
         """Queue one song; its future resolves to a BatchedGenerationResult or the song's error.
 
         `resume [8, k]`: the song's first k frames from an earlier attempt (a token checkpoint of this
         engine's shape); the song continues from frame k and ends with the tokens of an uninterrupted
-        run. `checkpoint(frames, grid)` receives the frames so far about every `checkpoint_every` frames.
+        run. `checkpoint(frames, grid)` receives the frames so far about every `checkpoint_every` frames, and
+        as soon as the song has each count of `checkpoint_at` (a streaming decode waits for those).
         `pace_s`: the engine waits this long after every frame step while the song is live (fault
         injection's slow songs, so crash tests can strike mid-song).
         Raises EngineBroken / EngineClosed when the engine takes no more songs; song-level validation
@@ -199,7 +201,8 @@ class GenerationEngine:
         future: Future = Future()
         future.set_running_or_notify_cancel()
         request = _Request(prompt, params, seed, progress, should_cancel, future, resume=resume,
-                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, pace_s=pace_s)
+                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, checkpoint_at=checkpoint_at,
+                           pace_s=pace_s)
         try:
             self._validate(request)
         except Exception as exc:  # noqa: BLE001 - song-level: it goes through the future
@@ -473,8 +476,9 @@ class GenerationEngine:
                     raise GenerationCancelled(f"cancelled after {done} of {request.total} frames")
                 if request.steps > 0 and request.progress is not None:
                     request.progress(done, request.total)
-                if request.checkpoint is not None and request.checkpoint_every > 0 \
-                        and done - request.checkpointed >= request.checkpoint_every:
+                if request.checkpoint is not None and done > request.checkpointed and (
+                        0 < request.checkpoint_every <= done - request.checkpointed
+                        or any(request.checkpointed < at <= done for at in request.checkpoint_at)):
                     request.checkpointed = done
                     request.checkpoint(done, fe.frames[slot, :done].T.contiguous().cpu())
             except Exception as exc:  # noqa: BLE001 - a cancel, or a callback that raised: this song only

@@ -29,6 +29,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -119,7 +121,7 @@ def _soft_deadline() -> float | None:
 def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed: int, ctx, *,
                   engine: GenerationEngine | None = None, poll_s: float = STAGE_POLL_S,
                   resume: torch.Tensor | None = None, save_checkpoint: CheckpointFn | None = None,
-                  checkpoint_every: int = 0, pace_s: float = 0.0,
+                  checkpoint_every: int = 0, checkpoint_at: tuple[int, ...] = (), pace_s: float = 0.0,
                   stall_s: float | None = None) -> BatchedGenerationResult:
     """Submit one song to the process's engine and wait for it on the calling (task) thread.
 
@@ -152,7 +154,7 @@ def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed
 
     future = engine.submit(prompt, params, seed, progress=remember, should_cancel=cancel.is_set, resume=resume,
                            checkpoint=keep_checkpoint if save_checkpoint is not None else None,
-                           checkpoint_every=checkpoint_every, pace_s=pace_s)
+                           checkpoint_every=checkpoint_every, checkpoint_at=checkpoint_at, pace_s=pace_s)
     deadline = _soft_deadline()
     reported: tuple[int, int] | None = None
     try:
@@ -291,11 +293,22 @@ def _watch_time_limits() -> None:
         time.sleep(TIME_LIMIT_CHECK_S)
 
 
-def _task_prerun(task=None, **_kwargs) -> None:
+@contextmanager
+def codec_turn() -> Iterator[None]:
+    """The codec for one window: a decode that follows its token stage (streaming) takes turns per window
+    with the other decodes of this threads-mode process; a plain decode holds it for the whole task."""
+    if not _threads_mode() or getattr(_codec_holder, "held", False):
+        yield
+        return
+    with _codec_lock:
+        yield
+
+
+def _task_prerun(task=None, kwargs=None, **_kwargs) -> None:
     global _time_limit_watchdog
     if not _threads_mode():
         return
-    if getattr(task, "name", "") == "songpipe.decode_audio":
+    if getattr(task, "name", "") == "songpipe.decode_audio" and not (kwargs or {}).get("continue_chain"):
         _codec_lock.acquire()  # one codec decode at a time, as with prefork concurrency 1; its clock starts now
         _codec_holder.held = True
     hard = _hard_limit(task)

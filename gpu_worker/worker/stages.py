@@ -93,7 +93,7 @@ def _generate_batched(lm, prompt, params, inp: GenerateTokensInput, ctx: StageCo
     from gpu_worker.generation.fast_generate import fused_kernels_default
     from gpu_worker.worker.batching import get_engine, run_in_engine
     from gpu_worker.worker.fault_injection import frame_pace_s
-    from gpu_worker.worker.token_checkpoints import CheckpointWriter, compat_key, find_resume_point
+    from gpu_worker.worker.token_checkpoints import CheckpointWriter, compat_key, find_resume_point, stream_window_ends
     from tasks.environment import code_version
 
     engine = get_engine(lm.model, max_songs=ctx.settings.gpu_batch_slots)
@@ -106,12 +106,16 @@ def _generate_batched(lm, prompt, params, inp: GenerateTokensInput, ctx: StageCo
                         complex_rope=engine.complex_rope, card=card, dtype=str(dtype), noise=NOISE_SCHEME,
                         weights=lm.checksums, code=code_version(), torch=torch.__version__)
     every = ctx.settings.token_checkpoint_frames
+    # streaming: a checkpoint at every codec window's last frame; the first one starts the decode stage
+    window_ends = stream_window_ends(Path(inp.checkpoint), params.max_frames) if ctx.settings.streaming else ()
     resume = find_resume_point(inp, ctx, compat) if every else None
-    writer = CheckpointWriter(ctx, compat, params.max_frames) if every else None
+    writer = CheckpointWriter(ctx, compat, params.max_frames, stream_from=window_ends[0] if window_ends else None) \
+        if every or window_ends else None
     batched = run_in_engine(lm.model, prompt, params, inp.seed, ctx, engine=engine,
                             resume=resume.frames if resume else None,
                             save_checkpoint=writer.save if writer else None, checkpoint_every=every,
-                            pace_s=frame_pace_s(ctx), stall_s=STALL_LEASES * lease_s(ctx.settings))
+                            checkpoint_at=window_ends, pace_s=frame_pace_s(ctx),
+                            stall_s=STALL_LEASES * lease_s(ctx.settings))
     ctx.environment_extra.update(batch_size=batched.batch_size, queued_s=round(batched.queued_s, 3))
     if resume is not None:
         ctx.environment_extra["resumed_from"] = {
@@ -119,14 +123,12 @@ def _generate_batched(lm, prompt, params, inp: GenerateTokensInput, ctx: StageCo
             "tokens_sha256": resume.point["tokens"]["sha256"], "replay_s": round(batched.resume_s, 3)}
     if writer is not None:
         ctx.environment_extra["token_checkpoints"] = writer.saved
+        if writer.stream_started is not None:
+            ctx.environment_extra["stream_started"] = writer.stream_started
     return batched
 
 
 def decode_audio(inp: DecodeAudioInput, ctx: StageContext) -> DecodeAudioOutput:
-    codes = tokens_from_bytes(ctx.store.get(inp.tokens.sha256, inp.tokens.kind))
-    validate_codes(codes)  # on the host, before the codec or any device sees them
-    if codes.shape[1] != inp.frames:
-        raise ValueError(f"token artifact holds {codes.shape[1]} frames, the record says {inp.frames}")
     device = resolve_device(ctx.settings)
     dtype = codec_dtype(ctx.settings)
     # weights stay fp32; SONGPIPE_CODEC_DTYPE=bfloat16 runs the estimator in bf16 (measured SNR in bench/RESULTS.md)
@@ -135,8 +137,18 @@ def decode_audio(inp: DecodeAudioInput, ctx: StageContext) -> DecodeAudioOutput:
                                  tiny_checkpoint=is_tiny_checkpoint(Path(inp.checkpoint)))
     generator = torch.Generator(device=device).manual_seed(inp.seed)
     decoder = model_cache.get_fast_codec(codec.model) if dtype == torch.bfloat16 else codec.model
-    audio = decoder.decode(torch.from_numpy(codes.astype(np.int64)), generator=generator,
-                           progress=lambda done, total: ctx.progress(done, total, "windows"))
+    if inp.tokens is None:  # the token stage still runs: decode each window as its frames are recorded
+        audio = _decode_streaming(inp, ctx, codec.model, decoder, generator)
+    else:
+        codes = tokens_from_bytes(ctx.store.get(inp.tokens.sha256, inp.tokens.kind))
+        validate_codes(codes)  # on the host, before the codec or any device sees them
+        if codes.shape[1] != inp.frames:
+            raise ValueError(f"token artifact holds {codes.shape[1]} frames, the record says {inp.frames}")
+        from gpu_worker.worker.batching import codec_turn
+
+        with codec_turn():
+            audio = decoder.decode(torch.from_numpy(codes.astype(np.int64)), generator=generator,
+                                   progress=lambda done, total: ctx.progress(done, total, "windows"))
     if decoder is not codec.model:  # the fast codec: precision, graphs, whether compiling worked
         ctx.environment_extra.update(codec_fast=decoder.describe())
     data, clipped = wav_bytes(audio.float().numpy())
@@ -145,6 +157,23 @@ def decode_audio(inp: DecodeAudioInput, ctx: StageContext) -> DecodeAudioOutput:
     return DecodeAudioOutput(wav=ref, sample_rate=SAMPLE_RATE, channels=2, samples=samples,
                              duration_s=samples / SAMPLE_RATE, device=str(device), dtype=str(dtype),
                              peak_abs=float(np.abs(audio.numpy()).max()), clipped_samples=clipped)
+
+
+def _decode_streaming(inp: DecodeAudioInput, ctx: StageContext, codec, decoder, generator) -> torch.Tensor:
+    """docs/streaming.md: follow the token stage, then record the finished grid as this attempt's input."""
+    from gpu_worker.worker.batching import codec_turn
+    from gpu_worker.worker.streaming_decode import decode_following
+
+    if decoder is codec:
+        solve, decode_latents = codec.solve_window, codec.scalar_model.decode_batch
+    else:
+        solve, decode_latents = decoder.solve_window, decoder.decode_latents
+    with torch.inference_mode():
+        song = decode_following(inp, ctx, codec, solve_window=solve, decode_latents=decode_latents,
+                                generator=generator, codec_turn=codec_turn, load_tokens=tokens_from_bytes)
+    ctx.record_inputs(inp.model_copy(update={"tokens": song.tokens, "frames": song.frames}))
+    ctx.environment_extra["streamed"] = {"windows_before_tokens_finished": song.windows_streamed}
+    return song.audio
 
 
 generate_tokens_task = stage_task("generate_tokens", RESOLVERS["generate_tokens"], generate_tokens,

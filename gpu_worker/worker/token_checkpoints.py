@@ -13,14 +13,17 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from db.engine import session_scope
+from gpu_worker.checkpoints.heartcodec_checkpoint import CODEC_FOLDER, read_codec_config
 from gpu_worker.worker.stages import tokens_from_bytes, tokens_to_bytes
 from tasks.contracts import GenerateTokensInput
 from tasks.pipeline.attempts import latest_checkpoint
+from tasks.pipeline.handover import start_follower
 from tasks.recording import StageContext
 
 log = logging.getLogger(__name__)
@@ -62,11 +65,27 @@ def find_resume_point(inp: GenerateTokensInput, ctx: StageContext, compat: str) 
     return ResumePoint(torch.from_numpy(grid.astype("int64")), attempt, point)
 
 
-class CheckpointWriter:
-    """Stores checkpoints the engine hands over; `save` runs on the stage's thread (SQL and the store)."""
+def stream_window_ends(checkpoint: Path, max_frames: int) -> tuple[int, ...]:
+    """The frame counts at which a song of up to `max_frames` lets a following decode take its next codec
+    window, by the checkpoint's window geometry: one frame past the window's last, so that the window cannot
+    be the song's last one (that one wraps around and waits for the end). Empty when the song fits one window."""
+    geometry = read_codec_config(checkpoint / CODEC_FOLDER).windows
+    ends: list[int] = []
+    while geometry.frames_needed(len(ends)) < max_frames:
+        ends.append(geometry.frames_needed(len(ends)) + 1)
+    return tuple(ends)
 
-    def __init__(self, ctx: StageContext, compat: str, total: int):
+
+class CheckpointWriter:
+    """Stores checkpoints the engine hands over; `save` runs on the stage's thread (SQL and the store).
+
+    `stream_from`: at the first checkpoint with this many frames (the first codec window), the job's decode
+    stage is started early to follow this attempt (docs/streaming.md)."""
+
+    def __init__(self, ctx: StageContext, compat: str, total: int, *, stream_from: int | None = None):
         self.ctx, self.compat, self.total = ctx, compat, total
+        self.stream_from = stream_from
+        self.stream_started: dict[str, int] | None = None
         self.saved = 0
 
     def save(self, done: int, grid: torch.Tensor) -> None:
@@ -74,3 +93,6 @@ class CheckpointWriter:
         self.ctx.checkpoint(done, self.total, "frames", {
             "done": done, "tokens": ref.model_dump(mode="json"), "compat": self.compat, "attempt": self.ctx.attempt})
         self.saved += 1
+        if self.stream_from is not None and self.stream_started is None and done >= self.stream_from:
+            attempt = start_follower(self.ctx.database_url, self.ctx.job_id)
+            self.stream_started = {"frames": done, "decode_attempt": attempt or 0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from db.clock import db_now
 from db.engine import rowcount
-from db.models import STAGE_CLAIMABLE, STAGE_DONE, Job, JobStatus, StageRun, StageStatus
+from db.models import STAGE_CLAIMABLE, STAGE_DONE, STAGE_PENDING, Job, JobStatus, StageRun, StageStatus
 from db.status import STAGE_RESUMABLE
 from tasks.celery_app import queue_for
 from tasks.contracts import STAGES
@@ -80,6 +81,17 @@ def supersede_unstarted(session: Session, job_id: str, stages: Iterable[str], re
         .execution_options(synchronize_session=False)))
 
 
+def supersede_followers(session: Session, job_id: str, stages: Iterable[str], reason: str) -> int:
+    """Running attempts of `stages` become superseded: a decode that followed its token stage while it ran
+    (docs/streaming.md) stops at its next heartbeat when that token stage is re-run, and the new attempt
+    of the decode follows the new token attempt."""
+    return rowcount(session.execute(
+        update(StageRun).where(StageRun.job_id == job_id, StageRun.stage.in_(list(stages)),
+                               StageRun.status == StageStatus.RUNNING)
+        .values(status=StageStatus.SUPERSEDED, error_message=reason, finished_at=db_now())
+        .execution_options(synchronize_session=False)))
+
+
 def add_attempts(session: Session, job: Job | str, from_stage: str, *, requested_by: str,
                  supersede_reason: str | None = None) -> dict[str, int]:
     """Queued rows for a new attempt (highest + 1) of `from_stage` and every stage after it.
@@ -92,6 +104,7 @@ def add_attempts(session: Session, job: Job | str, from_stage: str, *, requested
     rerun = STAGES[STAGES.index(from_stage):]
     attempts = next_attempt_numbers(session, job_id, rerun)
     supersede_unstarted(session, job_id, rerun, supersede_reason or f"replaced by a newer attempt ({requested_by})")
+    supersede_followers(session, job_id, rerun[1:], f"stopped: the {from_stage} it followed was re-run ({requested_by})")
     for stage in rerun:
         session.add(StageRun(job_id=job_id, stage=stage, attempt=attempts[stage], status=StageStatus.QUEUED,
                              queue=queue_for(stage), requested_by=requested_by))
@@ -157,3 +170,37 @@ def latest_checkpoint(session: Session, job_id: str, stage: str, before_attempt:
         if best is None or int(point.get("done", 0)) > int(best[1].get("done", 0)):
             best = (row.attempt, point)
     return best
+
+
+def pending_attempt(session: Session, job_id: str, stage: str) -> StageRun | None:
+    """The newest attempt of `stage` when it is still queued or running (work owed), else None."""
+    row = latest_by_stage(session, job_id).get(stage)
+    return row if row is not None and row.status in STAGE_PENDING else None
+
+
+@dataclass(frozen=True)
+class FollowedProgress:
+    """What a following stage sees of the stage before it (docs/streaming.md)."""
+
+    job_status: str
+    outputs: dict[str, Any] | None  # the latest done attempt's outputs, once there is one
+    outputs_attempt: int | None
+    checkpoint: dict[str, Any] | None  # the furthest resume point of a pending or ended attempt
+    checkpoint_attempt: int | None
+
+
+def followed_progress(session: Session, job_id: str, stage: str) -> FollowedProgress:
+    """The followed stage's finished outputs, or its furthest checkpoint so far (any attempt: an attempt that
+    resumed from another's checkpoint continues the same frames; the follower verifies at the end)."""
+    job = session.get_one(Job, job_id)
+    rows = list(session.scalars(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == stage)))
+    done = latest_runs(row for row in rows if row.status in STAGE_DONE).get(stage)
+    best: tuple[int, dict[str, Any]] | None = None
+    for row in rows:
+        point = (row.progress or {}).get("checkpoint")
+        if point and (best is None or int(point.get("done", 0)) > int(best[1].get("done", 0))):
+            best = (row.attempt, point)
+    return FollowedProgress(job_status=str(job.status), outputs=done.outputs if done is not None else None,
+                            outputs_attempt=done.attempt if done is not None else None,
+                            checkpoint=best[1] if best is not None else None,
+                            checkpoint_attempt=best[0] if best is not None else None)

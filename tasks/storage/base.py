@@ -15,7 +15,9 @@ from tasks.contracts import ArtifactRef
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
-MEDIA_TYPES = {"tokens": "application/x-npy", "wav": "audio/wav", "mp3": "audio/mpeg"}
+# pcm: one streamed window's final samples, 16-bit little-endian interleaved stereo at 48 kHz (docs/streaming.md)
+MEDIA_TYPES = {"tokens": "application/x-npy", "wav": "audio/wav", "mp3": "audio/mpeg",
+               "pcm": "audio/L16;rate=48000;channels=2"}
 CHUNK_BYTES = 256 * 1024
 
 
