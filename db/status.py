@@ -24,7 +24,9 @@ class StageStatus(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     LOST = "lost"  # its worker or its message vanished; a newer attempt replaces it (the reconciler)
-    SUPERSEDED = "superseded"  # never ran: a newer attempt of the same stage replaced it (retry, replay)
+    # a newer attempt of the same stage replaced it (retry, replay) before it ran, or while it followed a
+    # stage that was re-run (a streaming decode, docs/streaming.md)
+    SUPERSEDED = "superseded"
     SKIPPED = "skipped"  # will never run: an earlier stage of its job failed or the job was cancelled
     REUSED = "reused"  # copied from another job's succeeded attempt (re-run as a new job)
 

@@ -25,12 +25,12 @@ the soft limit itself while it waits.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
@@ -293,15 +293,38 @@ def _watch_time_limits() -> None:
         time.sleep(TIME_LIMIT_CHECK_S)
 
 
-@contextmanager
+@contextlib.contextmanager
 def codec_turn() -> Iterator[None]:
-    """The codec for one window: a decode that follows its token stage (streaming) takes turns per window
-    with the other decodes of this threads-mode process; a plain decode holds it for the whole task."""
-    if not _threads_mode() or getattr(_codec_holder, "held", False):
+    """The codec for one window (a decode that follows its token stage) or one song (a plain decode).
+
+    In a threads-mode process the decodes take turns (one lock; a plain decode already holds it from its
+    task's start) and run on their own CUDA stream, so the engine's frame steps are not queued behind a
+    window's kernels; the stream is synchronised at the end, so the samples are ready for the caller."""
+    if not _threads_mode():
         yield
         return
-    with _codec_lock:
-        yield
+    with contextlib.ExitStack() as turn:
+        if not getattr(_codec_holder, "held", False):
+            turn.enter_context(_codec_lock)
+        stream = _codec_stream()
+        if stream is None:
+            yield
+            return
+        with torch.cuda.stream(stream):
+            yield
+        stream.synchronize()
+
+
+_codec_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _codec_stream() -> torch.cuda.Stream | None:
+    if not torch.cuda.is_available():
+        return None
+    device = torch.cuda.current_device()
+    if device not in _codec_streams:
+        _codec_streams[device] = torch.cuda.Stream(device)
+    return _codec_streams[device]
 
 
 def _task_prerun(task=None, kwargs=None, **_kwargs) -> None:

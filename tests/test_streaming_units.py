@@ -1,0 +1,179 @@
+"""Streaming's parts without workers (docs/streaming.md): window geometry, window-by-window decoding,
+the window ends the token stage checkpoints at, the follower's contract, limits and record rules."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from db.engine import session_scope
+from db.models import StageRun, StageStatus, utcnow
+from gpu_worker.checkpoints.tiny_checkpoint import make_tiny_checkpoint
+from gpu_worker.model.heartcodec import (
+    PUBLISHED_WINDOWS,
+    CodecConfigError,
+    HeartCodecConfig,
+    WindowByWindow,
+    WindowGeometry,
+    build_random_heartcodec,
+    plan_windows,
+)
+from gpu_worker.worker.token_checkpoints import stream_window_ends
+from orchestrator.submission import new_job_rows
+from tasks import reconciler
+from tasks.audio_files import pcm16_bytes
+from tasks.contracts import DecodeAudioInput, JobRequest
+from tasks.pipeline.attempts import add_attempts, followed_progress
+from tasks.recording import lease_s
+from tasks.settings import Settings
+from tasks.stage_inputs import decode_audio_input
+from tasks.time_limits import following_limits, stage_limits
+
+SMALL = WindowGeometry(48, 40)
+
+
+def test_the_published_geometry_and_a_small_one_plan_the_same_way():
+    assert (PUBLISHED_WINDOWS.window_frames, PUBLISHED_WINDOWS.hop_frames, PUBLISHED_WINDOWS.prefix_latents) == (372, 320, 104)
+    assert plan_windows(3000).num_windows == 10 and plan_windows(3000).padded_frames == 3252
+    plan = plan_windows(128, SMALL)
+    assert (plan.padded_frames, plan.num_windows, plan.window(2)) == (128, 3, slice(80, 128))
+    assert SMALL.frames_needed(1) == 88 and SMALL.final_samples_after(0) == 40 * 3840
+    with pytest.raises(CodecConfigError, match="hop_frames"):
+        WindowGeometry(40, 40)
+
+
+def test_a_published_config_without_window_keys_takes_the_published_windows_silently(caplog):
+    data = HeartCodecConfig.tiny().to_dict()
+    del data["window_frames"], data["hop_frames"]
+    with caplog.at_level(logging.WARNING, logger="gpu_worker.model.heartcodec"):
+        config = HeartCodecConfig.from_dict(data)
+    assert config.windows == PUBLISHED_WINDOWS
+    assert "window_frames" not in caplog.text and "hop_frames" not in caplog.text
+    assert HeartCodecConfig.from_dict({**data, "window_frames": 48, "hop_frames": 40}).windows == SMALL
+
+
+def test_windows_decoded_one_by_one_give_final_samples_equal_to_the_whole_decode():
+    codec = build_random_heartcodec(replace(HeartCodecConfig.tiny(), window_frames=48, hop_frames=40))
+    codes = torch.randint(0, codec.config.codebook_size, (8, 128), generator=torch.Generator().manual_seed(1))
+    whole = codec.decode(codes, generator=torch.Generator().manual_seed(5))
+    song = WindowByWindow(SMALL, torch.Generator().manual_seed(5), 128, device=codec.device,
+                          solve_window=codec.solve_window, decode_latents=codec.scalar_model.decode_batch)
+    finals = []
+    with torch.inference_mode():
+        for w in range(3):
+            song.add(codes[:, SMALL.window(w)], last=w == 2)
+            finals.append(song.final_samples)
+            assert torch.equal(song.samples(0, song.final_samples)[:, :whole.shape[1]],
+                               whole[:, :min(song.final_samples, whole.shape[1])])
+    assert finals == [40 * 3840, 80 * 3840, 128 * 3840]
+    with pytest.raises(ValueError, match="only"):
+        WindowByWindow(SMALL, torch.Generator(), 128, device=codec.device, solve_window=codec.solve_window,
+                       decode_latents=codec.scalar_model.decode_batch).samples(0, 1)
+
+
+def test_the_pcm_of_a_slice_of_samples_is_that_slice_of_the_songs_pcm():
+    audio = np.random.default_rng(0).uniform(-1.2, 1.2, (2, 1000)).astype(np.float32)
+    whole = pcm16_bytes(audio)
+    assert pcm16_bytes(audio[:, 300:700]) == whole[300 * 4:700 * 4]
+    assert len(whole) == 1000 * 4
+
+
+def test_the_token_stage_checkpoints_one_frame_past_each_window_that_cannot_be_the_last(tmp_path):
+    small = make_tiny_checkpoint(tmp_path / "small", codec_windows=(48, 40))
+    assert stream_window_ends(small, 128) == (49, 89)
+    assert stream_window_ends(small, 48) == ()  # one tiled window: it waits for the end
+    published = make_tiny_checkpoint(tmp_path / "published")
+    assert stream_window_ends(published, 3000)[:2] == (373, 693) and len(stream_window_ends(published, 3000)) == 9
+
+
+def test_a_following_decode_names_its_token_attempt_or_its_tokens():
+    with pytest.raises(ValidationError, match="tokens is required"):
+        DecodeAudioInput(seed=1, checkpoint="c")
+    with pytest.raises(ValidationError, match="go together"):
+        DecodeAudioInput(seed=1, checkpoint="c", frames=3, follow={"attempt": 1, "max_frames": 3})
+    follower = DecodeAudioInput(seed=1, checkpoint="c", follow={"attempt": 2, "max_frames": 128})
+    assert follower.tokens is None and follower.follow is not None and follower.follow.attempt == 2
+
+
+def test_a_follower_lives_through_both_stages_budgets():
+    settings = Settings()
+    both = following_limits("decode_audio", "generate_tokens", 240_000, settings)
+    own = stage_limits("decode_audio", 240_000, settings)
+    assert both.hard_s > own.hard_s + stage_limits("generate_tokens", 240_000, settings).hard_s // 2
+    assert both.soft_s < both.hard_s
+
+
+@pytest.fixture
+def settings(database_url, tmp_path) -> Settings:
+    return Settings(data_dir=tmp_path, database_url=database_url, heartbeat_s=0.25,
+                    redis_url="redis://127.0.0.1:1/0", default_tags_backend="given", default_lyrics_backend="rules")
+
+
+def _job(settings: Settings) -> str:
+    with session_scope(settings.resolved_database_url) as session:
+        return new_job_rows(session, JobRequest(lyrics="la la la", tags="ska", seed=7, max_audio_length_ms=10_240),
+                            settings, source="test").id
+
+
+def _set(settings: Settings, job_id: str, stage: str, attempt: int, **values) -> None:
+    with session_scope(settings.resolved_database_url) as session:
+        row = session.scalar(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == stage,
+                                                    StageRun.attempt == attempt))
+        for key, value in values.items():
+            setattr(row, key, value)
+
+
+def _status(settings: Settings, job_id: str, stage: str) -> list[str]:
+    with session_scope(settings.resolved_database_url) as session:
+        return [r.status for r in session.scalars(select(StageRun).where(
+            StageRun.job_id == job_id, StageRun.stage == stage).order_by(StageRun.attempt))]
+
+
+def test_a_decode_resolved_while_its_token_stage_runs_follows_it_and_sees_its_checkpoints(settings):
+    job_id = _job(settings)
+    for stage in ("refine_lyrics", "generate_tags"):
+        _set(settings, job_id, stage, 1, status=StageStatus.SUCCEEDED,
+             outputs={"lyrics": "la la la", "tags_string": "ska"})
+    point = {"done": 49, "tokens": {"sha256": "a" * 64}}
+    _set(settings, job_id, "generate_tokens", 1, status=StageStatus.RUNNING, progress={"checkpoint": point})
+    with session_scope(settings.resolved_database_url) as session:
+        from db.models import Job
+
+        inputs = decode_audio_input(session, session.get_one(Job, job_id), settings)
+        seen = followed_progress(session, job_id, "generate_tokens")
+    assert inputs.tokens is None and inputs.follow is not None and inputs.follow.attempt == 1
+    assert inputs.follow.max_frames == 128
+    assert seen.outputs is None and seen.checkpoint == point and seen.checkpoint_attempt == 1
+
+
+def test_re_running_the_token_stage_supersedes_the_decode_that_followed_it(settings):
+    job_id = _job(settings)
+    _set(settings, job_id, "generate_tokens", 1, status=StageStatus.LOST)
+    _set(settings, job_id, "decode_audio", 1, status=StageStatus.RUNNING, started_at=utcnow())
+    with session_scope(settings.resolved_database_url) as session:
+        attempts = add_attempts(session, job_id, "generate_tokens", requested_by="test")
+    assert attempts == {"generate_tokens": 2, "decode_audio": 2, "encode_audio": 2}
+    assert _status(settings, job_id, "decode_audio") == ["superseded", "queued"]
+    assert _status(settings, job_id, "encode_audio") == ["superseded", "queued"]
+
+
+def test_the_reconciler_judges_a_lost_follower_by_both_stages_budgets(settings):
+    """A follower that ran through the whole token stage is not taken for a decode past its time limit."""
+    job_id = _job(settings)
+    for stage in ("refine_lyrics", "generate_tags", "generate_tokens"):
+        _set(settings, job_id, stage, 1, status=StageStatus.SUCCEEDED, outputs={})
+    decode_hard = stage_limits("decode_audio", 10_240, settings).hard_s
+    started = utcnow() - dt.timedelta(seconds=decode_hard + 100)
+    seen = utcnow() - dt.timedelta(seconds=lease_s(settings) + 5)
+    _set(settings, job_id, "decode_audio", 1, status=StageStatus.RUNNING, started_at=started, heartbeat_at=seen,
+         inputs={"seed": 7, "checkpoint": "c", "follow": {"attempt": 1, "max_frames": 128}})
+    decisions = reconciler.reconcile_once(settings, broker_view=set, sender=lambda *a: None, confirm_delay_s=0)
+    (decision,) = [d for d in decisions if d.job_id == job_id]
+    assert decision.action == "resent", decision
+    assert _status(settings, job_id, "decode_audio") == ["lost", "queued"]
