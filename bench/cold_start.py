@@ -1,15 +1,17 @@
-"""GPU worker cold start to the first frame, as on a new machine: a fresh process, empty Triton cache.
+"""GPU worker cold start to the first frame and the first decoded window, as on a new machine and on a restart.
 
-    python bench/cold_start.py            # writes a random 3B checkpoint (fp32 safetensors) first
+    python bench/cold_start.py            # writes a random 3B checkpoint (fp32 safetensors) + codec first
     python bench/cold_start.py --checkpoint ROOT
 
-Three runs, each a fresh process loading the LM the worker's way (model_cache.get_lm), report from the
-process start: imports and CUDA context, the LM loaded (bf16 on the GPU, files hashed for the record),
-the first frame (engine, prefill, frame 0: the fused Triton kernels compile here) and the second
-(graph capture). The first run has an empty TRITON_CACHE_DIR (a new machine); the second reuses what
-the first compiled (a worker restarted on its machine) and the model checksums the first stored in
-the checksum cache; the third is that restart without the checksum cache, so every file is hashed
-again beside the load. The page cache is warm for all (the checkpoint was just written).
+Each row is a fresh process doing what a threads-mode GPU worker does (the production path on CUDA):
+the compile caches pointed at its data directory (gpu_worker/worker/compile_cache.py), optionally the
+background codec warm-up started at once (gpu_worker/worker/codec_warmup.py), the LM loaded the worker's
+way (model_cache.get_lm, files hashed for the record unless the checksum cache has them), a 1-frame and
+a 2-frame song through the batching engine (the fused Triton kernels compile at the first), then one
+codec window decoded with the bf16 compiled codec (its compile happens here unless the warm-up did it).
+Times are seconds from the process start. Runs: a new machine (empty caches) without and with the
+background warm-up, then a restart that finds the caches the run before it left. The page cache is warm
+for all (the checkpoint was just written).
 """
 from __future__ import annotations
 
@@ -31,38 +33,72 @@ def child(checkpoint: Path) -> None:
 
     from bench.bench_lm import random_prompt
     from gpu_worker.checkpoints import file_checksums
-    from gpu_worker.generation.fast_generate import generate_fast
     from gpu_worker.generation.generate import SamplingParams
-    from gpu_worker.worker import model_cache
+    from gpu_worker.model.heartcodec import WindowByWindow
+    from gpu_worker.worker import codec_warmup, model_cache
+    from gpu_worker.worker.batching import codec_turn, get_engine, install_threads_mode_hooks
+    from gpu_worker.worker.compile_cache import use_data_dir_compile_caches
+    from tasks.settings import get_settings
 
+    settings = get_settings()
+    use_data_dir_compile_caches(settings.data_dir)
     dev = torch.device("cuda")
     torch.zeros(1, device=dev)
-    if os.environ.get("SONGPIPE_BENCH_CHECKSUM_CACHE"):  # as the GPU stage does with its data directory
-        file_checksums.use_cache_file(os.environ["SONGPIPE_BENCH_CHECKSUM_CACHE"])
+    install_threads_mode_hooks()
+    file_checksums.use_cache_file(settings.data_dir / "checksums.json")
     marks = {"imports + CUDA context": time.perf_counter() - STARTED}
+    warming = codec_warmup.start_background_warmup(settings)
     lm = model_cache.get_lm(checkpoint, dev, torch.bfloat16)
     torch.cuda.synchronize()
     marks["LM loaded"] = time.perf_counter() - STARTED
     prompt = random_prompt(lm.model.args, 300, seed=0)
+    engine = get_engine(lm.model, max_songs=settings.gpu_batch_slots)
     for frames, name in ((1, "first frame"), (2, "second frame")):
         params = SamplingParams(temperature=1.0, top_k=50, cfg_scale=1.5, max_audio_length_ms=frames * 80)
-        generate_fast(lm.model, prompt, params, seeds=[0])
+        engine.submit(prompt, params, 0).result()
         torch.cuda.synchronize()
         marks[name] = time.perf_counter() - STARTED
+    if warming is not None:
+        warming.join()
+        marks["background warm-up done"] = time.perf_counter() - STARTED
+    codec = model_cache.get_codec(checkpoint, dev, torch.float32)
+    fast = model_cache.get_fast_codec(codec.model)
+    geometry = codec.model.config.windows
+    codes = torch.randint(0, codec.model.config.codebook_size, (8, geometry.window_frames), device=dev)
+    with torch.inference_mode(), codec_turn():
+        song = WindowByWindow(geometry, torch.Generator(device=dev).manual_seed(1), geometry.window_frames,
+                              device=dev, solve_window=fast.solve_window, decode_latents=fast.decode_latents)
+        song.add(codes, last=True)
+        torch.cuda.synchronize()
+    marks["first window decoded"] = time.perf_counter() - STARTED
+    marks["codec compile s (where it ran)"] = fast.compile_seconds or 0.0
     print("RESULT " + json.dumps(marks), flush=True)
 
 
-def run_child(checkpoint: Path, cache_root: Path, checksum_cache: Path | None) -> dict[str, float]:
-    env = {**os.environ, "TRITON_CACHE_DIR": str(cache_root / "triton"),
-           "TORCHINDUCTOR_CACHE_DIR": str(cache_root / "inductor")}
-    if checksum_cache is not None:
-        env["SONGPIPE_BENCH_CHECKSUM_CACHE"] = str(checksum_cache)
+def run_child(checkpoint: Path, data_dir: Path, warmup: bool) -> dict[str, float]:
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
+    env.update(SONGPIPE_DATA_DIR=str(data_dir), HEARTMULA_CKPT=str(checkpoint), SONGPIPE_DEVICE="cuda",
+               SONGPIPE_GPU_BATCHING="1", SONGPIPE_CODEC_DTYPE="bfloat16",
+               SONGPIPE_CODEC_WARMUP="1" if warmup else "0")
     out = subprocess.run([sys.executable, __file__, "--child", str(checkpoint)],
                          env=env, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line.removeprefix("RESULT "))
     raise RuntimeError(f"cold-start child failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
+def write_published_codec(root: Path) -> None:
+    """A random codec of the published size in the published layout (fp32, 2 shards)."""
+    from gpu_worker.checkpoints.checkpoint_files import write_state_dict
+    from gpu_worker.checkpoints.heartcodec_checkpoint import tiny_codec_tensors
+    from gpu_worker.model.heartcodec import HeartCodecConfig
+
+    config = HeartCodecConfig.published()
+    folder = root / "HeartCodec-oss"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    write_state_dict(folder, tiny_codec_tensors(config, seed=0, layout="sharded"), shards=2)
 
 
 def main() -> None:
@@ -90,16 +126,15 @@ def main() -> None:
             write_published_layout(model, checkpoint, REAL_CONFIG, REAL_GEN_CONFIG)
             del model
             torch.cuda.empty_cache()
+            write_published_codec(checkpoint)
         rows = []
-        checksums = work / "checksums.json"
-        for run, cache in (("new machine: empty Triton and checksum caches", checksums),
-                           ("worker restart: both caches of the run above", checksums),
-                           ("worker restart without the checksum cache (files hashed again)", None)):
-            marks = run_child(checkpoint, work, cache)
-            row = {"run": run}
-            row.update({f"{name} s": seconds for name, seconds in marks.items()})
-            rows.append(row)
-        print_table("GPU worker cold start to the first frame (seconds from process start)", rows)
+        for run, data_dir, warmup in (
+                ("new machine: empty caches, no background warm-up", work / "data-a", False),
+                ("new machine: empty caches, background codec warm-up", work / "data-b", True),
+                ("worker restart: the caches of the run above, background warm-up", work / "data-b", True)):
+            marks = run_child(checkpoint, data_dir, warmup)
+            rows.append({"run": run, **{f"{name}": round(seconds, 2) for name, seconds in marks.items()}})
+        print_table("GPU worker cold start: first frame and first decoded window (seconds from process start)", rows)
 
 
 if __name__ == "__main__":

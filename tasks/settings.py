@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # checkpoints at every codec window's last frame and starts the decode stage at the first one, which then
     # decodes each window as its frames are recorded
     streaming: bool = True
+    # a threads-mode GPU worker on CUDA with the bf16 codec loads and compiles the codec on a background thread
+    # at start (gpu_worker/worker/codec_warmup.py), so the first song's first window is not a compile
+    codec_warmup: bool = True
     loudness_target_lufs: float | None = Field(
         default=None, description="normalise every song to this integrated loudness (e.g. -14); unset: measure only")
 

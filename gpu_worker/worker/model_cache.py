@@ -34,13 +34,24 @@ def get_fast_codec(codec_model):
     return _get(("fast_codec", str(id(codec_model)), "", "bf16"), lambda: FastCodec(codec_model, precision="bf16"))
 
 
+_loading: dict[tuple, threading.Lock] = {}  # one lock per model: the codec can load while the LM does
+
+
 def _get(key: tuple, load) -> Any:
     with _lock:
-        if key not in _models:
-            started = time.monotonic()
-            _models[key] = load()
+        if key in _models:
+            return _models[key]
+        loading = _loading.setdefault(key, threading.Lock())
+    with loading:
+        with _lock:
+            if key in _models:
+                return _models[key]
+        started = time.monotonic()
+        model = load()
+        with _lock:
+            _models[key] = model
             load_seconds[key[0]] = time.monotonic() - started
-        return _models[key]
+        return model
 
 
 def loaded_models() -> list[dict[str, Any]]:

