@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from db.engine import session_scope
 from db.models import Job
+from orchestrator import stream_serving
 from orchestrator.admission import QueueFull, RateLimited, admit  # noqa: F401  (QueueFull: web.py imports it here)
 from orchestrator.artifact_serving import artifact_response
 from orchestrator.job_views import audio_artifact, job_exists, links, load_job_view
@@ -113,6 +114,10 @@ def get_audio(job_id: str):
         return errors_response([error("audio", f"audio artifact {artifact.sha256} is missing from the store")], 410)
 
 
+# the song while it is decoded: chunked WAV (orchestrator/stream_serving.py, docs/streaming.md)
+bp.add_url_rule("/jobs/<job_id>/stream", view_func=stream_serving.get_stream, methods=["GET"])
+
+
 def _api_http_error(exc: HTTPException):
     """JSON for HTTP errors under /api (413, 405, 404 of unknown routes ...); HTML elsewhere."""
     if not request.path.startswith("/api/"):
@@ -144,5 +149,6 @@ def _api_unexpected_error(exc: Exception):
 
 
 def register(app: Flask) -> None:
+    stream_serving.init_app(app)
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _api_http_error)

@@ -18,6 +18,7 @@ from db.models import JOB_TERMINAL, STAGE_DONE, Artifact, Job, StageRun
 from gpu_worker.checkpoints.checkpoint_marker import MARKER as TINY_CHECKPOINT_MARKER
 from tasks.contracts import STAGES
 from tasks.pipeline.attempts import latest_done, latest_runs
+from tasks.pipeline.stream_windows import SAMPLES_PER_FRAME, StreamState, seconds, stream_state
 from tasks.settings import Settings
 
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
@@ -56,7 +57,19 @@ def stage_view(row: StageRun) -> dict[str, Any]:
 
 
 def links(job_id: str) -> dict[str, str]:
-    return {"self": f"/api/jobs/{job_id}", "page": f"/jobs/{job_id}", "audio": f"/api/jobs/{job_id}/audio"}
+    return {"self": f"/api/jobs/{job_id}", "page": f"/jobs/{job_id}", "audio": f"/api/jobs/{job_id}/audio",
+            "stream": f"/api/jobs/{job_id}/stream"}
+
+
+def stream_view(state: StreamState) -> dict[str, Any]:
+    """What a listener of the job can hear now (docs/streaming.md): the song page's player reads it."""
+    return {
+        "status": state.status, "attempt": state.attempt, "windows": len(state.windows),
+        "seconds_final": seconds(state.samples_final) or 0.0, "seconds_total": seconds(state.total_samples),
+        "seconds_generated": seconds(state.frames_generated * SAMPLES_PER_FRAME) or 0.0,
+        "decode_s": round(sum(part.decode_s for part in state.windows), 3),
+        "href": links(state.job_id)["stream"],
+    }
 
 
 def _tags_used(latest: dict[str, StageRun]) -> str | None:
@@ -95,6 +108,8 @@ def job_view(session: Session, job_id: str, settings: Settings) -> dict[str, Any
     audio = latest.get("encode_audio")
     audio_ready = audio is not None and audio.status in STAGE_DONE and bool(audio.outputs)
     tiny = _tiny(latest, settings)
+    stream = stream_state(session, job_id)
+    assert stream is not None  # the job row was read above
     return {
         "id": job.id, "status": job.status, "seed": job.seed, "seed_source": job.seed_source,
         "request": job.request, "pipeline": job.pipeline, "code_version": job.code_version, "source": job.source,
@@ -110,6 +125,7 @@ def job_view(session: Session, job_id: str, settings: Settings) -> dict[str, Any
         "tiny_checkpoint": tiny,
         "notice": TINY_CHECKPOINT_NOTICE if tiny else None,
         "links": links(job.id),
+        "stream": stream_view(stream),
         "stages": [stage_view(row) for row in rows],
     }
 

@@ -132,6 +132,21 @@ def _spec(length_limit_ms: int | None, backends: tuple[tuple[str, tuple[str, ...
                               "304": {"description": "not modified (conditional request)"},
                               "404": _errors("no such job, or no finished audio yet"),
                               "410": _errors("the recorded artifact is missing from the store")}}},
+            "/api/jobs/{job_id}/stream": {"get": {
+                "operationId": "getJobStream", "summary": "The song as it is decoded: chunked WAV of unknown length",
+                "description": "A 44-byte WAV header (48 kHz, 2 channels, 16-bit PCM, RIFF and data sizes "
+                               "0xFFFFFFFF), then the song's final samples in order as they are recorded. "
+                               "Ends when the whole song was sent, or when the job ended without one.",
+                "parameters": [job_id_param,
+                               {"name": "start", "in": "query", "required": False,
+                                "description": "the first sample to send (a reconnecting player's position)",
+                                "schema": {"type": "integer", "minimum": 0, "maximum": 10**15 - 1, "default": 0}}],
+                "responses": {"200": {"description": "WAV header, then 16-bit little-endian stereo samples",
+                                      "content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}}}},
+                              "404": _errors("no job with this id"),
+                              "422": _errors("start is not a whole number of samples"),
+                              "503": _errors("this server streams to as many listeners as it can",
+                                             retry_after=True)}}},
             "/api/openapi.json": {"get": {
                 "operationId": "getOpenApi", "summary": "This document",
                 "responses": {"200": {"description": "OpenAPI 3.1 document",

@@ -68,6 +68,22 @@ class JobLinks(Response):
     self: str
     page: str
     audio: str
+    stream: str = Field(description="the song as a WAV stream while it is decoded (GET /api/jobs/<id>/stream)")
+
+
+class PublicStream(Response):
+    """What a listener can hear now: the final samples recorded so far (docs/streaming.md)."""
+
+    status: Literal["waiting", "streaming", "finished", "ended"] = Field(
+        description="waiting: nothing final yet; streaming: some final, more to come; finished: the whole "
+                    "song is final; ended: the job ended without a decoded song")
+    attempt: int | None = Field(ge=1, description="the decode_audio attempt the stream follows")
+    windows: int = Field(ge=0, description="codec windows that attempt has recorded")
+    seconds_final: float = Field(ge=0, description="seconds of the song a listener may hear now")
+    seconds_total: float | None = Field(ge=0, description="the song's length, once the token stage has finished")
+    seconds_generated: float = Field(ge=0, description="seconds of audio the token stage has generated so far")
+    decode_s: float = Field(ge=0, description="time the recorded windows took to decode")
+    href: str = Field(description="the stream: chunked audio/wav of unknown length")
 
 
 class JobCreated(Response):
@@ -120,6 +136,7 @@ class PublicJobView(Response):
     tiny_checkpoint: bool
     notice: str | None
     links: JobLinks
+    stream: PublicStream
     stages: list[PublicStageRun]
 
     @classmethod
@@ -135,4 +152,4 @@ class PublicJobView(Response):
                    error_message=redact(view.get("error_message")))
 
 
-RESPONSE_MODELS: tuple[type[BaseModel], ...] = (Errors, JobCreated, PublicJobView)
+RESPONSE_MODELS: tuple[type[BaseModel], ...] = (Errors, JobCreated, PublicJobView)  # PublicStream: inside the view

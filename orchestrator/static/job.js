@@ -99,6 +99,8 @@
   }
 
   function render(job) {
+    // the stream player (static/stream.js) reads what this poll got instead of polling again
+    section.dispatchEvent(new CustomEvent("songpipe:job", { detail: job }));
     var latest = latestAttempts(job);
     var status = document.getElementById("job-status");
     status.className = "badge status-" + job.status;
