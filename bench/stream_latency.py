@@ -91,25 +91,27 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=16, help="other songs running during the loaded measurement")
     parser.add_argument("--slots", type=int, default=32, help="SONGPIPE_GPU_BATCH_SLOTS of the GPU worker")
     parser.add_argument("--codec-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    parser.add_argument("--checkpoint", type=Path, help="a real-size checkpoint already written (else one is)")
     parser.add_argument("--tiny", action="store_true", help="a smoke run on the CPU: the tiny checkpoint with small "
                         "codec windows, 10 s songs (its numbers mean nothing)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="songpipe-stream-") as tmp:
         work = Path(tmp)
+        checkpoint = args.checkpoint or work / "ckpt"
         if args.tiny:
             from gpu_worker.checkpoints.tiny_checkpoint import make_tiny_checkpoint
 
-            make_tiny_checkpoint(work / "ckpt", codec_windows=(48, 40))
+            make_tiny_checkpoint(checkpoint, codec_windows=(48, 40))
             args.seconds, args.codec_dtype = 10, "float32"
-        else:
-            for what, seconds in write_real_size_checkpoint(work / "ckpt").items():
+        elif args.checkpoint is None:
+            for what, seconds in write_real_size_checkpoint(checkpoint).items():
                 print(f"{what}: {seconds:.1f} s", flush=True)
         env = {"SONGPIPE_DEVICE": "cpu" if args.tiny else "cuda", "SONGPIPE_GPU_BATCHING": "1",
                "SONGPIPE_CODEC_DTYPE": args.codec_dtype, "SONGPIPE_GPU_BATCH_SLOTS": str(args.slots),
                "SONGPIPE_STREAMING": "1"}
         with redis_server(work / "redis") as redis, database("sqlite", work / "db") as url:
             db_path = Path(url.removeprefix("sqlite:///"))
-            with running_stack("stream", work / "stack", url, redis.claim_db(), work / "ckpt", extra_env=env,
+            with running_stack("stream", work / "stack", url, redis.claim_db(), checkpoint, extra_env=env,
                                gpu_pool=("threads", 2 * args.slots),
                                gpu_extra_args=("--include", "gpu_worker.worker.batching")) as stack:
                 body = {"lyrics": LYRICS, "tags": "ska,upbeat,brass", "tags_backend": "given", "output_format": "wav",
