@@ -103,7 +103,7 @@ def shutdown_engines(timeout: float | None = 10.0) -> None:
 
 # ------------------------------------------------------------------------------ the stage's side
 
-STAGE_POLL_S = 0.5
+STAGE_POLL_S = 0.2  # the stage thread hands checkpoints to SQL this often: a streaming decode waits on them
 
 
 def _soft_deadline() -> float | None:
