@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -114,6 +115,16 @@ def parse_procfile(text: str) -> dict[str, str]:
     return processes
 
 
+_SONGPIPE_PROGRAM = re.compile(r"^((?:[A-Za-z_][A-Za-z0-9_]*=\S*\s+)*)songpipe(?=\s|$)")
+
+
+def own_interpreter(command: str) -> str:
+    """A Procfile line whose program is `songpipe` runs as `<this python> -m orchestrator.cli`: the children
+    run the supervisor's own interpreter and code (a PYTHONPATH checkout, a snapshot), whatever `songpipe`
+    entry point PATH would find, and also where none is installed. Other lines are left as written."""
+    return _SONGPIPE_PROGRAM.sub(lambda m: f"{m.group(1)}{shlex.quote(sys.executable)} -m orchestrator.cli", command, 1)
+
+
 def procfile_processes(path: Path | None) -> dict[str, str]:
     for candidate in ([path] if path else [Path.cwd() / "Procfile", REPO_ROOT / "Procfile"]):
         if candidate is not None and candidate.is_file():
@@ -127,7 +138,7 @@ def child_environment(settings: Settings, redis_url: str, port: int, host: str) 
     env = dict(os.environ)
     env.update(REDIS_URL=redis_url, SONGPIPE_DATA_DIR=str(settings.data_dir), PORT=str(port),
                SONGPIPE_WEB_HOST=host, PYTHONUNBUFFERED="1")
-    # `songpipe` in the Procfile must resolve to this installation even when the venv is not activated
+    # other programs of this installation (celery ...) are found even when the venv is not activated
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -292,7 +303,8 @@ def stack_programs(settings: Settings, processes: dict[str, str], env: dict[str,
             probe = web_probe(base_url)
         # exec env: the shell expands ${VARS} and is replaced (our SIGTERM reaches the program itself);
         # env lets a line start with assignments (`CUDA_VISIBLE_DEVICES=1 songpipe worker gpu`)
-        programs.append(Program(name, ["/bin/sh", "-c", f"exec env {command}"], env=child_env, cwd=str(Path.cwd()),
+        programs.append(Program(name, ["/bin/sh", "-c", f"exec env {own_interpreter(command)}"], env=child_env,
+                                cwd=str(Path.cwd()),
                                 probe=probe, start_grace_s=grace_s))
     return programs
 

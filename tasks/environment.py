@@ -22,6 +22,10 @@ def code_version() -> str:
     except importlib.metadata.PackageNotFoundError:
         version = "0+unknown"
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        if Path(top).resolve() != REPO_ROOT:  # a copy without its own .git inside another checkout
+            return version
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,

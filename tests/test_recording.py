@@ -133,3 +133,23 @@ def test_artifacts_are_registered_with_size_and_sha256(settings):
     with session_scope(settings.resolved_database_url) as session:
         artifact = session.scalars(select(Artifact)).one()
         assert (artifact.kind, artifact.bytes, len(artifact.sha256)) == ("wav", 8, 64)
+
+
+def test_the_code_version_names_this_checkout_s_commit_and_never_an_enclosing_one(tmp_path, monkeypatch):
+    import subprocess
+
+    from tasks import environment
+
+    real = environment.code_version()
+    assert "+g" in real  # the tests run from a git checkout
+    outer = tmp_path / "outer"
+    (outer / "copy").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    subprocess.run(["git", "-C", str(outer), "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q",
+                    "--allow-empty", "-m", "outer"], check=True)
+    monkeypatch.setattr(environment, "REPO_ROOT", (outer / "copy").resolve())
+    environment.code_version.cache_clear()
+    try:
+        assert "+g" not in environment.code_version()  # a copy inside another repo: no commit is claimed
+    finally:
+        environment.code_version.cache_clear()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import shlex
+import sys
 import threading
 import time
 
@@ -106,6 +108,11 @@ def test_procfile_lines_become_programs_with_probes_and_may_start_with_assignmen
     assert programs["web"].probe is not None and programs["gpu1"].probe is not None
     assert programs["gpu1"].env["SONGPIPE_WORKER_NAME"].startswith("gpu1@")
     assert programs["job"].probe is None
+    # a `songpipe` line runs this interpreter's own code, whatever entry point PATH would find
+    python = shlex.quote(sys.executable)
+    assert programs["gpu1"].argv[-1] == f"exec env CUDA_VISIBLE_DEVICES=1 {python} -m orchestrator.cli worker gpu"
+    assert programs["web"].argv[-1] == f"exec env {python} -m orchestrator.cli web --port 1"
+    assert programs["job"].argv[-1].startswith("exec env SONGPIPE_X=7 sh -c ")
     sup, thread, _ = _running([programs["job"]])
     wait_until(lambda: out.exists() and out.read_text().strip() == "7", 10, "the line ran with its assignment")
     _stop(sup, thread)
