@@ -547,7 +547,8 @@ class StageRunner:
                 raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")
             if retry is not None:
                 return retry  # the job goes on with the new attempt
-            end_job(session, job, status, self.stage, error_type, message, values["finished_at"])
+            if job.status in JOB_ACTIVE:  # a job that already ended (e.g. the stage a decode followed failed) keeps its end
+                end_job(session, job, status, self.stage, error_type, message, values["finished_at"])
         return retry
 
     def _schedule_transient_retry(self, session: Session, job: Job) -> ScheduledRetry | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -177,3 +178,54 @@ def test_the_reconciler_judges_a_lost_follower_by_both_stages_budgets(settings):
     (decision,) = [d for d in decisions if d.job_id == job_id]
     assert decision.action == "resent", decision
     assert _status(settings, job_id, "decode_audio") == ["lost", "queued"]
+
+
+def _following(settings: Settings, job_id: str) -> bool:
+    with session_scope(settings.resolved_database_url) as session:
+        row = session.scalar(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == "decode_audio"))
+        return bool(row is not None and (row.inputs or {}).get("follow"))
+
+
+def test_a_decode_following_a_token_stage_that_fails_stops_and_leaves_the_jobs_failure_as_it_is(settings,
+                                                                                                 tiny_checkpoint_dir):
+    import threading
+
+    from celery.exceptions import Ignore
+
+    from db.models import Job, JobStatus
+    from gpu_worker.worker.stages import decode_audio
+    from tasks.pipeline.attempts import end_job
+    from tasks.recording import StageRunner
+    from tasks.stage_inputs import RESOLVERS
+
+    worker_settings = Settings(data_dir=settings.data_dir, database_url=settings.database_url, heartbeat_s=0.25,
+                               redis_url="redis://127.0.0.1:1/0", HEARTMULA_CKPT=tiny_checkpoint_dir, device="cpu")
+    job_id = _job(settings)
+    for stage in ("refine_lyrics", "generate_tags"):
+        _set(settings, job_id, stage, 1, status=StageStatus.SUCCEEDED, outputs={"lyrics": "la la", "tags_string": "ska"})
+    _set(settings, job_id, "generate_tokens", 1, status=StageStatus.RUNNING, started_at=utcnow())
+    ended: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            StageRunner("decode_audio", RESOLVERS["decode_audio"], decode_audio).run(
+                job_id, 1, settings=worker_settings, continue_chain=True)
+        except BaseException as exc:  # noqa: BLE001 - the runner ends a cancelled attempt with Ignore
+            ended.append(exc)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    wait = dt.datetime.now() + dt.timedelta(seconds=60)
+    while not _following(settings, job_id) and dt.datetime.now() < wait:
+        time.sleep(0.05)
+    with session_scope(settings.resolved_database_url) as session:
+        row = session.scalar(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == "generate_tokens"))
+        row.status = StageStatus.FAILED
+        end_job(session, session.get_one(Job, job_id), JobStatus.FAILED, "generate_tokens", "ValueError", "boom",
+                utcnow())
+    follower.join(60)
+    assert not follower.is_alive() and isinstance(ended[0], Ignore)
+    assert _status(settings, job_id, "decode_audio") == ["cancelled"]
+    with session_scope(settings.resolved_database_url) as session:
+        job = session.get_one(Job, job_id)
+        assert (job.status, job.failed_stage, job.error_type) == ("failed", "generate_tokens", "ValueError")
