@@ -185,22 +185,23 @@ class FollowedProgress:
     job_status: str
     outputs: dict[str, Any] | None  # the latest done attempt's outputs, once there is one
     outputs_attempt: int | None
-    checkpoint: dict[str, Any] | None  # the furthest resume point of a pending or ended attempt
+    checkpoint: dict[str, Any] | None  # the newest attempt's latest resume point
     checkpoint_attempt: int | None
 
 
 def followed_progress(session: Session, job_id: str, stage: str) -> FollowedProgress:
-    """The followed stage's finished outputs, or its furthest checkpoint so far (any attempt: an attempt that
-    resumed from another's checkpoint continues the same frames; the follower verifies at the end)."""
+    """The followed stage's finished outputs, or the newest attempt's latest checkpoint so far.
+
+    Only the newest attempt's checkpoints count: an older attempt's frames may come from another engine
+    shape (a retry that could not resume), and a re-run of the followed stage supersedes its follower
+    anyway (`supersede_followers`). The follower still verifies every window against the finished grid."""
     job = session.get_one(Job, job_id)
     rows = list(session.scalars(select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == stage)))
     done = latest_runs(row for row in rows if row.status in STAGE_DONE).get(stage)
-    best: tuple[int, dict[str, Any]] | None = None
-    for row in rows:
-        point = (row.progress or {}).get("checkpoint")
-        if point and (best is None or int(point.get("done", 0)) > int(best[1].get("done", 0))):
-            best = (row.attempt, point)
+    newest = latest_runs(rows).get(stage)
+    point = (newest.progress or {}).get("checkpoint") if newest is not None else None
     return FollowedProgress(job_status=str(job.status), outputs=done.outputs if done is not None else None,
                             outputs_attempt=done.attempt if done is not None else None,
-                            checkpoint=best[1] if best is not None else None,
-                            checkpoint_attempt=best[0] if best is not None else None)
+                            checkpoint=point or None, checkpoint_attempt=newest.attempt if point and newest else None)
+
+
