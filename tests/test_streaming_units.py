@@ -229,3 +229,18 @@ def test_a_decode_following_a_token_stage_that_fails_stops_and_leaves_the_jobs_f
     with session_scope(settings.resolved_database_url) as session:
         job = session.get_one(Job, job_id)
         assert (job.status, job.failed_stage, job.error_type) == ("failed", "generate_tokens", "ValueError")
+
+
+def test_a_follower_reads_only_the_newest_token_attempts_checkpoints(settings):
+    job_id = _job(settings)
+    _set(settings, job_id, "generate_tokens", 1, status=StageStatus.LOST,
+         progress={"checkpoint": {"done": 90, "tokens": {"sha256": "b" * 64}}})
+    with session_scope(settings.resolved_database_url) as session:
+        add_attempts(session, job_id, "generate_tokens", requested_by="test")
+        seen = followed_progress(session, job_id, "generate_tokens")
+    assert seen.checkpoint is None and seen.checkpoint_attempt is None  # attempt 2 has none yet: wait for it
+    point = {"done": 49, "tokens": {"sha256": "c" * 64}}
+    _set(settings, job_id, "generate_tokens", 2, status=StageStatus.RUNNING, progress={"checkpoint": point})
+    with session_scope(settings.resolved_database_url) as session:
+        seen = followed_progress(session, job_id, "generate_tokens")
+    assert (seen.checkpoint, seen.checkpoint_attempt) == (point, 2)
