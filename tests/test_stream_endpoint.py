@@ -405,3 +405,25 @@ def test_under_gunicorn_a_stream_outlives_the_worker_timeout_and_other_requests_
     assert rest == window_bytes(song, 1)
     stack_fixtures.wait_until(lambda: open_stream(gunicorn_web.base_url, f"/api/jobs/{job_id}/stream").status == 200,
                               10, "the stream slot freed")
+
+
+def test_the_admin_record_lists_every_streamed_window(app_settings):
+    settings = app_settings
+    from werkzeug.security import generate_password_hash
+
+    from tests.test_admin_auth import FAST_HASH, log_in
+
+    admin = settings.model_copy(update={"admin_password_hash": generate_password_hash("pw-1", method=FAST_HASH)})
+    job_id = new_job(settings)
+    song = song_pcm(2 * WINDOW + 10)
+    for window in range(2):
+        add_window(settings, job_id, 1, window, song)
+    client = create_app(admin).test_client()
+    log_in(client, "admin", "pw-1")
+    windows = client.get(f"/admin/api/jobs/{job_id}").get_json()["stream_windows"]
+    assert [(w["attempt"], w["window"], w["sample_start"], w["sample_end"]) for w in windows] == \
+        [(1, 0, 0, WINDOW), (1, 1, WINDOW, 2 * WINDOW)]
+    assert {"tokens_sha256", "tokens_attempt", "pcm_sha256", "frame_start", "frame_end", "decode_s",
+            "started_at", "finished_at"} <= set(windows[0])
+    page = client.get(f"/admin/jobs/{job_id}").get_data(as_text=True)
+    assert 'id="stream-windows"' in page and windows[1]["pcm_sha256"][:12] in page

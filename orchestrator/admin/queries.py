@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from db.models import JOB_STATUSES, Artifact, Job, StageRun
+from db.models import JOB_STATUSES, Artifact, Job, StageRun, StreamWindow
 from tasks.artifact_store import artifact_shas
 from tasks.contracts import STAGES
 
@@ -261,6 +261,7 @@ class JobRecord:
     replays: list[dict[str, Any]]
     original: dict[str, Any] | None
     reused_sources: dict[int, dict[str, Any]]  # stage_run id -> {job_id, stage, attempt}
+    windows: list[StreamWindow]  # codec windows decoded while the song was made, by decode attempt and window
 
 
 def job_record(session: Session, job_id: str) -> JobRecord | None:
@@ -288,7 +289,9 @@ def job_record(session: Session, job_id: str) -> JobRecord | None:
                 select(StageRun.id, StageRun.job_id, StageRun.stage, StageRun.attempt)
                 .where(StageRun.id.in_(source_ids))):
             reused_sources[rid] = {"job_id": jid, "stage": stage, "attempt": attempt}
-    return JobRecord(job, runs, artifacts, replays, original, reused_sources)
+    windows = list(session.scalars(select(StreamWindow).where(StreamWindow.job_id == job_id)
+                                   .order_by(StreamWindow.attempt, StreamWindow.window)))
+    return JobRecord(job, runs, artifacts, replays, original, reused_sources, windows)
 
 
 def progress_snapshot(session: Session, job_id: str) -> dict[str, Any] | None:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from werkzeug.exceptions import HTTPException
 
 from db.engine import session_scope
-from db.models import JOB_STATUSES, Artifact, StageRun, StageStatus, utcnow
+from db.models import JOB_STATUSES, Artifact, StageRun, StageStatus, StreamWindow, utcnow
 from db.status import STAGE_DONE
 from orchestrator import compare as compare_module
 from orchestrator import images, replay
@@ -322,7 +322,9 @@ def api_job(job_id: str):
         columns = [c.key for c in StageRun.__table__.columns]
         runs = [{c: _jsonable(getattr(run, c)) for c in columns} for run in record.runs]
         body = {c.key: _jsonable(getattr(job, c.key)) for c in job.__table__.columns}
+        window_columns = [c.key for c in StreamWindow.__table__.columns if c.key not in ("id", "job_id")]
         body.update(stage_runs=runs, replays=[r["id"] for r in record.replays],
+                    stream_windows=[{c: _jsonable(getattr(w, c)) for c in window_columns} for w in record.windows],
                     artifacts={sha: {"kind": a.kind, "bytes": a.bytes, "media_type": a.media_type}
                                for sha, a in record.artifacts.items()})
         return jsonify(body)
