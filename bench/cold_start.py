@@ -42,43 +42,51 @@ def child(checkpoint: Path) -> None:
 
     settings = get_settings()
     use_data_dir_compile_caches(settings.data_dir)
-    dev = torch.device("cuda")
+    dev = torch.device(settings.device)  # cuda; cpu only for --tiny, a smoke run of this script
+    cuda = dev.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     torch.zeros(1, device=dev)
     install_threads_mode_hooks()
     file_checksums.use_cache_file(settings.data_dir / "checksums.json")
     marks = {"imports + CUDA context": time.perf_counter() - STARTED}
     warming = codec_warmup.start_background_warmup(settings)
-    lm = model_cache.get_lm(checkpoint, dev, torch.bfloat16)
-    torch.cuda.synchronize()
+    lm = model_cache.get_lm(checkpoint, dev, torch.bfloat16 if cuda else torch.float32)
+    sync()
     marks["LM loaded"] = time.perf_counter() - STARTED
-    prompt = random_prompt(lm.model.args, 300, seed=0)
+    prompt = random_prompt(lm.model.args, min(300, lm.model.args.backbone.max_seq_len // 2), seed=0)
     engine = get_engine(lm.model, max_songs=settings.gpu_batch_slots)
     for frames, name in ((1, "first frame"), (2, "second frame")):
         params = SamplingParams(temperature=1.0, top_k=50, cfg_scale=1.5, max_audio_length_ms=frames * 80)
         engine.submit(prompt, params, 0).result()
-        torch.cuda.synchronize()
+        sync()
         marks[name] = time.perf_counter() - STARTED
     if warming is not None:
         warming.join()
         marks["background warm-up done"] = time.perf_counter() - STARTED
     codec = model_cache.get_codec(checkpoint, dev, torch.float32)
-    fast = model_cache.get_fast_codec(codec.model)
+    fast = model_cache.get_fast_codec(codec.model) if cuda else None
+    solve = fast.solve_window if fast else codec.model.solve_window
+    decode_latents = fast.decode_latents if fast else codec.model.scalar_model.decode_batch
     geometry = codec.model.config.windows
     codes = torch.randint(0, codec.model.config.codebook_size, (8, geometry.window_frames), device=dev)
     with torch.inference_mode(), codec_turn():
         song = WindowByWindow(geometry, torch.Generator(device=dev).manual_seed(1), geometry.window_frames,
-                              device=dev, solve_window=fast.solve_window, decode_latents=fast.decode_latents)
+                              device=dev, solve_window=solve, decode_latents=decode_latents)
         song.add(codes, last=True)
-        torch.cuda.synchronize()
+        sync()
     marks["first window decoded"] = time.perf_counter() - STARTED
-    marks["codec compile s (where it ran)"] = fast.compile_seconds or 0.0
+    marks["codec compile s (where it ran)"] = (fast.compile_seconds if fast else None) or 0.0
     print("RESULT " + json.dumps(marks), flush=True)
 
 
-def run_child(checkpoint: Path, data_dir: Path, warmup: bool) -> dict[str, float]:
+def run_child(checkpoint: Path, data_dir: Path, warmup: bool, device: str = "cuda") -> dict[str, float]:
     env = {key: value for key, value in os.environ.items() if key not in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
-    env.update(SONGPIPE_DATA_DIR=str(data_dir), HEARTMULA_CKPT=str(checkpoint), SONGPIPE_DEVICE="cuda",
-               SONGPIPE_GPU_BATCHING="1", SONGPIPE_CODEC_DTYPE="bfloat16",
+    env.update(SONGPIPE_DATA_DIR=str(data_dir), HEARTMULA_CKPT=str(checkpoint), SONGPIPE_DEVICE=device,
+               SONGPIPE_GPU_BATCHING="1", SONGPIPE_CODEC_DTYPE="bfloat16" if device == "cuda" else "float32",
                SONGPIPE_CODEC_WARMUP="1" if warmup else "0")
     out = subprocess.run([sys.executable, __file__, "--child", str(checkpoint)],
                          env=env, capture_output=True, text=True, check=False)
@@ -105,6 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tiny", action="store_true", help="a smoke run on the CPU with the tiny checkpoint (its "
+                        "numbers mean nothing)")
     args = parser.parse_args()
     if args.child:
         child(args.child)
@@ -114,7 +124,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="songpipe-cold-") as tmp:
         work = Path(tmp)
         checkpoint = args.checkpoint
-        if checkpoint is None:
+        if args.tiny:
+            from gpu_worker.checkpoints.tiny_checkpoint import make_tiny_checkpoint
+
+            checkpoint = make_tiny_checkpoint(work / "ckpt")
+        elif checkpoint is None:
             import torch
 
             from bench.bench_fast import REAL_CONFIG
@@ -132,7 +146,7 @@ def main() -> None:
                 ("new machine: empty caches, no background warm-up", work / "data-a", False),
                 ("new machine: empty caches, background codec warm-up", work / "data-b", True),
                 ("worker restart: the caches of the run above, background warm-up", work / "data-b", True)):
-            marks = run_child(checkpoint, data_dir, warmup)
+            marks = run_child(checkpoint, data_dir, warmup, "cpu" if args.tiny else "cuda")
             rows.append({"run": run, **{f"{name}": round(seconds, 2) for name, seconds in marks.items()}})
         print_table("GPU worker cold start: first frame and first decoded window (seconds from process start)", rows)
 
