@@ -106,11 +106,12 @@ def _generate_batched(lm, prompt, params, inp: GenerateTokensInput, ctx: StageCo
                         complex_rope=engine.complex_rope, card=card, dtype=str(dtype), noise=NOISE_SCHEME,
                         weights=lm.checksums, code=code_version(), torch=torch.__version__)
     every = ctx.settings.token_checkpoint_frames
-    # streaming: a checkpoint at every codec window's last frame; the first one starts the decode stage
+    # streaming: a checkpoint one frame past every codec window; the decode stage starts now and follows them
     window_ends = stream_window_ends(Path(inp.checkpoint), params.max_frames) if ctx.settings.streaming else ()
     resume = find_resume_point(inp, ctx, compat) if every else None
-    writer = CheckpointWriter(ctx, compat, params.max_frames, stream_from=window_ends[0] if window_ends else None) \
-        if every or window_ends else None
+    writer = CheckpointWriter(ctx, compat, params.max_frames) if every or window_ends else None
+    if writer is not None and window_ends:
+        writer.start_stream()
     batched = run_in_engine(lm.model, prompt, params, inp.seed, ctx, engine=engine,
                             resume=resume.frames if resume else None,
                             save_checkpoint=writer.save if writer else None, checkpoint_every=every,

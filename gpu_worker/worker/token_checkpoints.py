@@ -77,22 +77,21 @@ def stream_window_ends(checkpoint: Path, max_frames: int) -> tuple[int, ...]:
 
 
 class CheckpointWriter:
-    """Stores checkpoints the engine hands over; `save` runs on the stage's thread (SQL and the store).
+    """Stores checkpoints the engine hands over; `save` runs on the stage's thread (SQL and the store)."""
 
-    `stream_from`: at the first checkpoint with this many frames (the first codec window), the job's decode
-    stage is started early to follow this attempt (docs/streaming.md)."""
-
-    def __init__(self, ctx: StageContext, compat: str, total: int, *, stream_from: int | None = None):
+    def __init__(self, ctx: StageContext, compat: str, total: int):
         self.ctx, self.compat, self.total = ctx, compat, total
-        self.stream_from = stream_from
         self.stream_started: dict[str, int] | None = None
         self.saved = 0
+
+    def start_stream(self) -> None:
+        """Send the job's decode stage now, to follow this attempt's checkpoints (docs/streaming.md): sent
+        before the first frame, its delivery, claim and codec load are off the path to the first sound."""
+        attempt = start_follower(self.ctx.database_url, self.ctx.job_id)
+        self.stream_started = {"decode_attempt": attempt or 0}
 
     def save(self, done: int, grid: torch.Tensor) -> None:
         ref = self.ctx.put_artifact(tokens_to_bytes(grid), "tokens")
         self.ctx.checkpoint(done, self.total, "frames", {
             "done": done, "tokens": ref.model_dump(mode="json"), "compat": self.compat, "attempt": self.ctx.attempt})
         self.saved += 1
-        if self.stream_from is not None and self.stream_started is None and done >= self.stream_from:
-            attempt = start_follower(self.ctx.database_url, self.ctx.job_id)
-            self.stream_started = {"frames": done, "decode_attempt": attempt or 0}

@@ -1,6 +1,6 @@
 """The token stage hands over to a decode that follows it while it still generates (docs/streaming.md).
 
-At the first codec window's frames the token stage sends the job's queued decode attempt early. That
+When a token attempt that will checkpoint codec windows starts, it sends the job's queued decode attempt. That
 delivery claims the row; the chain's own delivery of the same attempt later finds it running and backs
 off, and the early one sends the encode stage when it succeeds (tasks.recording, `continue_chain`).
 """
