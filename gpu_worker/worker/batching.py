@@ -310,6 +310,9 @@ def codec_turn() -> Iterator[None]:
         if stream is None:
             yield
             return
+        # memory the turn's tensors were given may have just been freed by work still queued on the default
+        # stream (the engine's): the codec stream starts after it; at the end the turn's results are ready
+        stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             yield
         stream.synchronize()
