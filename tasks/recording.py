@@ -569,13 +569,22 @@ def _send_retry(retry: ScheduledRetry) -> None:
         log.exception("could not send the transient retry of job %s; the reconciler will", retry.job_id)
 
 
+Admission = Callable[[Any], bool]
+
+
 def stage_task(stage: str, resolve: Resolver, compute: Compute,
-               on_failure: Callable[[BaseException, StageContext], None] | None = None) -> Task:
-    """Register the Celery task for a stage; its body is the StageRunner, nothing else."""
+               on_failure: Callable[[BaseException, StageContext], None] | None = None,
+               admit: Admission | None = None, admission_retry_s: float = 1.0) -> Task:
+    """Register the Celery task for a stage; its body is the StageRunner, nothing else.
+
+    `admit(request)`: whether this process takes the delivery now; if not, the message goes back to the
+    broker for `admission_retry_s` (a retry before the claim: the attempt's row stays queued, unchanged)."""
     runner = StageRunner(stage, resolve, compute, on_failure)
 
     @app.task(name=task_name(stage), bind=True, acks_late=True, reject_on_worker_lost=True)
     def _task(self: Task, job_id: str, attempt: int, continue_chain: bool = False) -> None:
+        if admit is not None and not admit(self.request):
+            raise self.retry(countdown=admission_retry_s, max_retries=None)
         runner.run(job_id, attempt, celery_task_id=self.request.id, continue_chain=continue_chain)
 
     _task.runner = runner  # type: ignore[attr-defined]

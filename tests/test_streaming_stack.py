@@ -179,3 +179,31 @@ def test_a_gpu_worker_killed_between_windows_1_and_2_still_ends_in_one_song_equa
     for stage, key in (("generate_tokens", "tokens"), ("decode_audio", "wav")):
         assert succeeded(stack, job_id, stage)["outputs"][key]["sha256"] == \
             succeeded(stack, again, stage)["outputs"][key]["sha256"], stage
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory):
+    """Two engine slots (four pool threads) for six songs: most songs wait for a slot."""
+    from gpu_worker.checkpoints.tiny_checkpoint import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny-windows", codec_windows=WINDOWS)
+    with supervised_stack(tmp_path_factory.mktemp("crowded"), checkpoint,
+                          {**STREAM_ENV, "SONGPIPE_GPU_BATCH_SLOTS": "2"}) as running:
+        yield running
+
+
+def test_songs_beyond_the_engine_slots_wait_in_the_broker_so_every_admitted_song_still_streams(crowded):
+    """A token task that finds every slot taken goes back to the broker instead of holding a pool thread,
+    so the decodes that follow the admitted songs always find a thread."""
+    jobs = [crowded.submit({**BODY, "seed": 600 + i}) for i in range(6)]
+    for job_id in jobs:
+        assert crowded.wait_for_job(job_id, timeout_s=400)["status"] == "succeeded", job_id
+    spans = []
+    for job_id in jobs:
+        tokens = succeeded(crowded, job_id, "generate_tokens")
+        rows = windows(crowded, job_id)
+        assert rows and _when(rows[0]["finished_at"]) < _when(tokens["finished_at"]), f"job {job_id} did not stream"
+        spans.append((_when(tokens["started_at"]), _when(tokens["finished_at"])))
+    # never more token stages at once than slots: the others waited in the broker, their rows queued
+    busiest = max(sum(1 for start, end in spans if start <= moment < end) for moment, _ in spans)
+    assert busiest <= 2, spans

@@ -244,3 +244,21 @@ def test_a_follower_reads_only_the_newest_token_attempts_checkpoints(settings):
     with session_scope(settings.resolved_database_url) as session:
         seen = followed_progress(session, job_id, "generate_tokens")
     assert (seen.checkpoint, seen.checkpoint_attempt) == (point, 2)
+
+
+def test_a_threads_mode_process_takes_no_more_token_tasks_than_it_has_engine_slots(monkeypatch):
+    from types import SimpleNamespace
+
+    from gpu_worker.worker import batching
+
+    monkeypatch.setattr(batching, "_threads_mode", lambda: True)
+    requests = [SimpleNamespace(id=f"task-{i}", retries=0) for i in range(3)]
+    assert batching.admit_token_task(requests[0], slots=2) and batching.admit_token_task(requests[1], slots=2)
+    assert not batching.admit_token_task(requests[2], slots=2)  # it waits in the broker, not on a pool thread
+    batching._task_postrun(task=SimpleNamespace(name="songpipe.generate_tokens", request=requests[0]))
+    retried = SimpleNamespace(id="task-2", retries=1)  # the same task, delivered again after its deferral
+    assert batching.admit_token_task(retried, slots=2)
+    for request in (requests[1], retried):
+        batching._task_postrun(task=SimpleNamespace(name="songpipe.generate_tokens", request=request))
+    monkeypatch.setattr(batching, "_threads_mode", lambda: False)
+    assert all(batching.admit_token_task(r, slots=0) for r in requests)  # prefork: one task per child anyway

@@ -348,11 +348,39 @@ def _task_prerun(task=None, kwargs=None, **_kwargs) -> None:
                 _time_limit_watchdog.start()
 
 
+# ------------------------------------------------------------- admission of token tasks (threads mode)
+
+_admitted: set[str] = set()  # token task executions holding a seat in this process
+_admitted_lock = threading.Lock()
+
+
+def _execution_key(request) -> str:
+    return f"{getattr(request, 'id', None)}:{getattr(request, 'retries', 0)}"
+
+
+def admit_token_task(request, slots: int) -> bool:
+    """A token task runs here only while this process has fewer token tasks than engine slots.
+
+    Otherwise it would wait inside the process for a slot, holding a pool thread that a streaming decode
+    needs, while another GPU worker may have free slots: it goes back to the broker instead (the task
+    retries itself, before claiming its row, so the record does not change). Prefork workers run one task
+    per child and always admit."""
+    if not _threads_mode():
+        return True
+    with _admitted_lock:
+        if len(_admitted) >= slots:
+            return False
+        _admitted.add(_execution_key(request))
+        return True
+
+
 def _task_postrun(task=None, **_kwargs) -> None:
     task_id = getattr(getattr(task, "request", None), "id", None)
     if task_id is not None:
         with _running_lock:
             _running.pop(task_id, None)
+        with _admitted_lock:
+            _admitted.discard(_execution_key(task.request))
     if getattr(_codec_holder, "held", False):
         _codec_holder.held = False
         _codec_lock.release()

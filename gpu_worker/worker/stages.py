@@ -177,7 +177,22 @@ def _decode_streaming(inp: DecodeAudioInput, ctx: StageContext, codec, decoder, 
     return song.audio
 
 
+TOKEN_ADMISSION_RETRY_S = 1.0  # a token task that finds every engine slot of its process taken waits in the broker
+
+
+def _admit_token_task(request) -> bool:
+    from tasks.settings import get_settings
+
+    settings = get_settings()
+    if not gpu_batching_enabled(settings):
+        return True
+    from gpu_worker.worker.batching import admit_token_task
+
+    return admit_token_task(request, settings.gpu_batch_slots)
+
+
 generate_tokens_task = stage_task("generate_tokens", RESOLVERS["generate_tokens"], generate_tokens,
-                                  on_failure=handle_gpu_failure)
+                                  on_failure=handle_gpu_failure, admit=_admit_token_task,
+                                  admission_retry_s=TOKEN_ADMISSION_RETRY_S)
 decode_audio_task = stage_task("decode_audio", RESOLVERS["decode_audio"], decode_audio,
                                on_failure=handle_gpu_failure)
