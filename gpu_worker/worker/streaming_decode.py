@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -115,16 +115,11 @@ def decode_following(inp: DecodeAudioInput, ctx: StageContext, codec: HeartCodec
             raise StreamTokensChanged(f"window {w} was streamed from frames that differ from the finished token "
                                       f"grid {tokens.sha256[:12]}; a new attempt decodes the finished grid")
     assert seen.outputs_attempt is not None
-    for w in _remaining(song, plan.num_windows):
+    for w in range(song.windows, plan.num_windows):
         last = w == plan.num_windows - 1
         _add_window(ctx, song, padded[:, plan.window(w)], codec.device, codec_turn,
                     tokens_attempt=seen.outputs_attempt, last=last, end=plan.cropped_samples if last else None)
     return StreamedSong(song.samples(0, plan.cropped_samples), tokens, frames, len(streamed))
-
-
-def _remaining(song: WindowByWindow, total: int) -> Iterator[int]:
-    while song.windows < total:
-        yield song.windows
 
 
 def _add_window(ctx: StageContext, song: WindowByWindow, window: np.ndarray, device: torch.device,
