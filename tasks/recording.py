@@ -547,9 +547,17 @@ class StageRunner:
                 raise StageSuperseded(f"job {job_id} stage {self.stage} attempt {attempt} was superseded")
             if retry is not None:
                 return retry  # the job goes on with the new attempt
-            if job.status in JOB_ACTIVE:  # a job that already ended (e.g. the stage a decode followed failed) keeps its end
+            # A job that already ended (the stage a streaming decode followed failed) keeps its end; a follower
+            # cancelled while the stage it follows still runs leaves the ending to that stage (it stops too).
+            if job.status in JOB_ACTIVE and not (status == StageStatus.CANCELLED and self._earlier_running(session, job_id)):
                 end_job(session, job, status, self.stage, error_type, message, values["finished_at"])
         return retry
+
+    def _earlier_running(self, session: Session, job_id: str) -> bool:
+        """An earlier stage of the job still runs (this stage followed it: a streaming decode)."""
+        earlier = STAGES[:STAGES.index(self.stage)]
+        return bool(earlier) and (session.scalar(select(func.count()).select_from(StageRun).where(
+            StageRun.job_id == job_id, StageRun.stage.in_(earlier), StageRun.status == StageStatus.RUNNING)) or 0) > 0
 
     def _schedule_transient_retry(self, session: Session, job: Job) -> ScheduledRetry | None:
         earlier = session.scalar(select(func.count()).select_from(StageRun).where(

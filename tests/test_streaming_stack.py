@@ -141,6 +141,29 @@ def test_a_three_window_song_streams_before_its_tokens_end_and_the_stream_is_the
     # the encode stage ran once, sent by the decode that streamed (the chain's own delivery backed off)
     assert [r["status"] for r in attempts(stack, job_id, "encode_audio")] == ["succeeded"]
 
+    # replayed from its stored inputs (the finished grid it recorded) outside Celery: the same WAV, bit for bit
+    replayed = stack.cli("stage", "decode-audio", "--from-job", job_id)
+    assert replayed.returncode == 0, replayed.stderr
+    report = json.loads(replayed.stdout)
+    assert report["inputs"]["tokens"] == tokens["outputs"]["tokens"] and report["same_artifact_as_recorded"] is True
+
+
+def test_cancelling_a_song_while_it_streams_ends_both_stages_and_the_stream(stack):
+    job_id = stack.submit({**BODY, "seed": 4545})
+    heard: list[tuple[dt.datetime, bytes]] = []
+    listener = listen(stack, job_id, heard)
+    wait_until(lambda: bool(windows(stack, job_id)), 180, "window 0 of the stream")
+    assert stack.cli("cancel", job_id).returncode == 0
+    assert stack.wait_for_job(job_id)["status"] == "cancelled"
+    listener.join(60)
+    assert not listener.is_alive(), "the stream did not end with the job"
+    statuses = {stage: [r["status"] for r in attempts(stack, job_id, stage)]
+                for stage in ("generate_tokens", "decode_audio", "encode_audio")}
+    assert statuses == {"generate_tokens": ["cancelled"], "decode_audio": ["cancelled"], "encode_audio": ["skipped"]}
+    # what was final before the cancel was heard, and it is the recorded windows' samples
+    rows = windows(stack, job_id)
+    assert b"".join(chunk for _, chunk in heard)[44:] == b"".join(artifact(stack, r["pcm_sha256"]) for r in rows)
+
 
 def test_a_gpu_worker_killed_between_windows_1_and_2_still_ends_in_one_song_equal_to_an_uninterrupted_run(stack):
     job_id = stack.submit({**BODY, "seed": 4343})
