@@ -30,6 +30,7 @@ from orchestrator.app import create_app
 from orchestrator.stream_serving import wav_stream_header
 from orchestrator.submission import new_job_rows
 from tasks.contracts import JobRequest
+from tasks.pipeline.stream_windows import VOID_WINDOWS_ERROR
 from tasks.settings import Settings
 from tasks.storage import open_store
 from tests import reliability_fixtures as rf
@@ -221,7 +222,7 @@ def test_windows_of_an_attempt_that_found_its_tokens_changed_are_not_followed(ap
     add_window(app_settings, job_id, 1, 0, song_pcm(2 * WINDOW, seed=99))  # streamed from other frames
     with session_scope(app_settings.resolved_database_url) as session:
         session.execute(update(StageRun).where(StageRun.job_id == job_id, StageRun.stage == "decode_audio")
-                        .values(status="failed", error_type="StreamTokensChanged"))
+                        .values(status="failed", error_type=VOID_WINDOWS_ERROR))
     add_decode_attempt(app_settings, job_id, 2)
     client = create_app(app_settings).test_client()
     view = client.get(f"/api/jobs/{job_id}").get_json()["stream"]

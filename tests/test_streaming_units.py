@@ -262,3 +262,12 @@ def test_a_threads_mode_process_takes_no_more_token_tasks_than_it_has_engine_slo
         batching._task_postrun(task=SimpleNamespace(name="songpipe.generate_tokens", request=request))
     monkeypatch.setattr(batching, "_threads_mode", lambda: False)
     assert all(batching.admit_token_task(r, slots=0) for r in requests)  # prefork: one task per child anyway
+
+
+def test_a_decode_whose_streamed_windows_were_void_is_recorded_with_the_error_the_stream_reader_skips():
+    from gpu_worker.worker.streaming_decode import StreamTokensChanged
+    from tasks.pipeline.stream_windows import VOID_WINDOWS_ERROR
+    from tasks.recording import describe_error, is_transient
+
+    error = StreamTokensChanged("window 1 differs")
+    assert describe_error(error)[0] == VOID_WINDOWS_ERROR and is_transient(error)

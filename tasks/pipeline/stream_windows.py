@@ -32,9 +32,10 @@ BYTES_PER_SAMPLE = 2 * CHANNELS  # one 16-bit little-endian sample per channel, 
 # not imported: tasks does not load the model package)
 SAMPLES_PER_FRAME = 3840
 DECODE_STAGE, TOKENS_STAGE = "decode_audio", "generate_tokens"
-# the error a decode attempt ends with when the windows it streamed are not the finished song's
-# (gpu_worker.worker.streaming_decode.StreamTokensChanged): its rows are never followed
-VOID_WINDOWS_ERROR = "StreamTokensChanged"
+# the error type a decode attempt is recorded with when the windows it streamed are not the finished song's
+# (tasks.recording.describe_error of gpu_worker.worker.streaming_decode.StreamTokensChanged): its rows are
+# never followed
+VOID_WINDOWS_ERROR = "gpu_worker.worker.streaming_decode.StreamTokensChanged"
 
 
 @dataclass(frozen=True)
