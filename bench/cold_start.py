@@ -148,6 +148,7 @@ def main() -> None:
                 ("worker restart: the caches of the run above, background warm-up", work / "data-b", True)):
             marks = run_child(checkpoint, data_dir, warmup, "cpu" if args.tiny else "cuda")
             rows.append({"run": run, **{f"{name}": round(seconds, 2) for name, seconds in marks.items()}})
+            print(json.dumps(rows[-1]), flush=True)  # a run cut short by a time limit keeps the rows before it
         print_table("GPU worker cold start: first frame and first decoded window (seconds from process start)", rows)
 
 

@@ -57,6 +57,8 @@ def phases(db_path: Path, job_id: str) -> dict[str, float | None]:
         (created,) = db.execute("SELECT created_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
         tokens = db.execute("SELECT started_at, environment FROM stage_runs WHERE job_id = ? AND stage = "
                             "'generate_tokens' ORDER BY attempt DESC LIMIT 1", (job_id,)).fetchone()
+        decode = db.execute("SELECT environment FROM stage_runs WHERE job_id = ? AND stage = 'decode_audio' "
+                            "AND status = 'succeeded'", (job_id,)).fetchone()
         window = db.execute("SELECT started_at, finished_at, decode_s FROM stream_windows WHERE job_id = ? "
                             "AND window = 0 ORDER BY attempt DESC LIMIT 1", (job_id,)).fetchone()
     origin = _when(created)
@@ -71,7 +73,16 @@ def phases(db_path: Path, job_id: str) -> dict[str, float | None]:
             "window 0 decode started s": since(window[0]) if window else None,
             "window 0 decoded s": since(window[1]) if window else None,
             "window 0 decode s": window[2] if window else None,
-            "batch size": environment.get("batch_size")}
+            "batch size": environment.get("batch_size"),
+            "window 0 wait / decode / store s": _window0(json.loads(decode[0]) if decode and decode[0] else {})}
+
+
+def _window0(environment: dict) -> str | None:
+    timings = environment.get("stream_window_timings") or []
+    if not timings:
+        return None
+    first = timings[0]
+    return f"{first['wait_s']} / {first['decode_s']} / {first['store_and_record_s']}"
 
 
 def measure(stack, body: dict, label: str) -> dict:
