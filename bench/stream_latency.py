@@ -74,7 +74,18 @@ def phases(db_path: Path, job_id: str) -> dict[str, float | None]:
             "window 0 decoded s": since(window[1]) if window else None,
             "window 0 decode s": window[2] if window else None,
             "batch size": environment.get("batch_size"),
-            "window 0 wait / decode / store s": _window0(json.loads(decode[0]) if decode and decode[0] else {})}
+            "window 0 wait / decode / store s": _window0(json.loads(decode[0]) if decode and decode[0] else {}),
+            "codec": _codec_note(json.loads(decode[0]) if decode and decode[0] else {})}
+
+
+def _codec_note(environment: dict) -> str | None:
+    """What the decode ran: the fast codec's graphs and compile outcome, and every window's decode seconds."""
+    fast = environment.get("codec_fast") or {}
+    windows = [t["decode_s"] for t in environment.get("stream_window_timings") or []]
+    if not fast and not windows:
+        return None
+    return (f"graphs {fast.get('cuda_graphs')}, compiled {fast.get('compiled')}/{fast.get('sq_compiled')}, "
+            f"errors {fast.get('compile_error')}/{fast.get('sq_compile_error')}; windows s {windows}")
 
 
 def _window0(environment: dict) -> str | None:
