@@ -13,7 +13,6 @@ import datetime as dt
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,42 +20,17 @@ from werkzeug.serving import make_server
 
 from orchestrator.app import create_app
 from tasks.settings import Settings
-from tests import stack_fixtures
+from tests import stack_fixtures, test_web_browser
 from tests import test_stream_endpoint as records
 
 pytestmark = pytest.mark.browser
+browser, page = test_web_browser.browser, test_web_browser.page  # the same headless Chromium fixtures
 
-CHROMIUM = Path("/usr/bin/chromium")
 RATE = 48_000
 WINDOW_S = 1.0
 WINDOW = int(RATE * WINDOW_S)
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    if not CHROMIUM.exists():
-        pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), headless=True,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-            viewport={"width": 1100, "height": 1000})
-        context.set_default_timeout(30_000)
-        try:
-            yield context
-        finally:
-            context.close()
-
-
-@pytest.fixture
-def page(browser):
-    page = browser.new_page()
-    yield page
-    page.close()
 
 
 @pytest.fixture(scope="module")
