@@ -9,18 +9,26 @@ window's checkpoint, the window's decode). A warm-up song first, so the worker i
 kernels compiled, the codec compiled at its first window).
 
     python bench/stream_latency.py [--seconds 240] [--load 16] [--slots 32] [--codec-dtype bfloat16]
+                                   [--py-spy DIR]
+
+`--py-spy DIR` samples the GPU worker with py-spy (on PATH) while each warm song alone runs: the first with
+`--gil` (only the thread holding the GIL), the second with `--idle` (every thread, waiting or not), as raw
+folded stacks per thread in DIR.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
+import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,7 +59,7 @@ def _when(value: str | None) -> dt.datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
-def phases(db_path: Path, job_id: str) -> dict[str, float | None]:
+def phases(db_path: Path, job_id: str) -> dict[str, float | str | None]:
     """From the record: when the token stage started, when window 0 was decoded, relative to the job's creation."""
     with sqlite3.connect(db_path) as db:
         (created,) = db.execute("SELECT created_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -81,11 +89,11 @@ def phases(db_path: Path, job_id: str) -> dict[str, float | None]:
 def _codec_note(environment: dict) -> str | None:
     """What the decode ran: the fast codec's graphs and compile outcome, and every window's decode seconds."""
     fast = environment.get("codec_fast") or {}
-    windows = [t["decode_s"] for t in environment.get("stream_window_timings") or []]
+    windows = [(t["decode_s"], t.get("decode_cpu_s")) for t in environment.get("stream_window_timings") or []]
     if not fast and not windows:
         return None
     return (f"graphs {fast.get('cuda_graphs')}, compiled {fast.get('compiled')}/{fast.get('sq_compiled')}, "
-            f"errors {fast.get('compile_error')}/{fast.get('sq_compile_error')}; windows s {windows}")
+            f"errors {fast.get('compile_error')}/{fast.get('sq_compile_error')}; windows (decode s, its CPU s) {windows}")
 
 
 def _window0(environment: dict) -> str | None:
@@ -96,12 +104,28 @@ def _window0(environment: dict) -> str | None:
     return f"{first['wait_s']} / {first['decode_s']} / {first['store_and_record_s']}"
 
 
-def measure(stack, body: dict, label: str) -> dict:
+def sample_worker(stack, out: Path, name: str, *, gil: bool, seconds: float) -> subprocess.Popen:
+    """py-spy on the GPU worker for `seconds`: raw folded stacks per thread in out/name.txt."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--py-spy: no py-spy on PATH")
+    out.mkdir(parents=True, exist_ok=True)
+    which = ["--gil"] if gil else ["--idle"]
+    return subprocess.Popen([spy, "record", "--pid", str(stack.processes["gpu-worker"].pid), "--duration",
+                             str(int(seconds)), "--rate", "250", "--threads", "--nonblocking", "--format", "raw",
+                             *which, "-o", str(out / f"{name}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=open(out / f"{name}.log", "w"))
+
+
+def measure(stack, body: dict, label: str, sampler: Callable[[], subprocess.Popen | None] = lambda: None) -> dict:
     start = time.perf_counter()
     job_id = stack.submit(body)["id"]
+    spy = sampler()
     arrived, read = first_audio(stack.base_url, job_id, timeout_s=600)
     row = {"song": label, "first audio s": round(arrived - start, 3), "bytes by then": read}
     view = stack.wait_for_job(job_id, timeout_s=900)
+    if spy is not None:
+        spy.wait(timeout=120)
     row["status"] = view["status"]
     row["job"] = job_id
     return row
@@ -116,6 +140,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="a real-size checkpoint already written (else one is)")
     parser.add_argument("--tiny", action="store_true", help="a smoke run on the CPU: the tiny checkpoint with small "
                         "codec windows, 10 s songs (its numbers mean nothing)")
+    parser.add_argument("--py-spy", type=Path, metavar="DIR", help="sample the GPU worker during the warm songs alone")
+    parser.add_argument("--py-spy-seconds", type=float, default=12.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="songpipe-stream-") as tmp:
         work = Path(tmp)
@@ -142,8 +168,13 @@ def main() -> None:
                 warm = measure(stack, {**body, "seed": 1, "max_audio_length_ms": min(60, args.seconds) * 1000},
                                "warm-up, cold worker")
                 rows.append(warm)
-                for seed in (2, 3):
-                    rows.append(measure(stack, {**body, "seed": seed}, f"{args.seconds} s song alone, warm"))
+                for seed, gil in ((2, True), (3, False)):
+                    def sampler(gil: bool = gil, seed: int = seed) -> subprocess.Popen | None:
+                        if args.py_spy is None:
+                            return None
+                        return sample_worker(stack, args.py_spy, f"song-{seed}-{'gil' if gil else 'all-threads'}",
+                                             gil=gil, seconds=args.py_spy_seconds)
+                    rows.append(measure(stack, {**body, "seed": seed}, f"{args.seconds} s song alone, warm", sampler))
                 others = [stack.submit({**body, "seed": 100 + i})["id"] for i in range(args.load)]
                 deadline = time.monotonic() + 300
                 while time.monotonic() < deadline:  # every companion is generating before the measured song

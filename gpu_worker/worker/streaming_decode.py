@@ -129,9 +129,9 @@ def _add_window(ctx: StageContext, song: WindowByWindow, window: np.ndarray, dev
     w, start_sample = song.windows, song.final_samples
     started_at, t0 = utcnow(), time.monotonic()
     with codec_turn():
-        turn = time.monotonic()  # after waiting for the codec (another song's window)
+        turn, turn_cpu = time.monotonic(), time.thread_time()  # after waiting for the codec (another song's window)
         song.add(torch.from_numpy(window.astype(np.int64)).to(device), last=last)
-    decoded = time.monotonic()
+    decoded, decode_cpu = time.monotonic(), time.thread_time() - turn_cpu
     end_sample = song.final_samples if end is None else end
     pcm = ctx.put_artifact(pcm16_bytes(song.samples(start_sample, end_sample).numpy()), "pcm")
     g = song.geometry
@@ -139,8 +139,9 @@ def _add_window(ctx: StageContext, song: WindowByWindow, window: np.ndarray, dev
                              tokens_sha256=slice_sha256(window), tokens_attempt=tokens_attempt,
                              pcm_sha256=pcm.sha256, sample_start=start_sample, sample_end=end_sample,
                              started_at=started_at, finished_at=utcnow(), decode_s=round(decoded - t0, 4))
-    # where a window's time went, for the record (bench/stream_latency.py reads it)
+    # where a window's time went, for the record (bench/stream_latency.py reads it); decode_cpu_s is this
+    # thread's CPU time while decoding: far below decode_s means it waited (for the GPU, or for the GIL)
     ctx.environment_extra.setdefault("stream_window_timings", []).append(
         {"window": w, "wait_s": round(turn - t0, 4), "decode_s": round(decoded - turn, 4),
-         "store_and_record_s": round(time.monotonic() - decoded, 4)})
+         "decode_cpu_s": round(decode_cpu, 4), "store_and_record_s": round(time.monotonic() - decoded, 4)})
     ctx.progress(song.windows, max(song.windows, 1), "windows", force=True)
