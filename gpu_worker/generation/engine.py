@@ -65,6 +65,7 @@ from gpu_worker.generation.generate import (
     check_prompt,
     check_seed,
 )
+from gpu_worker.generation.host_copy import to_host
 from gpu_worker.model.heartmula import HeartMuLa
 from gpu_worker.model.prompt import Prompt
 from gpu_worker.model.token_validation import CODEBOOK_SIZE, validate_codes
@@ -480,7 +481,7 @@ class GenerationEngine:
                         0 < request.checkpoint_every <= done - request.checkpointed
                         or any(request.checkpointed < at <= done for at in request.checkpoint_at)):
                     request.checkpointed = done
-                    request.checkpoint(done, fe.frames[slot, :done].T.contiguous().cpu())
+                    request.checkpoint(done, to_host(fe.frames[slot, :done].T.contiguous()))
             except Exception as exc:  # noqa: BLE001 - a cancel, or a callback that raised: this song only
                 fe.done[slot] = True
                 finished.append((request, None, exc))
@@ -513,7 +514,7 @@ class GenerationEngine:
                                       "every logit was NaN or -inf")
         if done == 0:
             return None, EmptySongError("EOS at frame 0: the model ended the song before its first frame")
-        grid = fe.frames[slot, :done].T.contiguous().cpu()  # device work: an error here is engine-level
+        grid = to_host(fe.frames[slot, :done].T.contiguous())  # device work: an error here is engine-level
         try:
             if request.progress is not None:
                 request.progress(done, request.total)

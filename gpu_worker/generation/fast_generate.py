@@ -50,6 +50,7 @@ from gpu_worker.generation.generate import (
     forbidden_ids_mask,
     top_k_race,
 )
+from gpu_worker.generation.host_copy import to_host
 from gpu_worker.generation.sampling_noise import race_noise
 from gpu_worker.kernels import fused_ops
 from gpu_worker.model.heartmula import HeartMuLa, Transformer, TransformerBlock, compute_dtype
@@ -358,7 +359,7 @@ class FrameEngine:
 
     def read_state(self) -> dict[str, list]:
         """The slot flags, read back to the host (the only sync of the loop)."""
-        packed = torch.stack([self.count, self.done.long(), self.eos.long(), self.error]).cpu()
+        packed = to_host(torch.stack([self.count, self.done.long(), self.eos.long(), self.error]))
         count, done, eos, error = packed.tolist()
         return {"count": count, "done": [bool(d) for d in done], "eos": [bool(e) for e in eos], "error": error}
 

@@ -38,6 +38,7 @@ from gpu_worker.generation.engine import BatchedGenerationResult, CheckpointFn, 
 from gpu_worker.generation.generate import SamplingParams
 from gpu_worker.model.heartmula import HeartMuLa
 from gpu_worker.model.prompt import Prompt
+from gpu_worker.worker.priority_turns import PriorityTurns
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -199,8 +200,9 @@ def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed
 
 _hooks_forced = False
 _exit_requested = False
-_codec_lock = threading.Lock()
+_codec_lock = PriorityTurns()  # the codec: a plain decode holds it for its song, a follower for one window
 _codec_holder = threading.local()
+PLAIN_DECODE_PRIORITY = 1  # a whole song's decode (its listener hears nothing until it ends) after first windows
 
 
 def install_threads_mode_hooks() -> None:
@@ -294,18 +296,19 @@ def _watch_time_limits() -> None:
 
 
 @contextlib.contextmanager
-def codec_turn() -> Iterator[None]:
+def codec_turn(priority: int = 0) -> Iterator[None]:
     """The codec for one window (a decode that follows its token stage) or one song (a plain decode).
 
-    In a threads-mode process the decodes take turns (one lock; a plain decode already holds it from its
-    task's start) and run on their own CUDA stream, so the engine's frame steps are not queued behind a
+    In a threads-mode process the decodes take turns (a plain decode already holds the turn from its task's
+    start; a follower waits with its window's index as `priority`, so first windows go first) and run on
+    their own CUDA stream, so the engine's frame steps are not queued behind a
     window's kernels; the stream is synchronised at the end, so the samples are ready for the caller."""
     if not _threads_mode():
         yield
         return
     with contextlib.ExitStack() as turn:
         if not getattr(_codec_holder, "held", False):
-            turn.enter_context(_codec_lock)
+            turn.enter_context(_codec_lock.turn(priority))
         stream = _codec_stream()
         if stream is None:
             yield
@@ -335,7 +338,7 @@ def _task_prerun(task=None, kwargs=None, **_kwargs) -> None:
     if not _threads_mode():
         return
     if getattr(task, "name", "") == "songpipe.decode_audio" and not (kwargs or {}).get("continue_chain"):
-        _codec_lock.acquire()  # one codec decode at a time, as with prefork concurrency 1; its clock starts now
+        _codec_lock.acquire(PLAIN_DECODE_PRIORITY)  # one codec decode at a time, as with prefork concurrency 1
         _codec_holder.held = True
     hard = _hard_limit(task)
     task_id = getattr(getattr(task, "request", None), "id", None)

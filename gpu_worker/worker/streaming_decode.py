@@ -73,7 +73,7 @@ class _Grids:
 
 def decode_following(inp: DecodeAudioInput, ctx: StageContext, codec: HeartCodec, *,
                      solve_window: Callable[..., torch.Tensor], decode_latents: Callable[[torch.Tensor], torch.Tensor],
-                     generator: torch.Generator, codec_turn: Callable[[], AbstractContextManager],
+                     generator: torch.Generator, codec_turn: Callable[[int], AbstractContextManager],
                      load_tokens: Callable[[bytes], np.ndarray]) -> StreamedSong:
     """Follow the token stage named by `inp.follow` and decode the song window by window."""
     assert inp.follow is not None
@@ -123,12 +123,12 @@ def decode_following(inp: DecodeAudioInput, ctx: StageContext, codec: HeartCodec
 
 
 def _add_window(ctx: StageContext, song: WindowByWindow, window: np.ndarray, device: torch.device,
-                codec_turn: Callable[[], AbstractContextManager], *, tokens_attempt: int, last: bool = False,
+                codec_turn: Callable[[int], AbstractContextManager], *, tokens_attempt: int, last: bool = False,
                 end: int | None = None) -> None:
     """Decode one window, store the samples it made final and record its row."""
     w, start_sample = song.windows, song.final_samples
     started_at, t0 = utcnow(), time.monotonic()
-    with codec_turn():
+    with codec_turn(w):  # the lowest window index goes first: a song's first window is its first sound
         turn, turn_cpu = time.monotonic(), time.thread_time()  # after waiting for the codec (another song's window)
         song.add(torch.from_numpy(window.astype(np.int64)).to(device), last=last)
     decoded, decode_cpu = time.monotonic(), time.thread_time() - turn_cpu

@@ -1,0 +1,66 @@
+"""The codec's turns: one holder, waiters served lowest priority number first, ties in arrival order."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from gpu_worker.worker import batching
+from gpu_worker.worker.priority_turns import PriorityTurns
+
+
+def _wait_for(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.005)
+
+
+def _queue_waiters(turns: PriorityTurns, priorities: list[int], enter) -> tuple[list[threading.Thread], list[str]]:
+    """One thread per priority, started one after another (so arrival order is the list's order); each records
+    its label when it gets its turn."""
+    order: list[str] = []
+    threads = []
+    for i, priority in enumerate(priorities):
+        label = f"p{priority}#{i}"
+
+        def waiter(priority: int = priority, label: str = label) -> None:
+            with enter(priority):
+                order.append(label)
+
+        thread = threading.Thread(target=waiter, daemon=True)
+        thread.start()
+        threads.append(thread)
+        _wait_for(lambda n=i + 1: len(turns.waiting()) == n)
+    return threads, order
+
+
+def test_waiters_get_their_turns_lowest_priority_first_and_ties_in_arrival_order():
+    turns = PriorityTurns()
+    turns.acquire(5)
+    threads, order = _queue_waiters(turns, [3, 0, 1, 0], turns.turn)
+    assert turns.waiting() == [0, 0, 1, 3]
+    turns.release()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["p0#1", "p0#3", "p1#2", "p3#0"]
+    assert not turns.locked()
+
+
+def test_a_turn_nobody_holds_cannot_be_released():
+    with pytest.raises(RuntimeError, match="nobody holds"):
+        PriorityTurns().release()
+
+
+def test_a_followers_first_window_goes_before_later_windows_waiting_for_the_codec(monkeypatch):
+    """batching.codec_turn in a threads-mode process: the window index is the priority."""
+    monkeypatch.setattr(batching, "_hooks_forced", True)
+    monkeypatch.setattr(batching, "_codec_lock", PriorityTurns())
+    batching._codec_lock.acquire(batching.PLAIN_DECODE_PRIORITY)  # a plain decode holds the codec
+    threads, order = _queue_waiters(batching._codec_lock, [2, 1, 0], batching.codec_turn)
+    batching._codec_lock.release()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["p0#2", "p1#1", "p2#0"]
