@@ -25,7 +25,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -117,18 +116,34 @@ def sample_worker(stack, out: Path, name: str, *, gil: bool, seconds: float) -> 
                             stdout=subprocess.DEVNULL, stderr=open(out / f"{name}.log", "w"))
 
 
-def measure(stack, body: dict, label: str, sampler: Callable[[], subprocess.Popen | None] = lambda: None) -> dict:
+def measure(stack, body: dict, label: str, sampler: Callable[[], subprocess.Popen | None] = lambda: None, *,
+            wait: bool = True) -> dict:
+    """One song's first sound; with `wait`, also its end (else `finish(stack, row)` later)."""
     start = time.perf_counter()
     job_id = stack.submit(body)["id"]
     spy = sampler()
     arrived, read = first_audio(stack.base_url, job_id, timeout_s=600)
-    row = {"song": label, "first audio s": round(arrived - start, 3), "bytes by then": read}
-    view = stack.wait_for_job(job_id, timeout_s=900)
+    row = {"song": label, "first audio s": round(arrived - start, 3), "bytes by then": read, "job": job_id}
+    if wait:
+        finish(stack, row)
     if spy is not None:
         spy.wait(timeout=120)
-    row["status"] = view["status"]
-    row["job"] = job_id
     return row
+
+
+def finish(stack, row: dict) -> None:
+    row["status"] = stack.wait_for_job(row["job"], timeout_s=900)["status"]
+
+
+def wait_for(db_path: Path, count_sql: str, job_ids: list[str], timeout_s: float = 300) -> None:
+    """Until `count_sql` (a COUNT over `job_ids`) reaches len(job_ids)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with sqlite3.connect(db_path) as db:
+            if db.execute(count_sql, job_ids).fetchone()[0] >= len(job_ids):
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for: {count_sql}")
 
 
 def main() -> None:
@@ -176,20 +191,20 @@ def main() -> None:
                                              gil=gil, seconds=args.py_spy_seconds)
                     rows.append(measure(stack, {**body, "seed": seed}, f"{args.seconds} s song alone, warm", sampler))
                 others = [stack.submit({**body, "seed": 100 + i})["id"] for i in range(args.load)]
-                deadline = time.monotonic() + 300
-                while time.monotonic() < deadline:  # every companion is generating before the measured song
-                    with sqlite3.connect(db_path) as db:
-                        running = db.execute(
-                            "SELECT COUNT(*) FROM stage_runs WHERE stage = 'generate_tokens' AND status = 'running' "
-                            f"AND job_id IN ({','.join('?' * len(others))})", others).fetchone()[0]
-                    if running == len(others):
-                        break
-                    time.sleep(0.2)
-                loaded: list[dict] = []
-                measurer = threading.Thread(target=lambda: loaded.append(
-                    measure(stack, {**body, "seed": 4}, f"{args.seconds} s song, {args.load} others running")))
-                measurer.start()
-                measurer.join()
+                marks = ",".join("?" * len(others))
+                # burst: the measured song arrives as the others start (their first windows queue with its own)
+                wait_for(db_path, "SELECT COUNT(*) FROM stage_runs WHERE stage = 'generate_tokens' AND status = "
+                         f"'running' AND job_id IN ({marks})", others)
+                loaded = [measure(stack, {**body, "seed": 4}, f"{args.seconds} s song, {args.load} others starting "
+                                  "with it", wait=False)]
+                # steady: the others are playing (their first windows decoded) and still generating
+                wait_for(db_path, f"SELECT COUNT(DISTINCT job_id) FROM stream_windows WHERE job_id IN ({marks})",
+                         others)
+                still = sum(stack.job(job_id)["status"] == "running" for job_id in others)
+                loaded.append(measure(stack, {**body, "seed": 5}, f"{args.seconds} s song, {args.load} others "
+                                      f"playing ({still} still running when it was submitted)", wait=False))
+                for row in loaded:
+                    finish(stack, row)
                 rows.extend(loaded)
                 for job_id in others:
                     stack.wait_for_job(job_id, timeout_s=900)

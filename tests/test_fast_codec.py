@@ -7,11 +7,13 @@ the GPU uses (its CPU code generation takes about a minute cold on a 2-core box)
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
 
 from gpu_worker.codec.fast_codec import FastCodec, compile_by_default, snr_db
+from gpu_worker.generation import graph_captures
 from gpu_worker.model.heartcodec import (
     PREFIX_LATENTS,
     HeartCodecConfig,
@@ -270,3 +272,54 @@ def test_a_failing_compiled_sq_decoder_falls_back_to_the_eager_one_and_says_so(c
     described = fast.describe()
     assert described["sq_compiled"] is False and "could not lower" in described["sq_compile_error"]
     assert "SQ decoder: compiling it failed" in caplog.text
+
+
+def _a_capture_is_refused_on_another_thread() -> bool:
+    """What the generation engine's thread would be told: may it capture a frame-step graph now?"""
+    refused: list[bool] = []
+
+    def engine_thread() -> None:
+        with graph_captures.capture_unless_busy() as free:
+            refused.append(not free)
+
+    thread = threading.Thread(target=engine_thread)
+    thread.start()
+    thread.join(10)
+    return refused == [True]
+
+
+def test_the_codec_compiles_while_no_other_thread_may_capture_a_graph(codec, codes, probe, fresh_dynamo):
+    """A capture on another thread would claim the default CUDA generator that a compile draws from."""
+    refused_during_compile: list[bool] = []
+
+    def backend(graph_module, example_inputs):
+        refused_during_compile.append(_a_capture_is_refused_on_another_thread())
+        return graph_module.forward
+
+    fast = FastCodec(codec, precision="fp32", compile=True, compile_backend=backend)
+    with torch.inference_mode():
+        fast._estimate(*probe)
+        fast.decode_latents(torch.randn(1, 744, codec.config.out_channels))
+        fast._estimate(*probe)
+    assert refused_during_compile == [True, True]  # the estimator's compile and the SQ decoder's
+    assert fast.compiled and fast.sq_compiled
+    assert not _a_capture_is_refused_on_another_thread()  # once compiled, captures are free again
+
+
+def test_a_capture_in_flight_makes_a_compile_wait_for_it():
+    order: list[str] = []
+    with graph_captures.capture_unless_busy() as free:
+        assert free
+        def compile_() -> None:
+            with graph_captures.exclusive():
+                order.append("compile")
+
+        compiler = threading.Thread(target=compile_)
+        with graph_captures.exclusive():  # re-entrant on the capturing thread itself
+            pass
+        compiler.start()
+        compiler.join(0.2)
+        assert compiler.is_alive() and order == []  # waiting for the capture to end
+        order.append("capture ends")
+    compiler.join(10)
+    assert order == ["capture ends", "compile"]

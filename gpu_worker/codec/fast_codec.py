@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from gpu_worker.generation import graph_captures
 from gpu_worker.model.heartcodec import (
     HeartCodec,
     RopeTables,
@@ -117,6 +118,7 @@ class FastCodec:
         # tensors of up to 64 channels x 1.4 M samples); compiled, those fuse around the cuDNN convolutions.
         # Its arithmetic stays in sq_dtype (fp32 by default), so the audio moves by rounding only.
         self._compiled_sq: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._sq_compile_pending = True
         self.sq_compile_error: str | None = None
         if self.compiled:
             try:
@@ -170,7 +172,8 @@ class FastCodec:
             assert self._compiled_estimator is not None  # pending: torch.compile returned it
             started = time.perf_counter()
             try:
-                out = self._compiled_estimator(inputs, timestep, rope)
+                with graph_captures.exclusive():  # no frame-step capture claims the generator meanwhile
+                    out = self._compiled_estimator(inputs, timestep, rope)
             except Exception as exc:  # noqa: BLE001
                 self._fall_back(exc)
             else:
@@ -210,6 +213,10 @@ class FastCodec:
             self._warm_up_and_capture()
 
     def _warm_up_and_capture(self) -> None:
+        with graph_captures.exclusive():  # the compile (warm-up) and the capture, apart from the engine's captures
+            self._warm_up_and_capture_alone()
+
+    def _warm_up_and_capture_alone(self) -> None:
         inputs, timestep = self._inputs, self._timestep
         assert inputs is not None and timestep is not None  # _capture allocated them
         self._graph = None
@@ -238,6 +245,11 @@ class FastCodec:
         latents = latents.to(self.sq_dtype)
         if self._compiled_sq is not None:
             try:
+                if self._sq_compile_pending:  # the first call compiles: apart from the engine's captures
+                    with graph_captures.exclusive():
+                        out = self._compiled_sq(latents)
+                    self._sq_compile_pending = False
+                    return out
                 return self._compiled_sq(latents)
             except Exception as exc:  # noqa: BLE001 - a compile failure: the eager SQ decoder from now on
                 self._sq_fall_back(exc)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import sdpa_kernel
 
+from gpu_worker.generation import graph_captures
 from gpu_worker.generation.generate import (
     SDPA_BACKENDS,
     ContextLimitError,
@@ -354,7 +355,12 @@ class FrameEngine:
             return
         graph = self.graphs.get(keys)
         if graph is None:
-            graph = self.graphs[keys] = self._capture(keys)
+            graph = self._capture(keys)
+            if graph is None:  # another thread compiles: this step runs eagerly, a later one captures
+                with sdpa_kernel(SDPA_BACKENDS):
+                    self._step(keys)
+                return
+            self.graphs[keys] = graph
         graph.replay()
 
     def read_state(self) -> dict[str, list]:
@@ -382,14 +388,18 @@ class FrameEngine:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
 
-    def _capture(self, keys: int, body: Callable[[int], None] | None = None) -> torch.cuda.CUDAGraph:
+    def _capture(self, keys: int, body: Callable[[int], None] | None = None) -> torch.cuda.CUDAGraph | None:
+        """The graph of `body` (the frame step), or None while another thread compiles (graph_captures)."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), sdpa_kernel(SDPA_BACKENDS), \
-                torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            (body or self._step)(keys)
-        return graph
+        with graph_captures.capture_unless_busy() as free:
+            if not free:
+                return None
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), sdpa_kernel(SDPA_BACKENDS), \
+                    torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                (body or self._step)(keys)
+            return graph
 
     # ---- the frame (static shapes: traced into the graphs)
 
@@ -432,7 +442,9 @@ class FrameEngine:
         with sdpa_kernel(SDPA_BACKENDS):
             self._replay_backbone(keys)
         if self.use_graphs:
-            self.replay_graphs[keys] = self._capture(keys, self._replay_backbone)
+            graph = self._capture(keys, self._replay_backbone)
+            if graph is not None:
+                self.replay_graphs[keys] = graph
 
     def _replay_backbone(self, keys: int) -> None:
         self._backbone(self._embed(self.replay_tokens), self.replay_pos, self.replay_rows, keys)
