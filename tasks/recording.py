@@ -401,6 +401,16 @@ class StageRunner:
 
     # -- the record ---------------------------------------------------------------------------
 
+    def claimable(self, job_id: str, attempt: int, settings: Settings | None = None) -> bool:
+        """Whether a delivery could still claim this attempt now (an active job, a claimable row): a
+        delivery deferred for admission waits in the broker only while it can (else it runs, and backs off
+        at the claim)."""
+        url = (settings or get_settings()).resolved_database_url
+        with session_scope(url) as session:
+            job = session.get(Job, job_id)
+            status = session.scalar(select(StageRun.status).where(*_row_key(job_id, self.stage, attempt)))
+            return job is not None and job.status in JOB_ACTIVE and status in STAGE_CLAIMABLE
+
     def _claim(self, url: str, job_id: str, attempt: int, celery_task_id: str | None) -> str:
         """Mark the row running; 'run', 'cancelled', or 'done' (nothing to do for this delivery).
 
@@ -586,12 +596,14 @@ def stage_task(stage: str, resolve: Resolver, compute: Compute,
     """Register the Celery task for a stage; its body is the StageRunner, nothing else.
 
     `admit(request)`: whether this process takes the delivery now; if not, the message goes back to the
-    broker for `admission_retry_s` (a retry before the claim: the attempt's row stays queued, unchanged)."""
+    broker for `admission_retry_s` (a retry before the claim: the attempt's row stays queued, unchanged),
+    unless the attempt can no longer be claimed (its job was cancelled meanwhile): then it goes to the
+    claim, which records the skipped delivery and drops it."""
     runner = StageRunner(stage, resolve, compute, on_failure)
 
     @app.task(name=task_name(stage), bind=True, acks_late=True, reject_on_worker_lost=True)
     def _task(self: Task, job_id: str, attempt: int, continue_chain: bool = False) -> None:
-        if admit is not None and not admit(self.request):
+        if admit is not None and not admit(self.request) and runner.claimable(job_id, attempt):
             raise self.retry(countdown=admission_retry_s, max_retries=None)
         runner.run(job_id, attempt, celery_task_id=self.request.id, continue_chain=continue_chain)
 

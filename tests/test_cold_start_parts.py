@@ -2,7 +2,11 @@
 compile caches in the data directory, and the codec warmed up on a background thread."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -41,10 +45,24 @@ def test_a_warm_up_loads_the_codec_once_for_the_stages_and_decodes_one_window(ti
     model_cache.clear()
 
 
-def test_the_gpu_worker_starts_the_warm_up_when_it_is_ready_and_points_the_caches_at_its_data_dir():
+def test_the_gpu_worker_starts_the_warm_up_when_it_is_ready():
     from celery.signals import worker_ready
 
     import gpu_worker.worker.celery_worker  # noqa: F401  (the GPU worker's entry module)
 
     assert codec_warmup._on_worker_ready in [receiver for _key, receiver in worker_ready.receivers]
-    assert all(os.environ.get(variable) for variable in CACHE_VARIABLES)
+
+
+def test_importing_the_gpu_worker_points_the_compile_caches_at_its_data_dir(tmp_path):
+    """In a fresh interpreter with no cache variables set: the worker's entry module sets both, under the
+    data directory, before anything compiles."""
+    env = {k: v for k, v in os.environ.items() if k not in CACHE_VARIABLES and not k.startswith("SONGPIPE_")}
+    env.update(SONGPIPE_DATA_DIR=str(tmp_path / "data"), SONGPIPE_DEVICE="cpu", REDIS_URL="redis://127.0.0.1:1/0")
+    probe = ("import json, os; import gpu_worker.worker.celery_worker; "
+             f"print(json.dumps({{v: os.environ.get(v) for v in {sorted(CACHE_VARIABLES)!r}}}))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent, check=True).stdout
+    chosen = json.loads(out.strip().splitlines()[-1])
+    root = tmp_path / "data" / "compile-cache"
+    assert chosen == {variable: str(root / folder) for variable, folder in CACHE_VARIABLES.items()}
+    assert all((root / folder).is_dir() for folder in CACHE_VARIABLES.values())

@@ -264,6 +264,24 @@ def test_a_threads_mode_process_takes_no_more_token_tasks_than_it_has_engine_slo
     assert all(batching.admit_token_task(r, slots=0) for r in requests)  # prefork: one task per child anyway
 
 
+def test_a_deferred_token_delivery_waits_in_the_broker_only_while_its_attempt_can_be_claimed(settings):
+    """A token task deferred for a free engine slot is retried from the broker while its row is queued in an
+    active job; once the job is cancelled it goes to the claim instead, which drops it (no endless cycling)."""
+    from gpu_worker.worker.stages import generate_tokens_task
+
+    runner = generate_tokens_task.runner
+    job_id = _job(settings)
+    assert runner.claimable(job_id, 1, settings)
+    with session_scope(settings.resolved_database_url) as session:
+        from db.models import Job, JobStatus
+
+        session.get_one(Job, job_id).status = JobStatus.CANCELLED
+    assert not runner.claimable(job_id, 1, settings)
+    other = _job(settings)
+    _set(settings, other, "generate_tokens", 1, status=StageStatus.SUPERSEDED)
+    assert not runner.claimable(other, 1, settings) and not runner.claimable(other, 2, settings)
+
+
 def test_a_decode_whose_streamed_windows_were_void_is_recorded_with_the_error_the_stream_reader_skips():
     from gpu_worker.worker.streaming_decode import StreamTokensChanged
     from tasks.pipeline.stream_windows import VOID_WINDOWS_ERROR

@@ -130,6 +130,12 @@ def _generate_batched(lm, prompt, params, inp: GenerateTokensInput, ctx: StageCo
 
 
 def decode_audio(inp: DecodeAudioInput, ctx: StageContext) -> DecodeAudioOutput:
+    codes = None
+    if inp.tokens is not None:  # a finished grid: checked on the host before any model loads or device sees it
+        codes = tokens_from_bytes(ctx.store.get(inp.tokens.sha256, inp.tokens.kind))
+        validate_codes(codes)
+        if codes.shape[1] != inp.frames:
+            raise ValueError(f"token artifact holds {codes.shape[1]} frames, the record says {inp.frames}")
     device = resolve_device(ctx.settings)
     dtype = codec_dtype(ctx.settings)
     # weights stay fp32; SONGPIPE_CODEC_DTYPE=bfloat16 runs the estimator in bf16 (measured SNR in bench/RESULTS.md)
@@ -138,13 +144,9 @@ def decode_audio(inp: DecodeAudioInput, ctx: StageContext) -> DecodeAudioOutput:
                                  tiny_checkpoint=is_tiny_checkpoint(Path(inp.checkpoint)))
     generator = torch.Generator(device=device).manual_seed(inp.seed)
     decoder = model_cache.get_fast_codec(codec.model) if dtype == torch.bfloat16 else codec.model
-    if inp.tokens is None:  # the token stage still runs: decode each window as its frames are recorded
+    if codes is None:  # the token stage still runs: decode each window as its frames are recorded
         audio = _decode_streaming(inp, ctx, codec.model, decoder, generator)
     else:
-        codes = tokens_from_bytes(ctx.store.get(inp.tokens.sha256, inp.tokens.kind))
-        validate_codes(codes)  # on the host, before the codec or any device sees them
-        if codes.shape[1] != inp.frames:
-            raise ValueError(f"token artifact holds {codes.shape[1]} frames, the record says {inp.frames}")
         from gpu_worker.worker.batching import codec_turn
 
         with codec_turn():
