@@ -89,12 +89,17 @@ def lease_s(settings: Settings) -> float:
     return max(LEASE_HEARTBEATS * settings.heartbeat_s, 1.0)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-device-memory error, by name or message (this module does not import torch)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Out of device memory (e.g. after fragmentation) may pass on a fresh process, and so may an error
     that declares itself transient (`transient = True`, e.g. a stalled engine); nothing else is retried."""
     if isinstance(exc, TransientStageError) or getattr(exc, "transient", False) is True:
         return True
-    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+    return is_out_of_memory(exc)
 
 
 StageHook = Callable[["StageContext", str, dict], None]

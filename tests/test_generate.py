@@ -214,3 +214,12 @@ def test_progress_is_reported_every_n_frames_and_at_the_end(lm, prompt):
 def test_should_cancel_stops_generation(lm, prompt):
     with pytest.raises(GenerationCancelled):
         run(lm, prompt, should_cancel=lambda: True, progress_every=2, logits_hook=no_eos)
+
+
+def test_the_apis_seed_range_is_the_sampling_schemes_seed_domain():
+    """Two homes for one number (the web tier cannot import the generation code, which cannot import the task
+    code): any seed the API accepts is one the noise scheme takes, and the other way round."""
+    from gpu_worker.generation.sampling_noise import SEED_LIMIT
+    from tasks.contracts import MAX_SEED
+
+    assert MAX_SEED == SEED_LIMIT == 2**63 - 1

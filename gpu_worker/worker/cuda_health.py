@@ -20,7 +20,7 @@ import os
 from celery.signals import task_postrun
 
 from tasks.contracts import GPU_STAGES
-from tasks.recording import JobCancelled, add_stage_hook
+from tasks.recording import JobCancelled, add_stage_hook, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ def is_cuda_poison(exc: BaseException) -> bool:
     name = type(exc).__name__
     text = str(exc)
     return name in ("AcceleratorError", "CudaError") or any(marker in text for marker in CUDA_ERROR_MARKERS)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
 
 
 def handle_gpu_failure(exc: BaseException, ctx) -> None:
