@@ -239,3 +239,34 @@ def test_the_fast_path_allocates_no_model_kv_cache(tmp_path):
     layers = [*fresh.model.backbone.layers, *fresh.model.decoder.layers]
     assert all(layer.attn.kv_cache is None for layer in layers)
     assert fresh.model.backbone.freqs_cis is not None and fresh.model.decoder.freqs_cis is not None
+
+
+def test_while_another_thread_compiles_a_frame_step_without_a_graph_runs_eagerly_with_the_same_tokens(
+        lm, prompts, monkeypatch):
+    """graph_captures: the engine never captures during a compile (a capture would break it) and never waits
+    for one. Graphs are asked for here, on the CPU; every capture is refused, so no CUDA call is made and each
+    step runs its eager twin."""
+    import threading
+
+    from gpu_worker.generation import graph_captures
+    from gpu_worker.generation.fast_generate import FrameEngine
+
+    monkeypatch.setattr(FrameEngine, "_warm_up", lambda self: None)  # the CUDA warm-up before graphs
+    compiling, done = threading.Event(), threading.Event()
+
+    def compile_elsewhere() -> None:
+        with graph_captures.exclusive():
+            compiling.set()
+            done.wait(60)
+
+    compiler = threading.Thread(target=compile_elsewhere)
+    compiler.start()
+    try:
+        compiling.wait(10)
+        refused = generate_fast(lm.model, prompts[0], PARAMS, seeds=gens(7), logits_hook=no_eos, use_graphs=True,
+                                fused_kernels=False)[0]
+    finally:
+        done.set()
+        compiler.join(10)
+    eager = generate_fast(lm.model, prompts[0], PARAMS, seeds=gens(7), logits_hook=no_eos, use_graphs=False)[0]
+    assert refused.frames.shape == (8, 50) and torch.equal(refused.frames, eager.frames)

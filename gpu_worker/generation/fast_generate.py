@@ -390,11 +390,11 @@ class FrameEngine:
 
     def _capture(self, keys: int, body: Callable[[int], None] | None = None) -> torch.cuda.CUDAGraph | None:
         """The graph of `body` (the frame step), or None while another thread compiles (graph_captures)."""
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         with graph_captures.capture_unless_busy() as free:
             if not free:
                 return None
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.inference_mode(), sdpa_kernel(SDPA_BACKENDS), \
                     torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
