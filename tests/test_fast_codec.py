@@ -323,3 +323,23 @@ def test_a_capture_in_flight_makes_a_compile_wait_for_it():
         order.append("capture ends")
     compiler.join(10)
     assert order == ["capture ends", "compile"]
+
+
+def test_out_of_memory_at_the_first_compiled_call_is_raised_and_the_next_call_compiles(codec, probe, fresh_dynamo):
+    """Not a compile failure (code review L10): the stage retries the OOM, and the codec is not left eager."""
+    calls: list[int] = []
+
+    def backend(graph_module, example_inputs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return graph_module.forward
+
+    fast = FastCodec(codec, precision="fp32", compile=True, compile_backend=backend)
+    with torch.inference_mode():
+        with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+            fast._estimate(*probe)
+        assert fast.compiled and fast.compile_error is None  # still pending, not fallen back
+        out = fast._estimate(*probe)
+    assert len(calls) == 2 and fast.compiled and fast.compile_seconds is not None
+    torch.testing.assert_close(out, codec.flow_matching.estimator(*probe), rtol=0, atol=1e-6)

@@ -163,9 +163,14 @@ def test_an_engine_error_fails_every_song_and_later_submissions(lm, prompts, eng
 
     engine = engine_factory(max_songs=2, logits_hook=explode)
     futures = [engine.submit(prompts[i], PARAMS, i) for i in range(3)]  # the third one is still waiting
+    errors = []
     for future in futures:
-        with pytest.raises(RuntimeError, match="illegal memory access"):
+        with pytest.raises(RuntimeError, match="illegal memory access") as failed:
             future.result(TIMEOUT)
+        errors.append(failed.value)
+    # each song raises its own instance (no two threads rewrite one traceback), caused by the engine's error
+    assert len({id(e) for e in errors}) == 3 and all(type(e) is RuntimeError for e in errors)
+    assert len({id(e.__cause__) for e in errors}) == 1 and errors[0].__cause__ is engine.error
     assert engine.broken
     with pytest.raises(EngineBroken, match="illegal memory access") as caught:
         engine.submit(prompts[0], PARAMS, 0)

@@ -39,7 +39,9 @@ cos/exp code); it is admitted behind the same SNR check as the precisions.
 
 Fallback: if `torch.compile`, the first compiled call or the graph capture of the compiled call raises
 (no Triton, no C compiler, an inductor bug), a warning is logged and the eager estimator is used (and
-captured) from then on. `compiled` says which one runs (False after a fallback, with `compile_error`),
+captured) from then on; out of device memory there is not a compile failure: it is raised as the
+OutOfMemoryError it is (the stage retries it once) and the next call compiles again. `compiled` says
+which one runs (False after a fallback, with `compile_error`),
 `compile_seconds` how long the first compiled call took; `describe()` gives both for a stage record.
 """
 from __future__ import annotations
@@ -175,6 +177,7 @@ class FastCodec:
                 with graph_captures.exclusive():  # no frame-step capture claims the generator meanwhile
                     out = self._compiled_estimator(inputs, timestep, rope)
             except Exception as exc:  # noqa: BLE001
+                _raise_if_out_of_memory(exc)  # not a compile failure: the compile stays pending
                 self._fall_back(exc)
             else:
                 self._compile_pending = False
@@ -207,6 +210,7 @@ class FastCodec:
         try:
             self._warm_up_and_capture()
         except Exception as exc:  # noqa: BLE001
+            _raise_if_out_of_memory(exc)
             if self._compiled_estimator is None:
                 raise
             self._fall_back(exc)  # the compiled call would not capture: capture the eager estimator instead
@@ -252,6 +256,7 @@ class FastCodec:
                     return out
                 return self._compiled_sq(latents)
             except Exception as exc:  # noqa: BLE001 - a compile failure: the eager SQ decoder from now on
+                _raise_if_out_of_memory(exc)
                 self._sq_fall_back(exc)
         return self.scalar_model.decode_batch(latents)
 
@@ -269,6 +274,20 @@ class FastCodec:
                 "compile_seconds": None if self.compile_seconds is None else round(self.compile_seconds, 3),
                 "compile_error": self.compile_error, "sq_compiled": self.sq_compiled,
                 "sq_compile_error": self.sq_compile_error}
+
+
+def _raise_if_out_of_memory(exc: BaseException) -> None:
+    """Out of device memory on a first compiled call is not a failure of the compile: raise it as the
+    OutOfMemoryError it is (the stage retries it once), and keep compiling pending for the next call."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the compiler wraps its errors (BackendCompilerFailed.inner_exception, __cause__)
+        if seen is None:
+            return
+        if isinstance(seen, torch.OutOfMemoryError):
+            if seen is exc:
+                raise exc
+            raise torch.OutOfMemoryError(str(seen)) from exc
+        seen = getattr(seen, "inner_exception", None) or seen.__cause__
 
 
 def _error_text(exc: Exception) -> str:

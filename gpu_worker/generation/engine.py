@@ -43,6 +43,7 @@ without waiting for the engine thread (a hung engine); `stalled_s()` says how lo
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -331,7 +332,7 @@ class GenerationEngine:
             self._waiting.clear()
             self._slots = [None] * self.max_songs
         for request in failed:
-            _resolve(request.future, exc=self._error)
+            _resolve(request.future, exc=_own_copy(self._error))
 
     def _loop(self) -> None:
         since_sync = 0
@@ -527,6 +528,20 @@ class GenerationEngine:
             prompt_length=request.prompt.length, batch_size=request.batch_size, slots=self.max_songs,
             queued_s=request.admitted - request.submitted, generation_s=now - request.admitted,
             resumed_from=request.resumed_from, resume_s=request.resume_s), None
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    """The engine's error for one song: a copy of the same type and message, caused by the original. Each
+    song's thread raises its own instance, so no two threads rewrite one traceback (each record keeps its
+    own stack, with the engine thread's below it); an exception that cannot be copied is shared."""
+    try:
+        clone = copy.copy(exc)
+    except Exception:  # noqa: BLE001 - an exception type copy cannot rebuild
+        return exc
+    if type(clone) is not type(exc) or clone is exc:
+        return exc
+    clone.__cause__, clone.__traceback__ = exc, None
+    return clone
 
 
 def _resolve(future: Future, *, result=None, exc: BaseException | None = None) -> None:
