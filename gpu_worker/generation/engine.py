@@ -37,7 +37,8 @@ have finished), so they must be cheap. `cancel(future)` frees the slot before th
 Errors: a song-level error (EmptySongError, ContextLimitError, bad prompt ids, "no eligible id",
 a callback that raises) fails only that song's future. Anything raised by the device work itself
 (prefill, frame step, read-back - e.g. a CUDA error) is engine-level: every in-flight and waiting
-future fails with that exception, the engine is marked broken and refuses new submissions
+future fails with it (each with its own copy, caused by the original), the engine is marked broken and
+refuses new submissions
 (EngineBroken, chained to and naming the original error). `abandon(exc)` does the same from outside
 without waiting for the engine thread (a hung engine); `stalled_s()` says how long it has not stepped.
 """
