@@ -139,8 +139,9 @@ def _add_window(ctx: StageContext, song: WindowByWindow, window: np.ndarray, dev
                              tokens_sha256=slice_sha256(window), tokens_attempt=tokens_attempt,
                              pcm_sha256=pcm.sha256, sample_start=start_sample, sample_end=end_sample,
                              started_at=started_at, finished_at=utcnow(), decode_s=round(decoded - t0, 4))
-    # where a window's time went, for the record (bench/stream_latency.py reads it); decode_cpu_s is this
-    # thread's CPU time while decoding: far below decode_s means it waited (for the GPU, or for the GIL)
+    # where a window's time went, for the record (bench/stream_latency.py reads it). decode_cpu_s is this
+    # thread's CPU time while decoding: far below decode_s means it was blocked (in the driver, or on the
+    # GIL); waiting for the GPU itself counts as CPU time, because a stream sync spins
     ctx.environment_extra.setdefault("stream_window_timings", []).append(
         {"window": w, "wait_s": round(turn - t0, 4), "decode_s": round(decoded - turn, 4),
          "decode_cpu_s": round(decode_cpu, 4), "store_and_record_s": round(time.monotonic() - decoded, 4)})
