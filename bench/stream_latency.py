@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.e2e_celery import LYRICS, write_real_size_checkpoint  # noqa: E402
 from bench.table import print_table  # noqa: E402
-from tests.stack_fixtures import database, redis_server, running_stack  # noqa: E402
+from tests.stack_fixtures import database, redis_server, running_stack, wait_until  # noqa: E402
 
 WAV_HEADER_BYTES = 44
 
@@ -137,13 +137,11 @@ def finish(stack, row: dict) -> None:
 
 def wait_for(db_path: Path, count_sql: str, job_ids: list[str], timeout_s: float = 300) -> None:
     """Until `count_sql` (a COUNT over `job_ids`) reaches len(job_ids)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def reached() -> bool:
         with sqlite3.connect(db_path) as db:
-            if db.execute(count_sql, job_ids).fetchone()[0] >= len(job_ids):
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out waiting for: {count_sql}")
+            return db.execute(count_sql, job_ids).fetchone()[0] >= len(job_ids)
+
+    wait_until(reached, timeout_s, count_sql, interval_s=0.1)
 
 
 def main() -> None:

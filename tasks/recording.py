@@ -595,6 +595,13 @@ def _send_retry(retry: ScheduledRetry) -> None:
 Admission = Callable[[Any], bool]
 
 
+def waits_in_broker(admit: Admission | None, runner: StageRunner, request: Any, job_id: str, attempt: int,
+                    settings: Settings | None = None) -> bool:
+    """A delivery this process does not admit now goes back to the broker, but only while its attempt can
+    still be claimed: one for a cancelled job goes on to the claim, which notes it and drops it."""
+    return admit is not None and not admit(request) and runner.claimable(job_id, attempt, settings)
+
+
 def stage_task(stage: str, resolve: Resolver, compute: Compute,
                on_failure: Callable[[BaseException, StageContext], None] | None = None,
                admit: Admission | None = None, admission_retry_s: float = 1.0) -> Task:
@@ -608,7 +615,7 @@ def stage_task(stage: str, resolve: Resolver, compute: Compute,
 
     @app.task(name=task_name(stage), bind=True, acks_late=True, reject_on_worker_lost=True)
     def _task(self: Task, job_id: str, attempt: int, continue_chain: bool = False) -> None:
-        if admit is not None and not admit(self.request) and runner.claimable(job_id, attempt):
+        if waits_in_broker(admit, runner, self.request, job_id, attempt):
             raise self.retry(countdown=admission_retry_s, max_retries=None)
         runner.run(job_id, attempt, celery_task_id=self.request.id, continue_chain=continue_chain)
 

@@ -310,7 +310,10 @@ def test_a_capture_in_flight_makes_a_compile_wait_for_it():
     order: list[str] = []
     with graph_captures.capture_unless_busy() as free:
         assert free
+        about_to_compile = threading.Event()
+
         def compile_() -> None:
+            about_to_compile.set()
             with graph_captures.exclusive():
                 order.append("compile")
 
@@ -318,7 +321,8 @@ def test_a_capture_in_flight_makes_a_compile_wait_for_it():
         with graph_captures.exclusive():  # re-entrant on the capturing thread itself
             pass
         compiler.start()
-        compiler.join(0.2)
+        assert about_to_compile.wait(10)
+        compiler.join(0.5)
         assert compiler.is_alive() and order == []  # waiting for the capture to end
         order.append("capture ends")
     compiler.join(10)

@@ -2,20 +2,12 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 from gpu_worker.worker import batching
 from gpu_worker.worker.priority_turns import PriorityTurns
-
-
-def _wait_for(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.005)
+from tests.stack_fixtures import wait_until
 
 
 def _queue_waiters(turns: PriorityTurns, priorities: list[int], enter) -> tuple[list[threading.Thread], list[str]]:
@@ -33,7 +25,7 @@ def _queue_waiters(turns: PriorityTurns, priorities: list[int], enter) -> tuple[
         thread = threading.Thread(target=waiter, daemon=True)
         thread.start()
         threads.append(thread)
-        _wait_for(lambda n=i + 1: len(turns.waiting()) == n)
+        wait_until(lambda n=i + 1: len(turns.waiting()) == n, 10, f"waiter {i} queued", interval_s=0.005)
     return threads, order
 
 

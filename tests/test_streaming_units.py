@@ -268,15 +268,17 @@ def test_a_deferred_token_delivery_waits_in_the_broker_only_while_its_attempt_ca
     """A token task deferred for a free engine slot is retried from the broker while its row is queued in an
     active job; once the job is cancelled it goes to the claim instead, which drops it (no endless cycling)."""
     from gpu_worker.worker.stages import generate_tokens_task
+    from tasks.recording import waits_in_broker
 
-    runner = generate_tokens_task.runner
+    runner, request = generate_tokens_task.runner, object()
     job_id = _job(settings)
-    assert runner.claimable(job_id, 1, settings)
+    assert waits_in_broker(lambda _: False, runner, request, job_id, 1, settings)  # no free slot: back to the broker
+    assert not waits_in_broker(lambda _: True, runner, request, job_id, 1, settings)  # admitted: it runs
     with session_scope(settings.resolved_database_url) as session:
         from db.models import Job, JobStatus
 
         session.get_one(Job, job_id).status = JobStatus.CANCELLED
-    assert not runner.claimable(job_id, 1, settings)
+    assert not waits_in_broker(lambda _: False, runner, request, job_id, 1, settings)  # to the claim, dropped
     other = _job(settings)
     _set(settings, other, "generate_tokens", 1, status=StageStatus.SUPERSEDED)
     assert not runner.claimable(other, 1, settings) and not runner.claimable(other, 2, settings)

@@ -539,8 +539,6 @@ def _own_copy(exc: BaseException) -> BaseException:
         clone = copy.copy(exc)
     except Exception:  # noqa: BLE001 - an exception type copy cannot rebuild
         return exc
-    if type(clone) is not type(exc) or clone is exc:
-        return exc
     clone.__cause__, clone.__traceback__ = exc, None
     return clone
 
