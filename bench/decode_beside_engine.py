@@ -9,7 +9,8 @@ production path: `WindowByWindow` through `batching.codec_turn`) with 1 and 16 s
 the same time span, the engine's frame steps per second, in three arrangements:
 * production: the engine on the default stream, the codec on its own stream of the same (lowest) priority;
 * codec high: the codec's stream at the highest priority (what a first window could get);
-* engine high: the engine's thread on a stream of the highest priority (what later windows could yield to).
+* engine high: the engine's thread on a stream of the highest priority (what later windows could yield to);
+* codec high, engine mid: a first window above the engine, the engine above the lowest priority.
 The first row of each arrangement is the engine alone (no window): its frame steps per second.
 
     python bench/decode_beside_engine.py --checkpoint ROOT   # a real-size checkpoint (bench/e2e_celery.py)
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,13 @@ from gpu_worker.generation.generate import SamplingParams  # noqa: E402
 from gpu_worker.model.heartcodec import WindowByWindow  # noqa: E402
 from gpu_worker.worker import batching, model_cache  # noqa: E402
 
-ARRANGEMENTS = ("production", "codec high", "engine high")
+# name -> (the codec stream's priority, the engine's stream priority or None for the default stream)
+ARRANGEMENTS: dict[str, tuple[str, str | None]] = {
+    "production": ("low", None),
+    "codec high": ("high", None),
+    "engine high": ("low", "high"),
+    "codec high, engine mid": ("high", "mid"),
+}
 
 
 def decode_window(codec, fast) -> float:
@@ -52,22 +60,35 @@ def decode_window(codec, fast) -> float:
 def arranged(name: str):
     """Set the codec's stream and the engine thread's stream for one arrangement (priority_range is static)."""
     greatest = torch.cuda.Stream.priority_range()[1]  # type: ignore[call-arg]
+    codec_level, engine_level = ARRANGEMENTS[name]
     device = torch.cuda.current_device()
-    batching._codec_streams[device] = torch.cuda.Stream(device, priority=greatest if name == "codec high" else 0)
+    batching._codec_streams[device] = torch.cuda.Stream(device, priority=_level(codec_level, greatest))
     original_run = engine_module.GenerationEngine._run
-    if name == "engine high":
-        high = torch.cuda.Stream(device, priority=greatest)
+    if engine_level is not None:
+        stream = torch.cuda.Stream(device, priority=_level(engine_level, greatest))
 
-        def run_on_high(self):
-            with torch.cuda.stream(high):
+        def run_on_stream(self):
+            with torch.cuda.stream(stream):
                 original_run(self)
 
-        engine_module.GenerationEngine._run = run_on_high  # type: ignore[method-assign]
+        engine_module.GenerationEngine._run = run_on_stream  # type: ignore[method-assign]
     try:
         yield
     finally:
         engine_module.GenerationEngine._run = original_run  # type: ignore[method-assign]
         batching.shutdown_engines()
+
+
+def _level(level: str, greatest: int) -> int:
+    return {"low": 0, "mid": greatest // 2, "high": greatest}[level]
+
+
+def _wait_for_steps(engine, steps: int, timeout_s: float = 180.0) -> None:
+    start, deadline = engine.stats["frames_stepped"], time.monotonic() + timeout_s
+    while engine.stats["frames_stepped"] - start < steps:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the engine made {engine.stats['frames_stepped'] - start} steps in {timeout_s} s")
+        time.sleep(0.1)
 
 
 def steps_per_s(engine, seconds: float) -> float:
@@ -98,7 +119,7 @@ def main() -> None:
             engine = batching.get_engine(lm.model, max_songs=args.slots)
             for songs in (1, 16):
                 futures = [engine.submit(prompt, params, seed) for seed in range(songs)]
-                time.sleep(4.0)  # admitted, prefilled, stepping, graphs captured
+                _wait_for_steps(engine, 400)  # admitted, prefilled, kernels compiled, graphs captured
                 alone = steps_per_s(engine, 1.0)
                 times, during = [], []
                 for _ in range(args.windows):
@@ -113,6 +134,9 @@ def main() -> None:
                 for future in futures:
                     engine.cancel(future)
                 time.sleep(1.0)
+            del engine, futures  # the engine's slot buffers go with it: the next arrangement makes its own
+        gc.collect()
+        torch.cuda.empty_cache()
     print_table(f"one bf16 codec window beside the batching engine ({args.slots} slots, 240 s songs, CFG 1.5)", rows)
 
 

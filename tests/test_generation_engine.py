@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +29,7 @@ from gpu_worker.generation.generate import (
 from gpu_worker.worker import batching as ge
 from tests import model_fixtures
 from tests.model_fixtures import EOS, no_eos, tiny_params, tiny_prompts
+from tests.stack_fixtures import wait_until
 
 lm = model_fixtures.lm  # the tiny checkpoint (a module-scoped fixture)
 
@@ -445,3 +447,57 @@ def test_cancel_frees_the_songs_slot_before_the_next_frame_step(lm, prompts, eng
         victim.result(TIMEOUT)
     assert engine.stats["frames_stepped"] - at_cancel <= 1  # freed before (at most) the step already under way
     assert engine.live_count() <= 1 and other.result(TIMEOUT).frames.shape[1] == 150  # the other runs on
+
+
+def test_a_streamed_song_is_pending_until_its_first_window_checkpoint_and_a_grace_after(lm, prompts, engine_factory):
+    engine = engine_factory(max_songs=2)
+    release = threading.Event()
+    seen: list[int] = []
+    plain = engine.submit(prompts[1], PARAMS, 2, should_cancel=lambda: not release.wait(30))  # no checkpoint_at
+    streamed = engine.submit(prompts[0], PARAMS, 1, checkpoint=lambda done, grid: seen.append(done),
+                             checkpoint_at=(12, 30))
+    assert engine.first_checkpoints_pending() == 1  # the engine thread waits in the plain song's cancel check
+    release.set()
+    streamed.result(TIMEOUT), plain.result(TIMEOUT)
+    assert seen and seen[0] >= 12
+    assert engine.first_checkpoints_pending(grace_s=3600) == 0  # a finished song has left the engine
+    assert engine.first_checkpoints_pending() == 0
+
+
+def test_a_later_window_waits_while_a_streamed_songs_first_window_is_generated(lm, prompts, monkeypatch):
+    """batching.codec_turn in a threads-mode process, beside a real engine registered for the model."""
+    from gpu_worker.worker.priority_turns import PriorityTurns
+
+    monkeypatch.setattr(ge, "_hooks_forced", True)
+    monkeypatch.setattr(ge, "FIRST_SOUND_GRACE_S", 0.05)
+    monkeypatch.setattr(ge, "_codec_lock", PriorityTurns(ge.first_sounds_pending, poll_s=0.005))
+    engine = ge.get_engine(lm.model, max_songs=2)
+    release = threading.Event()
+    order: list[str] = []
+
+    def window(priority: int) -> threading.Thread:
+        def run() -> None:
+            with ge.codec_turn(priority, None):
+                order.append(f"window {priority}")
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    try:
+        window(3).join(10)
+        assert order == ["window 3"]  # nothing streams yet: a later window goes at once
+        song = engine.submit(prompts[0], PARAMS, 1, checkpoint=lambda done, grid: None, checkpoint_at=(12,),
+                             should_cancel=lambda: not release.wait(30))  # held before its first checkpoint
+        later = window(2)
+        wait_until(lambda: ge._codec_lock.waiting() == [2], 10, "the later window queued")
+        window(0).join(10)
+        assert order == ["window 3", "window 0"]  # a first window is never held back
+        time.sleep(0.1)
+        assert order == ["window 3", "window 0"] and later.is_alive()
+        release.set()
+        later.join(30)
+        assert order == ["window 3", "window 0", "window 2"]
+        song.result(TIMEOUT)
+    finally:
+        release.set()
+        ge.shutdown_engines()

@@ -112,6 +112,7 @@ class _Request:
     checkpoint_every: int = 0  # frames between checkpoints (0: none)
     checkpoint_at: tuple[int, ...] = ()  # frame counts that get a checkpoint as well (codec window ends)
     checkpointed: int = 0  # frames in the last checkpoint handed out
+    first_checkpoint_at: float | None = None  # when the first count of `checkpoint_at` was handed out
     pace_s: float = 0.0
     resumed_from: int = 0
     resume_s: float = 0.0
@@ -263,6 +264,16 @@ class GenerationEngine:
     def waiting_count(self) -> int:
         with self._cond:
             return len(self._waiting)
+
+    def first_checkpoints_pending(self, grace_s: float = 0.0) -> int:
+        """Songs (waiting or live) given `checkpoint_at` counts whose first such checkpoint is still to come,
+        or was handed out less than `grace_s` ago: streamed songs whose first sound is still being made."""
+        now = time.monotonic()
+        with self._cond:
+            songs = [*self._waiting, *(r for r in self._slots if r is not None)]
+        return sum(1 for r in songs if r.checkpoint_at and not r.cancel_requested and (
+            r.first_checkpoint_at is None and r.checkpointed < min(r.checkpoint_at)
+            or r.first_checkpoint_at is not None and now - r.first_checkpoint_at < grace_s))
 
     # ------------------------------------------------------------------------------ internals
 
@@ -484,6 +495,9 @@ class GenerationEngine:
                         or any(request.checkpointed < at <= done for at in request.checkpoint_at)):
                     request.checkpointed = done
                     request.checkpoint(done, to_host(fe.frames[slot, :done].T.contiguous()))
+                    if request.first_checkpoint_at is None and request.checkpoint_at \
+                            and done >= min(request.checkpoint_at):
+                        request.first_checkpoint_at = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - a cancel, or a callback that raised: this song only
                 fe.done[slot] = True
                 finished.append((request, None, exc))

@@ -104,7 +104,7 @@ def shutdown_engines(timeout: float | None = 10.0) -> None:
 
 # ------------------------------------------------------------------------------ the stage's side
 
-STAGE_POLL_S = 0.2  # the stage thread hands checkpoints to SQL this often: a streaming decode waits on them
+STAGE_POLL_S = 0.2  # the stage thread's progress and cancel checks (checkpoints and the result wake it)
 
 
 def _soft_deadline() -> float | None:
@@ -149,21 +149,25 @@ def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed
         latest[:] = [(done, total)]
 
     checkpoints: list[tuple[int, torch.Tensor]] = []
+    news = threading.Event()  # a checkpoint or the result: this thread hands it on at once, not at its next poll
 
     def keep_checkpoint(done: int, grid: torch.Tensor) -> None:
         checkpoints[:] = [(done, grid)]
+        news.set()
 
     future = engine.submit(prompt, params, seed, progress=remember, should_cancel=cancel.is_set, resume=resume,
                            checkpoint=keep_checkpoint if save_checkpoint is not None else None,
                            checkpoint_every=checkpoint_every, checkpoint_at=checkpoint_at, pace_s=pace_s)
+    future.add_done_callback(lambda _: news.set())
     deadline = _soft_deadline()
     reported: tuple[int, int] | None = None
     try:
         while True:
+            news.wait(poll_s)
+            news.clear()
             try:
-                return future.result(timeout=poll_s)
-            except TimeoutError:
-                pass
+                if future.done():
+                    return future.result()
             except BaseException as exc:
                 if not is_cuda_poison(exc):
                     raise
@@ -200,9 +204,32 @@ def run_in_engine(model: HeartMuLa, prompt: Prompt, params: SamplingParams, seed
 
 _hooks_forced = False
 _exit_requested = False
-_codec_lock = PriorityTurns()  # the codec: a plain decode holds it for its song, a follower for one window
 _codec_holder = threading.local()
 PLAIN_DECODE_PRIORITY = 1  # a whole song's decode (its listener hears nothing until it ends) after first windows
+# While a streamed song's first window is being generated, the codec's other work waits: beside many songs the
+# codec is busy nearly all the time and slows the engine's frame steps, so a new song's first frames (its first
+# sound) would take twice as long (bench/RESULTS.md). A later window waits at most until DUE_MARGIN_S before
+# its listener needs it, and nothing waits longer than MAX_HOLD_S.
+FIRST_SOUND_GRACE_S = 1.0  # a first window's checkpoint reaches its decode through SQL within this
+MAX_HOLD_S = 10.0
+DUE_MARGIN_S = 10.0
+
+
+def first_sounds_pending() -> bool:
+    """An engine of this process generates a streamed song that has no first window yet."""
+    with _registry_lock:
+        engines = list(_engines.values())
+    return any(not e.closed and e.first_checkpoints_pending(FIRST_SOUND_GRACE_S) for e in engines)
+
+
+def held_until(now: float, due: float | None) -> float:
+    """How long codec work that is not a first window may be held back for first sounds: until `DUE_MARGIN_S`
+    before `due` (when its listener needs it; None: nobody is listening yet), `MAX_HOLD_S` at most."""
+    latest = now + MAX_HOLD_S
+    return latest if due is None else min(latest, due - DUE_MARGIN_S)
+
+
+_codec_lock = PriorityTurns(first_sounds_pending)  # a plain decode holds it for its song, a follower for a window
 
 
 def install_threads_mode_hooks() -> None:
@@ -296,19 +323,21 @@ def _watch_time_limits() -> None:
 
 
 @contextlib.contextmanager
-def codec_turn(priority: int = 0) -> Iterator[None]:
+def codec_turn(priority: int = 0, due: float | None = None) -> Iterator[None]:
     """The codec for one window (a decode that follows its token stage) or one song (a plain decode).
 
     In a threads-mode process the decodes take turns (a plain decode already holds the turn from its task's
-    start; a follower waits with its window's index as `priority`, so first windows go first) and run on
-    their own CUDA stream, so the engine's frame steps are not queued behind a
-    window's kernels; the stream is synchronised at the end, so the samples are ready for the caller."""
+    start; a follower waits with its window's index as `priority`, so first windows go first; any other
+    window is held back while a first sound is being made, see `held_until`, `due` being the monotonic time
+    its listener reaches it) and run on their own CUDA stream, so the engine's frame steps are not queued
+    behind a window's kernels; the stream is synchronised at the end, so the samples are ready for the caller."""
     if not _threads_mode():
         yield
         return
     with contextlib.ExitStack() as turn:
         if not getattr(_codec_holder, "held", False):
-            turn.enter_context(_codec_lock.turn(priority))
+            hold = held_until(time.monotonic(), due) if priority > 0 else None
+            turn.enter_context(_codec_lock.turn(priority, hold))
         stream = _codec_stream()
         if stream is None:
             yield
@@ -338,7 +367,8 @@ def _task_prerun(task=None, kwargs=None, **_kwargs) -> None:
     if not _threads_mode():
         return
     if getattr(task, "name", "") == "songpipe.decode_audio" and not (kwargs or {}).get("continue_chain"):
-        _codec_lock.acquire(PLAIN_DECODE_PRIORITY)  # one codec decode at a time, as with prefork concurrency 1
+        # one codec decode at a time, as with prefork concurrency 1
+        _codec_lock.acquire(PLAIN_DECODE_PRIORITY, held_until(time.monotonic(), None))
         _codec_holder.held = True
     hard = _hard_limit(task)
     task_id = getattr(getattr(task, "request", None), "id", None)

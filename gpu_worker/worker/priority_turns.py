@@ -3,6 +3,10 @@
 Beside many songs, windows queue for the codec. A song's first window is its first sound, while a song
 already playing has a window's worth of audio buffered, so the codec goes to the lowest window index first
 (`codec_turn(priority=w)`); equal priorities keep their arrival order.
+
+A waiter may also be held back until a deadline while the lock's `holding()` says so: a later window waits
+while another song's first sound is still being made, so the codec does not slow that song's frames
+(batching.codec_turn says when, and for how long at most).
 """
 from __future__ import annotations
 
@@ -10,27 +14,36 @@ import contextlib
 import heapq
 import itertools
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+
+_Ticket = tuple[int, int, float | None]  # (priority, arrival, held back until this monotonic time or None)
 
 
 class PriorityTurns:
     """One holder at a time; `acquire(p)` waits until no one holds it and no waiter is ahead of it
-    (a lower priority number, or the same number sooner)."""
+    (a lower priority number, or the same number sooner) other than waiters that are held back."""
 
-    def __init__(self) -> None:
+    def __init__(self, holding: Callable[[], bool] | None = None, poll_s: float = 0.02) -> None:
         self._cond = threading.Condition()
         self._held = False
-        self._waiting: list[tuple[int, int]] = []  # heap of (priority, arrival)
+        self._waiting: list[_Ticket] = []  # a heap
         self._arrivals = itertools.count()
+        self._holding = holding
+        self._poll_s = poll_s  # how often held-back waiters look at `holding()` again
 
-    def acquire(self, priority: int = 0) -> None:
+    def acquire(self, priority: int = 0, held_until: float | None = None) -> None:
+        """Wait for the turn. With `held_until`, the waiter also lets others go first, and does not take the
+        turn itself, while `holding()` is true, until that monotonic time."""
         with self._cond:
-            ticket = (priority, next(self._arrivals))
+            ticket = (priority, next(self._arrivals), held_until)
             heapq.heappush(self._waiting, ticket)
-            while self._held or self._waiting[0] != ticket:
-                self._cond.wait()
-            heapq.heappop(self._waiting)
+            while self._held or self._next() != ticket:
+                self._cond.wait(self._poll_s if self._may_hold() else None)
+            self._waiting.remove(ticket)
+            heapq.heapify(self._waiting)
             self._held = True
+            self._cond.notify_all()  # the order of the others may have changed
 
     def release(self) -> None:
         with self._cond:
@@ -43,14 +56,25 @@ class PriorityTurns:
         return self._held
 
     def waiting(self) -> list[int]:
-        """The waiters' priorities, in the order they will get their turns."""
+        """The waiters' priorities, in the order they would get their turns if none were held back."""
         with self._cond:
-            return [p for p, _ in sorted(self._waiting)]
+            return [p for p, _, _ in sorted(self._waiting)]
 
     @contextlib.contextmanager
-    def turn(self, priority: int = 0) -> Iterator[None]:
-        self.acquire(priority)
+    def turn(self, priority: int = 0, held_until: float | None = None) -> Iterator[None]:
+        self.acquire(priority, held_until)
         try:
             yield
         finally:
             self.release()
+
+    def _may_hold(self) -> bool:
+        return self._holding is not None and any(until is not None for _, _, until in self._waiting)
+
+    def _next(self) -> _Ticket | None:
+        """The waiter whose turn it is: the first in order that is not held back."""
+        now = time.monotonic()
+        held = [t for t in self._waiting if t[2] is not None and now < t[2]]
+        if held and self._holding is not None and self._holding():
+            return next((t for t in sorted(self._waiting) if t not in held), None)
+        return self._waiting[0] if self._waiting else None

@@ -21,7 +21,7 @@ import torch
 from db.engine import session_scope
 from db.models import utcnow
 from db.status import JOB_ACTIVE
-from gpu_worker.model.heartcodec import HeartCodec, WindowByWindow, WindowGeometry, plan_windows
+from gpu_worker.model.heartcodec import SAMPLE_RATE, HeartCodec, WindowByWindow, WindowGeometry, plan_windows
 from gpu_worker.model.token_validation import validate_codes
 from tasks.audio_files import pcm16_bytes
 from tasks.contracts import ArtifactRef, DecodeAudioInput
@@ -29,6 +29,7 @@ from tasks.pipeline.attempts import followed_progress
 from tasks.recording import JobCancelled, StageContext
 
 POLL_S = 0.2  # how often the decode looks for the token stage's next checkpoint
+FIRST_WINDOW_POLL_S = 0.05  # ... while the song has no sound yet: each look is one indexed query
 FOLLOWED_STAGE = "generate_tokens"
 
 
@@ -73,7 +74,7 @@ class _Grids:
 
 def decode_following(inp: DecodeAudioInput, ctx: StageContext, codec: HeartCodec, *,
                      solve_window: Callable[..., torch.Tensor], decode_latents: Callable[[torch.Tensor], torch.Tensor],
-                     generator: torch.Generator, codec_turn: Callable[[int], AbstractContextManager],
+                     generator: torch.Generator, codec_turn: Callable[[int, float | None], AbstractContextManager],
                      load_tokens: Callable[[bytes], np.ndarray]) -> StreamedSong:
     """Follow the token stage named by `inp.follow` and decode the song window by window."""
     assert inp.follow is not None
@@ -82,6 +83,7 @@ def decode_following(inp: DecodeAudioInput, ctx: StageContext, codec: HeartCodec
                           solve_window=solve_window, decode_latents=decode_latents)
     grids = _Grids(ctx, load_tokens)
     streamed: list[str] = []  # each streamed window's frames digest, checked against the finished grid
+    heard: float | None = None  # when the first window's samples were recorded: a listener may play from then
     expected = plan_windows(inp.follow.max_frames, geometry).num_windows
     while True:
         with session_scope(ctx.database_url) as session:
@@ -96,11 +98,12 @@ def decode_following(inp: DecodeAudioInput, ctx: StageContext, codec: HeartCodec
             grid = grids.get(point["tokens"])
             window = grid[:, geometry.window(w)]
             assert seen.checkpoint_attempt is not None
-            _add_window(ctx, song, window, codec.device, codec_turn, tokens_attempt=seen.checkpoint_attempt)
+            heard = _add_window(ctx, song, window, codec.device, codec_turn, heard,
+                                tokens_attempt=seen.checkpoint_attempt)
             streamed.append(slice_sha256(window))
             continue
         ctx.progress(w, expected, "windows")  # heartbeat, cancel check, fault hooks
-        time.sleep(POLL_S)
+        time.sleep(POLL_S if w else FIRST_WINDOW_POLL_S)
 
     outputs = seen.outputs
     tokens = ArtifactRef.model_validate(outputs["tokens"])
@@ -117,18 +120,25 @@ def decode_following(inp: DecodeAudioInput, ctx: StageContext, codec: HeartCodec
     assert seen.outputs_attempt is not None
     for w in range(song.windows, plan.num_windows):
         last = w == plan.num_windows - 1
-        _add_window(ctx, song, padded[:, plan.window(w)], codec.device, codec_turn,
-                    tokens_attempt=seen.outputs_attempt, last=last, end=plan.cropped_samples if last else None)
+        heard = _add_window(ctx, song, padded[:, plan.window(w)], codec.device, codec_turn, heard,
+                            tokens_attempt=seen.outputs_attempt, last=last, end=plan.cropped_samples if last else None)
     return StreamedSong(song.samples(0, plan.cropped_samples), tokens, frames, len(streamed))
 
 
+def window_due(heard: float | None, start_sample: int) -> float | None:
+    """When a listener who started playing as the first window was recorded (`heard`, monotonic) reaches
+    `start_sample`, the next window's first sample; None for the first window."""
+    return None if heard is None else heard + start_sample / SAMPLE_RATE
+
+
 def _add_window(ctx: StageContext, song: WindowByWindow, window: np.ndarray, device: torch.device,
-                codec_turn: Callable[[int], AbstractContextManager], *, tokens_attempt: int, last: bool = False,
-                end: int | None = None) -> None:
-    """Decode one window, store the samples it made final and record its row."""
+                codec_turn: Callable[[int, float | None], AbstractContextManager], heard: float | None, *,
+                tokens_attempt: int, last: bool = False, end: int | None = None) -> float:
+    """Decode one window, store the samples it made final and record its row. `heard`: when the first window
+    was recorded (None: this is it); returns it."""
     w, start_sample = song.windows, song.final_samples
     started_at, t0 = utcnow(), time.monotonic()
-    with codec_turn(w):  # the lowest window index goes first: a song's first window is its first sound
+    with codec_turn(w, window_due(heard, start_sample)):  # the lowest window index goes first
         turn, turn_cpu = time.monotonic(), time.thread_time()  # after waiting for the codec (another song's window)
         song.add(torch.from_numpy(window.astype(np.int64)).to(device), last=last)
     decoded, decode_cpu = time.monotonic(), time.thread_time() - turn_cpu
@@ -146,3 +156,4 @@ def _add_window(ctx: StageContext, song: WindowByWindow, window: np.ndarray, dev
         {"window": w, "wait_s": round(turn - t0, 4), "decode_s": round(decoded - turn, 4),
          "decode_cpu_s": round(decode_cpu, 4), "store_and_record_s": round(time.monotonic() - decoded, 4)})
     ctx.progress(song.windows, max(song.windows, 1), "windows", force=True)
+    return time.monotonic() if heard is None else heard
