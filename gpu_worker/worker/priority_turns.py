@@ -24,7 +24,7 @@ class PriorityTurns:
     """One holder at a time; `acquire(p)` waits until no one holds it and no waiter is ahead of it
     (a lower priority number, or the same number sooner) other than waiters that are held back."""
 
-    def __init__(self, holding: Callable[[], bool] | None = None, poll_s: float = 0.02) -> None:
+    def __init__(self, holding: Callable[[], bool] | None = None, poll_s: float = 0.1) -> None:
         self._cond = threading.Condition()
         self._held = False
         self._waiting: list[_Ticket] = []  # a heap
