@@ -9,7 +9,8 @@ The flow-matching estimator is ~95 % of the codec's work (44 TFLOP per window, 1
     and RoPE stay fp32 while the GEMMs, convolutions and attention run in bf16;
   - "bf16": the whole estimator in bf16 (activations too; RoPE tables stay fp32);
   - "fp32": no precision change (graphs only);
-* compiled with `torch.compile(estimator, fullgraph=True, dynamic=False)` (`compile`, below);
+* compiled with `torch.compile(..., fullgraph=True, dynamic=False)` block by block (`compile`, `compile_scope`,
+  below);
 * optionally with the SQ decoder in bf16 (`sq_dtype`), also only behind the SNR check;
 * as one CUDA graph per estimator call (static [2, 744, 1024] input: every window has 744 latents),
   replayed 10 times per window;
@@ -64,6 +65,11 @@ from gpu_worker.model.heartcodec import (
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "tf32", "bf16-mixed", "bf16")
+# What torch.compile gets: each transformer block on its own ("blocks", the default: regional compilation, one
+# compile per stack's block shape reused by the stack's other blocks, the projections and adaLN parts between
+# them eager inside the CUDA graph), or the whole estimator as one graph ("model"). Blocks compile about 4x
+# faster on a new machine, for the same window speed and SNR (bench/codec_compile_scope.py, bench/RESULTS.md).
+COMPILE_SCOPES = ("model", "blocks")
 # Windows per SQ decoder pass. On an H100 4 windows per pass took as long per window as 1 (55-60 ms) and
 # peaked 5 GB higher; one window also means one shape for the compiled SQ decoder.
 SQ_BATCH_WINDOWS = 1
@@ -78,10 +84,13 @@ def compile_by_default(device: torch.device, precision: str) -> bool:
 class FastCodec:
     def __init__(self, codec: HeartCodec, *, precision: str = "bf16", use_graphs: bool | None = None,
                  sq_dtype: torch.dtype | None = None, compile: bool | None = None,
-                 compile_backend: str | Callable[..., Any] = "inductor",
+                 compile_backend: str | Callable[..., Any] = "inductor", compile_scope: str = "blocks",
                  sq_batch_windows: int = SQ_BATCH_WINDOWS):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
+        self.compile_scope = compile_scope
         if sq_batch_windows < 1:
             raise ValueError(f"sq_batch_windows must be >= 1, got {sq_batch_windows}")
         self.codec = codec
@@ -110,8 +119,7 @@ class FastCodec:
         self._compile_pending = False
         if self.compile_requested:
             try:
-                self._compiled_estimator = torch.compile(estimator, fullgraph=True, dynamic=False,
-                                                         backend=compile_backend)
+                self._compiled_estimator = _compiled(estimator, compile_scope, compile_backend)
             except Exception as exc:  # noqa: BLE001 - any failure means: run eager
                 self._fall_back(exc)
             else:
@@ -270,10 +278,25 @@ class FastCodec:
         """What ran, for a stage record: precision, SQ dtype and batch, graphs, compile outcome."""
         return {"precision": self.precision, "sq_dtype": str(self.sq_dtype).removeprefix("torch."),
                 "sq_batch_windows": self.sq_batch_windows, "cuda_graphs": self.use_graphs,
-                "compile_requested": self.compile_requested, "compiled": self.compiled,
+                "compile_requested": self.compile_requested, "compile_scope": self.compile_scope,
+                "compiled": self.compiled,
                 "compile_seconds": None if self.compile_seconds is None else round(self.compile_seconds, 3),
                 "compile_error": self.compile_error, "sq_compiled": self.sq_compiled,
                 "sq_compile_error": self.sq_compile_error}
+
+
+def _compiled(estimator: torch.nn.Module, scope: str, backend: str | Callable[..., Any]) -> Callable[..., torch.Tensor]:
+    """The estimator under torch.compile, whole or block by block (a shallow copy holding compiled blocks, so
+    the eager estimator stays as it is for a fallback)."""
+    if scope == "model":
+        return torch.compile(estimator, fullgraph=True, dynamic=False, backend=backend)
+    regional = copy.copy(estimator)
+    regional._modules = dict(estimator._modules)  # the copy's own module table; parameters stay shared
+    for name in ("transformer_blocks", "transformer_blocks_2"):
+        blocks = getattr(estimator, name)
+        compiled = [torch.compile(block, fullgraph=True, dynamic=False, backend=backend) for block in blocks]
+        setattr(regional, name, torch.nn.ModuleList(compiled))  # type: ignore[arg-type]  # OptimizedModules
+    return regional
 
 
 def _raise_if_out_of_memory(exc: BaseException) -> None:
