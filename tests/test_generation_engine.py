@@ -450,13 +450,15 @@ def test_cancel_frees_the_songs_slot_before_the_next_frame_step(lm, prompts, eng
 
 
 def test_a_streamed_song_is_pending_until_its_first_window_checkpoint_and_a_grace_after(lm, prompts, engine_factory):
-    engine = engine_factory(max_songs=2)
+    engine = engine_factory(max_songs=1)
     release = threading.Event()
     seen: list[int] = []
-    plain = engine.submit(prompts[1], PARAMS, 2, should_cancel=lambda: not release.wait(30))  # no checkpoint_at
     streamed = engine.submit(prompts[0], PARAMS, 1, checkpoint=lambda done, grid: seen.append(done),
-                             checkpoint_at=(12, 30))
-    assert engine.first_checkpoints_pending() == 1  # the engine thread waits in the plain song's cancel check
+                             checkpoint_at=(12, 30), should_cancel=lambda: not release.wait(30))
+    plain = engine.submit(prompts[1], PARAMS, 2)  # no checkpoint_at; it waits for the one slot
+    wait_until(lambda: engine.live_count() == 1, TIMEOUT, "the streamed song admitted")
+    # the engine thread waits in the streamed song's cancel check, before its first checkpoint
+    assert engine.first_checkpoints_pending() == 1
     release.set()
     streamed.result(TIMEOUT), plain.result(TIMEOUT)
     assert seen and seen[0] >= 12
@@ -488,6 +490,7 @@ def test_a_later_window_waits_while_a_streamed_songs_first_window_is_generated(l
         assert order == ["window 3"]  # nothing streams yet: a later window goes at once
         song = engine.submit(prompts[0], PARAMS, 1, checkpoint=lambda done, grid: None, checkpoint_at=(12,),
                              should_cancel=lambda: not release.wait(30))  # held before its first checkpoint
+        wait_until(lambda: engine.live_count() == 1, TIMEOUT, "the streamed song admitted")
         later = window(2)
         wait_until(lambda: ge._codec_lock.waiting() == [2], 10, "the later window queued")
         window(0).join(10)

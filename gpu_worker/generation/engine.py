@@ -266,11 +266,12 @@ class GenerationEngine:
             return len(self._waiting)
 
     def first_checkpoints_pending(self, grace_s: float = 0.0) -> int:
-        """Songs (waiting or live) given `checkpoint_at` counts whose first such checkpoint is still to come,
-        or was handed out less than `grace_s` ago: streamed songs whose first sound is still being made."""
+        """Live songs given `checkpoint_at` counts whose first such checkpoint is still to come, or was handed
+        out less than `grace_s` ago: streamed songs whose first sound is being made. Songs still waiting for a
+        slot do not count: none of their frames is being made."""
         now = time.monotonic()
         with self._cond:
-            songs = [*self._waiting, *(r for r in self._slots if r is not None)]
+            songs = [r for r in self._slots if r is not None]
         return sum(1 for r in songs if r.checkpoint_at and not r.cancel_requested and (
             r.first_checkpoint_at is None and r.checkpointed < min(r.checkpoint_at)
             or r.first_checkpoint_at is not None and now - r.first_checkpoint_at < grace_s))
