@@ -187,7 +187,7 @@ def _random_codec_and_song(dev: torch.device, quick: bool) -> tuple:
     codec = build_random_heartcodec(config, device=dev, dtype=torch.float32, seed=0)
     frames = 700 if quick else 3000
     codes = torch.randint(0, config.codebook_size, (config.num_quantizers, frames),
-                          seed=frames)
+                          generator=torch.Generator().manual_seed(frames))
     return codec, codes
 
 

@@ -34,6 +34,7 @@ from gpu_worker.generation import engine as engine_module  # noqa: E402
 from gpu_worker.generation.generate import SamplingParams  # noqa: E402
 from gpu_worker.model.heartcodec import WindowByWindow  # noqa: E402
 from gpu_worker.worker import batching, model_cache  # noqa: E402
+from tests.stack_fixtures import wait_until  # noqa: E402
 
 # name -> (the codec stream's priority, the engine's stream priority or None for the default stream)
 ARRANGEMENTS: dict[str, tuple[str, str | None]] = {
@@ -83,14 +84,6 @@ def _level(level: str, greatest: int) -> int:
     return {"low": 0, "mid": greatest // 2, "high": greatest}[level]
 
 
-def _wait_for_steps(engine, steps: int, timeout_s: float = 180.0) -> None:
-    start, deadline = engine.stats["frames_stepped"], time.monotonic() + timeout_s
-    while engine.stats["frames_stepped"] - start < steps:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the engine made {engine.stats['frames_stepped'] - start} steps in {timeout_s} s")
-        time.sleep(0.1)
-
-
 def steps_per_s(engine, seconds: float) -> float:
     before, start = engine.stats["frames_stepped"], time.perf_counter()
     time.sleep(seconds)
@@ -119,7 +112,8 @@ def main() -> None:
             engine = batching.get_engine(lm.model, max_songs=args.slots)
             for songs in (1, 16):
                 futures = [engine.submit(prompt, params, seed) for seed in range(songs)]
-                _wait_for_steps(engine, 400)  # admitted, prefilled, kernels compiled, graphs captured
+                stepped = engine.stats["frames_stepped"]  # then admitted, prefilled, kernels compiled, graphs captured:
+                wait_until(lambda e=engine, s0=stepped: e.stats["frames_stepped"] - s0 >= 400, 180, "400 engine steps", 0.1)
                 alone = steps_per_s(engine, 1.0)
                 times, during = [], []
                 for _ in range(args.windows):

@@ -451,19 +451,25 @@ def test_cancel_frees_the_songs_slot_before_the_next_frame_step(lm, prompts, eng
 
 def test_a_streamed_song_is_pending_until_its_first_window_checkpoint_and_a_grace_after(lm, prompts, engine_factory):
     engine = engine_factory(max_songs=1)
-    release = threading.Event()
+    before_first, after_first = threading.Event(), threading.Event()
     seen: list[int] = []
+
+    def should_cancel() -> bool:  # runs on the engine thread at each read-back: it holds the song there
+        (after_first if seen else before_first).wait(30)
+        return False
+
     streamed = engine.submit(prompts[0], PARAMS, 1, checkpoint=lambda done, grid: seen.append(done),
-                             checkpoint_at=(12, 30), should_cancel=lambda: not release.wait(30))
+                             checkpoint_at=(12, 30), should_cancel=should_cancel)
     plain = engine.submit(prompts[1], PARAMS, 2)  # no checkpoint_at; it waits for the one slot
     wait_until(lambda: engine.live_count() == 1, TIMEOUT, "the streamed song admitted")
-    # the engine thread waits in the streamed song's cancel check, before its first checkpoint
-    assert engine.first_checkpoints_pending() == 1
-    release.set()
+    assert engine.first_checkpoints_pending() == 1  # held in its cancel check, before its first checkpoint
+    before_first.set()
+    # held again at the read-back after its first checkpoint: pending only within the grace
+    wait_until(lambda: seen and engine.first_checkpoints_pending() == 0, TIMEOUT, "the first checkpoint")
+    assert seen[0] >= 12 and engine.first_checkpoints_pending(grace_s=3600) == 1
+    after_first.set()
     streamed.result(TIMEOUT), plain.result(TIMEOUT)
-    assert seen and seen[0] >= 12
     assert engine.first_checkpoints_pending(grace_s=3600) == 0  # a finished song has left the engine
-    assert engine.first_checkpoints_pending() == 0
 
 
 def test_a_later_window_waits_while_a_streamed_songs_first_window_is_generated(lm, prompts, monkeypatch):
@@ -485,6 +491,12 @@ def test_a_later_window_waits_while_a_streamed_songs_first_window_is_generated(l
         thread.start()
         return thread
 
+    def plain_decode() -> None:  # a decode task that does not follow its token stage holds the codec throughout
+        decode = SimpleNamespace(name="songpipe.decode_audio")
+        ge._task_prerun(task=decode)
+        order.append("plain decode")
+        ge._task_postrun(task=decode)
+
     try:
         window(3).join(10)
         assert order == ["window 3"]  # nothing streams yet: a later window goes at once
@@ -493,13 +505,16 @@ def test_a_later_window_waits_while_a_streamed_songs_first_window_is_generated(l
         wait_until(lambda: engine.live_count() == 1, TIMEOUT, "the streamed song admitted")
         later = window(2)
         wait_until(lambda: ge._codec_lock.waiting() == [2], 10, "the later window queued")
+        plain = threading.Thread(target=plain_decode, daemon=True)
+        plain.start()
+        wait_until(lambda: ge._codec_lock.waiting() == [ge.PLAIN_DECODE_PRIORITY, 2], 10, "the plain decode queued")
         window(0).join(10)
         assert order == ["window 3", "window 0"]  # a first window is never held back
         time.sleep(0.1)
-        assert order == ["window 3", "window 0"] and later.is_alive()
+        assert order == ["window 3", "window 0"] and later.is_alive() and plain.is_alive()
         release.set()
-        later.join(30)
-        assert order == ["window 3", "window 0", "window 2"]
+        later.join(30), plain.join(30)
+        assert order == ["window 3", "window 0", "plain decode", "window 2"]
         song.result(TIMEOUT)
     finally:
         release.set()

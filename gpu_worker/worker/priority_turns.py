@@ -11,7 +11,6 @@ while another song's first sound is still being made, so the codec does not slow
 from __future__ import annotations
 
 import contextlib
-import heapq
 import itertools
 import threading
 import time
@@ -27,7 +26,7 @@ class PriorityTurns:
     def __init__(self, holding: Callable[[], bool] | None = None, poll_s: float = 0.1) -> None:
         self._cond = threading.Condition()
         self._held = False
-        self._waiting: list[_Ticket] = []  # a heap
+        self._waiting: list[_Ticket] = []
         self._arrivals = itertools.count()
         self._holding = holding
         self._poll_s = poll_s  # how often held-back waiters look at `holding()` again
@@ -37,11 +36,10 @@ class PriorityTurns:
         turn itself, while `holding()` is true, until that monotonic time."""
         with self._cond:
             ticket = (priority, next(self._arrivals), held_until)
-            heapq.heappush(self._waiting, ticket)
+            self._waiting.append(ticket)
             while self._held or self._next() != ticket:
                 self._cond.wait(self._poll_s if self._may_hold() else None)
             self._waiting.remove(ticket)
-            heapq.heapify(self._waiting)
             self._held = True
             self._cond.notify_all()  # the order of the others may have changed
 
@@ -74,7 +72,8 @@ class PriorityTurns:
     def _next(self) -> _Ticket | None:
         """The waiter whose turn it is: the first in order that is not held back."""
         now = time.monotonic()
-        held = [t for t in self._waiting if t[2] is not None and now < t[2]]
-        if held and self._holding is not None and self._holding():
-            return next((t for t in sorted(self._waiting) if t not in held), None)
-        return self._waiting[0] if self._waiting else None
+        in_order = sorted(self._waiting)
+        if any(until is not None and now < until for _, _, until in in_order) \
+                and self._holding is not None and self._holding():
+            in_order = [t for t in in_order if t[2] is None or now >= t[2]]
+        return in_order[0] if in_order else None
