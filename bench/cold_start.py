@@ -5,7 +5,8 @@
 
 Each row is a fresh process doing what a threads-mode GPU worker does (the production path on CUDA):
 the compile caches pointed at its data directory (gpu_worker/worker/compile_cache.py), optionally the
-background codec warm-up started at once (gpu_worker/worker/codec_warmup.py), the LM loaded the worker's
+background warm-ups started at once (gpu_worker/worker/codec_warmup.py: the frame kernels, then the codec
+once the first song is admitted), the LM loaded the worker's
 way (model_cache.get_lm, files hashed for the record unless the checksum cache has them), a 1-frame and
 a 2-frame song through the batching engine (the fused Triton kernels compile at the first), then one
 codec window decoded with the bf16 compiled codec (its compile happens here unless the warm-up did it).
@@ -80,6 +81,7 @@ def child(checkpoint: Path) -> None:
         sync()
     marks["first window decoded"] = time.perf_counter() - STARTED
     marks["codec compile s (where it ran)"] = (fast.compile_seconds if fast else None) or 0.0
+    marks["kernel warm-up s"] = codec_warmup.warmup_seconds.get("frame_kernels", 0.0)
     print("RESULT " + json.dumps(marks), flush=True)
 
 
@@ -87,7 +89,7 @@ def run_child(checkpoint: Path, data_dir: Path, warmup: bool, device: str = "cud
     env = {key: value for key, value in os.environ.items() if key not in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
     env.update(SONGPIPE_DATA_DIR=str(data_dir), HEARTMULA_CKPT=str(checkpoint), SONGPIPE_DEVICE=device,
                SONGPIPE_GPU_BATCHING="1", SONGPIPE_CODEC_DTYPE="bfloat16" if device == "cuda" else "float32",
-               SONGPIPE_CODEC_WARMUP="1" if warmup else "0")
+               SONGPIPE_CODEC_WARMUP="1" if warmup else "0", SONGPIPE_KERNEL_WARMUP="1" if warmup else "0")
     out = subprocess.run([sys.executable, __file__, "--child", str(checkpoint)],
                          env=env, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
@@ -143,9 +145,9 @@ def main() -> None:
             write_published_codec(checkpoint)
         rows = []
         for run, data_dir, warmup in (
-                ("new machine: empty caches, no background warm-up", work / "data-a", False),
-                ("new machine: empty caches, background codec warm-up", work / "data-b", True),
-                ("worker restart: the caches of the run above, background warm-up", work / "data-b", True)):
+                ("new machine: empty caches, no background warm-ups", work / "data-a", False),
+                ("new machine: empty caches, background warm-ups (kernels, then codec)", work / "data-b", True),
+                ("worker restart: the caches of the run above, background warm-ups", work / "data-b", True)):
             marks = run_child(checkpoint, data_dir, warmup, "cpu" if args.tiny else "cuda")
             rows.append({"run": run, **{f"{name}": round(seconds, 2) for name, seconds in marks.items()}})
             print(json.dumps(rows[-1]), flush=True)  # a run cut short by a time limit keeps the rows before it

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     # a threads-mode GPU worker on CUDA with the bf16 codec loads and compiles the codec on a background thread
     # at start (gpu_worker/worker/codec_warmup.py), so the first song's first window is not a compile
     codec_warmup: bool = True
+    # the frame step's Triton kernels compiled while the LM loads (same module), for a new machine's first frame
+    kernel_warmup: bool = True
     loudness_target_lufs: float | None = Field(
         default=None, description="normalise every song to this integrated loudness (e.g. -14); unset: measure only")
 

@@ -1,5 +1,6 @@
 """What a GPU worker does at start so that its first song is not waiting on compiles (issue 15, cold start):
-compile caches in the data directory, and the codec warmed up on a background thread."""
+compile caches in the data directory, the frame step's kernels compiled while the LM loads, and the codec
+warmed up on a background thread once the first song is in."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,9 @@ import torch
 from gpu_worker.worker import codec_warmup, model_cache
 from gpu_worker.worker.compile_cache import CACHE_VARIABLES, use_data_dir_compile_caches
 from tasks.settings import Settings
+from tests import model_fixtures
+
+lm = model_fixtures.lm  # the tiny checkpoint's LM (a module-scoped fixture)
 
 
 def test_compile_caches_go_to_the_data_directory_unless_the_operator_chose_one(tmp_path, monkeypatch):
@@ -33,6 +37,68 @@ def test_the_background_warm_up_runs_only_for_the_compiled_codec_on_cuda_in_thre
     assert not codec_warmup.should_warm(cpu, torch.bfloat16, threads_mode=True, enabled=True)
     assert not codec_warmup.should_warm(cuda, torch.bfloat16, threads_mode=True, enabled=False)
     assert codec_warmup.start_background_warmup(Settings(device="cpu")) is None
+
+
+def test_the_kernel_warm_up_runs_where_the_engine_uses_the_fused_kernels():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert codec_warmup.kernels_should_warm(cuda, torch.bfloat16, threads_mode=True, enabled=True)
+    assert not codec_warmup.kernels_should_warm(cuda, torch.float32, threads_mode=True, enabled=True)  # eager ops
+    assert not codec_warmup.kernels_should_warm(cuda, torch.bfloat16, threads_mode=False, enabled=True)
+    assert not codec_warmup.kernels_should_warm(cpu, torch.bfloat16, threads_mode=True, enabled=True)
+    assert not codec_warmup.kernels_should_warm(cuda, torch.bfloat16, threads_mode=True, enabled=False)
+
+
+def test_the_warm_up_model_keeps_every_dimension_a_kernel_sees():
+    from gpu_worker.generation.kernel_warmup import warmup_args
+    from gpu_worker.model.heartmula import PRESETS
+
+    real = PRESETS["3B"]
+    small = warmup_args(real)
+    assert small.backbone.num_layers == small.decoder.num_layers == 1
+    for stack in ("backbone", "decoder"):
+        a, b = getattr(real, stack), getattr(small, stack)
+        assert {f: getattr(a, f) for f in vars(a) if f != "num_layers"} == \
+            {f: getattr(b, f) for f in vars(b) if f != "num_layers"}
+    assert (small.audio_vocab_size, small.audio_num_codebooks) == (real.audio_vocab_size, real.audio_num_codebooks)
+
+
+def test_the_kernel_warm_up_launches_every_fused_op_of_the_frame_step_and_nothing_where_none_runs(monkeypatch):
+    """On the CPU the fused kernels run through Triton's interpreter (tests/conftest.py), so forcing them
+    shows which ops one warm-up step reaches: all of those the engine's frame step launches."""
+    from gpu_worker.checkpoints.heartmula_checkpoint import TINY_CONFIG, heartmula_args_from_config
+    from gpu_worker.generation import kernel_warmup
+    from gpu_worker.kernels import fused_ops
+
+    args = heartmula_args_from_config(TINY_CONFIG, Path("tiny"))
+    ops = ("rms_norm", "rope_to_cache", "decode_attention", "silu_mul", "guided_logits", "topk_race_sample")
+    calls = {name: 0 for name in ops}
+    for name in ops:
+        real = getattr(fused_ops, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(fused_ops, name, counted)
+    cpu = torch.device("cpu")
+    assert kernel_warmup.compile_frame_kernels(args, cpu, torch.float32, audio_eos_id=8193) == 0.0
+    assert not any(calls.values())  # fp32 on the CPU: the engine runs eager ops, nothing to compile
+    assert kernel_warmup.compile_frame_kernels(args, cpu, torch.float32, audio_eos_id=8193, fused=True) > 0
+    assert all(calls.values()), calls
+
+
+def test_an_engine_marks_the_first_song_admitted_for_the_codec_warm_up_to_wait_on(lm):
+    from gpu_worker.generation import engine as engine_module
+    from gpu_worker.generation.engine import GenerationEngine
+    from tests.model_fixtures import tiny_params, tiny_prompts
+
+    engine_module.FIRST_SONG_ADMITTED.clear()
+    engine = GenerationEngine(lm.model, max_songs=2, cache_len=128)
+    try:
+        assert not engine_module.FIRST_SONG_ADMITTED.is_set()
+        engine.submit(tiny_prompts(lm, 1)[0], tiny_params(2), 5).result(timeout=120)
+        assert engine_module.FIRST_SONG_ADMITTED.is_set()
+    finally:
+        engine.shutdown()
 
 
 def test_a_warm_up_loads_the_codec_once_for_the_stages_and_decodes_one_window(tiny_checkpoint_dir, tmp_path):

@@ -75,6 +75,9 @@ from gpu_worker.model.token_validation import CODEBOOK_SIZE, validate_codes
 log = logging.getLogger(__name__)
 
 DEFAULT_SYNC_EVERY = 25
+# set once any engine of this process has admitted a song: work that would slow a first frame (the
+# worker's background codec warm-up) waits for it
+FIRST_SONG_ADMITTED = threading.Event()
 
 
 class EngineBroken(RuntimeError):
@@ -399,6 +402,7 @@ class GenerationEngine:
                 fe = self._frame_engine(admit[0].key) if not live else fe
                 assert fe is not None  # live songs run on self._frames
                 live = live + self._admit(fe, admit)
+                FIRST_SONG_ADMITTED.set()
             if not live:
                 continue
             assert fe is not None  # live songs run on self._frames

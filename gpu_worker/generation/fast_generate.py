@@ -170,9 +170,12 @@ def _fused_block(x: torch.Tensor, w: _LayerWeights, args, tables: tuple[torch.Te
 
 
 def fused_kernels_default(model: HeartMuLa) -> bool:
+    return fused_kernels_for(model.device, model.dtype)
+
+
+def fused_kernels_for(device: torch.device, dtype: torch.dtype) -> bool:
     """Fused kernels by default where they are meant to run: CUDA, Triton present, bf16 / fp16 weights."""
-    return (model.device.type == "cuda" and fused_ops.triton_available()
-            and model.dtype in (torch.bfloat16, torch.float16))
+    return device.type == "cuda" and fused_ops.triton_available() and dtype in (torch.bfloat16, torch.float16)
 
 
 def _causal_fold_mask(seq: int, group: int, device: torch.device) -> torch.Tensor:

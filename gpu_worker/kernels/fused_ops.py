@@ -329,18 +329,20 @@ def attention_chunk(cache_len: int, pairs: int, target_programs: int | None = No
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, base: torch.Tensor, *,
                      seq: int, capacity: int, splits: int | None = None, chunk: int | None = None,
-                     cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+                     cache_rows: torch.Tensor | None = None, block_n: int | None = None, num_warps: int = 4,
+                     num_stages: int | None = None) -> torch.Tensor:
     """Attention of folded queries `q [N, KV, G * S, hd]` (query g * S + s sits at position base[n] + s and
     sees keys 0..base[n] + s) over the first `capacity` slots of cache row `cache_rows[n]` (default n)
     -> `[N, KV, G * S, hd]`.
 
     `chunk` fixes the key chunk each program reduces (see `attention_chunk`); without it the split
     follows `capacity` and `splits`. The scale is 1 / sqrt(hd), as F.scaled_dot_product_attention's default.
+    `block_n`, `num_warps`, `num_stages`: the launch configuration (bench/frame_profile.py sweeps them).
     """
     n, kv_heads, queries, head_dim = q.shape
     q = q.contiguous()
     pairs = n * kv_heads
-    block_n = 64 if capacity >= 64 else 16
+    block_n = block_n or (64 if capacity >= 64 else 16)
     if chunk is None:
         splits = min(splits or attention_splits(capacity, pairs), MAX_SPLITS)
         chunk = math.ceil(math.ceil(capacity / splits) / block_n) * block_n
@@ -359,7 +361,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         1.0 / math.sqrt(head_dim),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype == torch.float32, num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype == torch.float32, num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}))
     out = torch.empty_like(q)
     _attention_merge_kernel[(pairs, queries)](part_out, part_lse, out, queries, head_dim, splits, block_d,
                                               BLOCK_M=block_m, BLOCK_S=MAX_SPLITS,

@@ -1,11 +1,15 @@
-"""The codec made ready in the background when a GPU worker starts, so its first window is not a compile.
+"""What a GPU worker makes ready on a background thread at start, so its first song waits on no compile.
 
-The compiled bf16 codec (SONGPIPE_CODEC_DTYPE=bfloat16) compiles at its first window, tens of seconds on a
-new machine (bench/RESULTS.md). A threads-mode GPU worker on CUDA therefore loads the codec and decodes one
-window of silence-codes on a background thread as soon as it is ready, while the first song's LM loads
-and its first frames are generated. The window goes through `codec_turn`, so a real decode that comes
-first simply waits for it, as it would have waited for its own compile. The drawn audio is discarded;
-nothing of it reaches a record. docs/streaming.md, "Cold start".
+1. The frame step's Triton kernels (gpu_worker/generation/kernel_warmup.py), compiled on a one-layer
+   model of the checkpoint's dimensions while the first song's LM is still loading: on a new machine
+   they are otherwise compiled one by one at the first frame, after the load.
+2. The codec: the compiled bf16 codec (SONGPIPE_CODEC_DTYPE=bfloat16) compiles at its first window, seconds
+   to tens of seconds on a new machine (bench/RESULTS.md). The warm-up loads it and decodes one window of
+   silence-codes. It waits until the first song has been admitted (or `FIRST_SONG_WAIT_S` without one),
+   because a codec load and compile beside the LM load slow the first frame. The window goes through
+   `codec_turn`, so a real decode that comes first simply waits for it, as it would have waited for its
+   own compile. The drawn audio is discarded; nothing of it reaches a record.
+docs/streaming.md, "Cold start".
 """
 from __future__ import annotations
 
@@ -24,6 +28,39 @@ def should_warm(device: torch.device, codec_dtype: torch.dtype, threads_mode: bo
     """Only where it pays: the compiled codec on CUDA, in a process that runs its tasks itself (threads mode;
     a prefork parent must not touch CUDA before it forks)."""
     return enabled and threads_mode and device.type == "cuda" and codec_dtype == torch.bfloat16
+
+
+FIRST_SONG_WAIT_S = 30.0  # an idle worker warms its codec after this long anyway
+
+
+def kernels_should_warm(device: torch.device, lm_dtype: torch.dtype, threads_mode: bool, enabled: bool) -> bool:
+    """Where the engine uses the fused kernels (CUDA, a half dtype) in a process that runs its tasks."""
+    return enabled and threads_mode and device.type == "cuda" and lm_dtype in (torch.bfloat16, torch.float16)
+
+
+def warm_frame_kernels(settings) -> dict[str, float]:
+    """Compile the frame step's kernels for the configured checkpoint's dimensions; seconds taken."""
+    from gpu_worker.checkpoints.checkpoint_files import read_json
+    from gpu_worker.checkpoints.heartmula_checkpoint import (
+        CONFIG_NAME,
+        GEN_CONFIG_NAME,
+        find_lm_folder,
+        heartmula_args_from_config,
+        parse_gen_config,
+    )
+    from gpu_worker.generation import graph_captures
+    from gpu_worker.generation.kernel_warmup import compile_frame_kernels
+    from gpu_worker.worker.device import lm_dtype, resolve_device
+
+    root = settings.resolved_checkpoint_dir
+    folder = find_lm_folder(root)
+    args = heartmula_args_from_config(read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
+    eos = parse_gen_config(root / GEN_CONFIG_NAME).audio_eos_id
+    device = resolve_device(settings)
+    with graph_captures.exclusive():  # no frame-step capture meanwhile (the first frames run eager instead)
+        seconds = compile_frame_kernels(args, device, lm_dtype(settings, device), audio_eos_id=eos)
+    warmup_seconds["frame_kernels"] = round(seconds, 3)
+    return {"frame_kernels": warmup_seconds["frame_kernels"]}
 
 
 def warm_codec(settings) -> dict[str, float]:
@@ -58,21 +95,33 @@ def warm_codec(settings) -> dict[str, float]:
 
 
 def start_background_warmup(settings) -> threading.Thread | None:
-    """Start `warm_codec` on a daemon thread where `should_warm` says so; a failure is logged, never raised:
-    the first real decode then pays for the load and the compile itself."""
+    """Start the frame kernels' warm-up, then the codec's, on a daemon thread, each where it pays; a
+    failure is logged, never raised: the first frame or decode then does the same work itself."""
+    from gpu_worker.generation.engine import FIRST_SONG_ADMITTED
     from gpu_worker.worker.batching import _threads_mode
-    from gpu_worker.worker.device import codec_dtype, resolve_device
+    from gpu_worker.worker.device import codec_dtype, lm_dtype, resolve_device
 
-    if not should_warm(resolve_device(settings), codec_dtype(settings), _threads_mode(), settings.codec_warmup):
+    device, threads = resolve_device(settings), _threads_mode()
+    kernels = kernels_should_warm(device, lm_dtype(settings, device), threads, settings.kernel_warmup)
+    codec = should_warm(device, codec_dtype(settings), threads, settings.codec_warmup)
+    if not (kernels or codec):
         return None
 
     def run() -> None:
+        if kernels:
+            try:
+                log.info("frame kernels compiled in the background: %s", warm_frame_kernels(settings))
+            except Exception:  # noqa: BLE001 - an optimisation: the first frame compiles them if this fails
+                log.exception("background kernel warm-up failed; the first frame compiles the kernels")
+        if not codec:
+            return
+        FIRST_SONG_ADMITTED.wait(FIRST_SONG_WAIT_S)
         try:
             log.info("codec warmed up in the background: %s", warm_codec(settings))
         except Exception:  # noqa: BLE001 - an optimisation: the first decode does the same work if this fails
             log.exception("background codec warm-up failed; the first decode loads and compiles it")
 
-    thread = threading.Thread(target=run, name="codec-warmup", daemon=True)
+    thread = threading.Thread(target=run, name="startup-warmup", daemon=True)
     thread.start()
     return thread
 

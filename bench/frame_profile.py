@@ -1,0 +1,215 @@
+"""Where a frame step's time goes on the GPU, and what the kernels it is made of can reach.
+
+    python bench/frame_profile.py --only steps --case 8:1:300 --case 8:1:3000 --case 64:64:1800
+    python bench/frame_profile.py --only gemm --rows 2,16,128
+    python bench/frame_profile.py --only attention --case 64:64:1800 --case 8:1:3000
+
+* `steps`: a production FrameEngine (HeartMuLa-3B shapes, random bf16 weights, CFG, fused kernels, CUDA
+  graphs, the production KV length) with `songs` of its `slots` live, every song's cache filled to `fill`
+  positions (slot state set directly: the KV values do not change the time). Wall ms per replayed step
+  (CUDA events over the replays timed), then the profiler's kernel time per step by kind; the step count
+  is the number of frames' sampling kernels seen, not assumed. "gaps" = wall minus kernel time.
+* `gemm`: cuBLAS (the frame step's F.linear / addmm) for each weight shape of a frame, at `rows` rows, over
+  as many distinct weights as the model has of that shape (so the L2 cache does not serve them): us per
+  call and the fraction of the copy bandwidth measured in the same run.
+* `attention`: the split-K decode attention kernel at a case's shape (graph replays, 4 layers' caches in
+  turn), for block sizes, warps and stages, against the bytes of K and V it must read.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from bench.bench_lm import AUDIO_EOS_ID, random_model  # noqa: E402
+from bench.engine_batching import copy_bandwidth  # noqa: E402
+from bench.profile_gpu import _kind  # noqa: E402
+from bench.table import print_table  # noqa: E402
+from gpu_worker.generation.fast_generate import FrameEngine  # noqa: E402
+from gpu_worker.kernels import fused_ops  # noqa: E402
+from gpu_worker.model.heartmula import PRESETS  # noqa: E402
+
+STEP_MARKER = "_guided_logits_kernel"  # runs once per codebook: 8 per frame step
+
+
+def _events_ms(run, repeats: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def _engine(model, slots: int, songs: int, fill: int, cache_len: int) -> FrameEngine:
+    fe = FrameEngine(model, num_songs=slots, rows=2, cache_len=cache_len, max_frames=1024,
+                     audio_eos_id=AUDIO_EOS_ID)
+    live = slice(0, songs)
+    fe.pos[live] = fill
+    fe.limit[live] = 1000
+    fe.seed[live] = torch.arange(songs, device=fe.device)
+    fe.cfg_scale[live] = 1.5
+    fe.top_k[live] = 50
+    fe.done[live] = False
+    return fe
+
+
+def steps(model, cases: list[tuple[int, int, int]], cache_len: int, repeats: int) -> None:
+    kinds_rows, summary = [], []
+    for slots, songs, fill in cases:
+        fe = _engine(model, slots, songs, fill, cache_len)
+        max_position = fill + 2 * repeats + 40
+        for _ in range(3):
+            fe.step(max_position)  # capture + warm replays
+        torch.cuda.synchronize()
+        wall = _events_ms(lambda fe=fe, bound=max_position: fe.step(bound), repeats)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                fe.step(max_position)
+            torch.cuda.synchronize()
+        by_kind: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        marker = 0
+        for event in prof.events():
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            marker += STEP_MARKER in event.name
+            kind = _kind(event.name)
+            by_kind[kind][0] += 1
+            by_kind[kind][1] += event.device_time_total
+        frames = marker / 8
+        busy = sum(v[1] for v in by_kind.values()) / frames / 1e3
+        label = f"{slots} slots, {songs} live, fill {fill}"
+        for kind, (count, us) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
+            kinds_rows.append({"case": label, "kind": kind, "kernels/step": count / frames,
+                               "us/step": us / frames})
+        summary.append({"case": label, "frames profiled": frames, "wall ms/step": wall,
+                        "kernel ms/step": busy, "gaps ms/step": wall - busy,
+                        "kernels/step": sum(v[0] for v in by_kind.values()) / frames})
+        del fe
+        torch.cuda.empty_cache()
+    print_table("frame step, kernel time by kind", kinds_rows)
+    print_table("frame step, wall against kernel time (CUDA graph replays)", summary)
+
+
+def _graph_us(calls: list, repeats: int) -> float:
+    def run() -> None:
+        for call in calls:
+            call()
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return _events_ms(graph.replay, repeats) * 1e3 / len(calls)
+
+
+def gemm(model, row_counts: list[int], bandwidth: float, repeats: int) -> None:
+    """cuBLAS at the frame step's weight shapes, over distinct weights, against the copy bandwidth."""
+    bb, dec = model.args.backbone, model.args.decoder
+    dev, dtype = model.device, model.dtype
+    shapes = {  # name: (out, in, how many of them one frame reads)
+        "backbone qkv": (bb.embed_dim + 2 * bb.num_kv_heads * bb.head_dim, bb.embed_dim, bb.num_layers),
+        "backbone wo (addmm)": (bb.embed_dim, bb.embed_dim, bb.num_layers),
+        "backbone gate|up": (2 * bb.intermediate_dim, bb.embed_dim, bb.num_layers),
+        "backbone w2 (addmm)": (bb.embed_dim, bb.intermediate_dim, bb.num_layers),
+        "decoder qkv": (dec.embed_dim + 2 * dec.num_kv_heads * dec.head_dim, dec.embed_dim, dec.num_layers),
+        "vocab head (padded)": (8320, dec.embed_dim, 7),
+    }
+    rows_out = []
+    for name, (out_f, in_f, count) in shapes.items():
+        weights = [torch.randn(out_f, in_f, device=dev, dtype=dtype) for _ in range(max(count, 8))]
+        for m in row_counts:
+            x = torch.randn(m, in_f, device=dev, dtype=dtype)
+            acc = torch.randn(m, out_f, device=dev, dtype=dtype)
+            addmm = "addmm" in name
+            calls = [(lambda w=w, x=x, acc=acc: acc.addmm_(x, w.t())) if addmm else (lambda w=w, x=x: F.linear(x, w))
+                     for w in weights]
+            nbytes = out_f * in_f * 2 + m * (in_f + out_f * (2 if addmm else 1)) * 2
+            us = _graph_us(calls, repeats)
+            rows_out.append({"shape": f"{name} {out_f}x{in_f}", "rows": m, "us/call": us,
+                             "GB/s": nbytes / us / 1e3, "of copy bw": nbytes / us * 1e6 / bandwidth})
+        del weights
+    print_table(f"cuBLAS at the frame's shapes (graph replays, copy bw {bandwidth / 1e12:.2f} TB/s)", rows_out)
+
+
+def attention(model, cases: list[tuple[int, int, int]], cache_len: int, bandwidth: float, repeats: int) -> None:
+    """The decode attention kernel at each case's shape, for a grid of launch configurations."""
+    bb = model.args.backbone
+    dev, dtype = model.device, model.dtype
+    rows_out = []
+    layers = bb.num_layers
+    for slots, songs, fill in cases:
+        n = 2 * slots
+        k = [torch.randn(n, bb.num_kv_heads, cache_len, bb.head_dim, device=dev, dtype=dtype) for _ in range(4)]
+        v = [torch.randn_like(t) for t in k]
+        group = bb.num_heads // bb.num_kv_heads
+        q = torch.randn(n, bb.num_kv_heads, group, bb.head_dim, device=dev, dtype=dtype)
+        base = torch.zeros(n, dtype=torch.long, device=dev)
+        base[:2 * songs] = fill
+        chunk = fused_ops.attention_chunk(cache_len, n * bb.num_kv_heads)
+        capacity = min(cache_len, math.ceil((fill + 1) / 512) * 512)
+        live_bytes = 2 * songs * bb.num_kv_heads * (fill + 1) * bb.head_dim * 2 * 2
+        for block_n, warps, stages in ((64, 4, None), (32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2),
+                                       (128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 2, 2)):
+            try:
+                us = _graph_us([(lambda i=i, block_n=block_n, warps=warps, stages=stages, q=q, k=k, v=v, base=base,
+                                        capacity=capacity, chunk=chunk: fused_ops.decode_attention(
+                                            q, k[i], v[i], base, seq=1, capacity=capacity, chunk=chunk,
+                                            block_n=block_n, num_warps=warps, num_stages=stages))
+                                for i in range(4)], repeats)
+            except Exception as exc:  # noqa: BLE001 - a configuration the compiler refuses is reported
+                rows_out.append({"case": f"{slots}:{songs}:{fill}", "block_n/warps/stages":
+                                 f"{block_n}/{warps}/{stages}", "us/layer": float("nan"),
+                                 "GB/s (live K+V)": 0.0, "ms/step (x layers)": float("nan"),
+                                 "note": type(exc).__name__})
+                continue
+            rows_out.append({"case": f"{slots}:{songs}:{fill}", "block_n/warps/stages": f"{block_n}/{warps}/{stages}",
+                             "us/layer": us, "GB/s (live K+V)": live_bytes / us / 1e3,
+                             "ms/step (x layers)": us * layers / 1e3,
+                             "note": f"floor {live_bytes / bandwidth * 1e6:.1f} us"})
+        del k, v
+        torch.cuda.empty_cache()
+    print_table("decode attention per backbone layer (chunk fixed as in production)", rows_out)
+
+
+def _case(text: str) -> tuple[int, int, int]:
+    slots, songs, fill = (int(part) for part in text.split(":"))
+    return slots, songs, fill
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="steps,gemm,attention")
+    parser.add_argument("--case", type=_case, action="append", help="slots:songs:fill")
+    parser.add_argument("--rows", default="2,16,128")
+    parser.add_argument("--cache-len", type=int, default=None, help="default: the model's max_seq_len")
+    parser.add_argument("--repeats", type=int, default=50)
+    opts = parser.parse_args()
+    only = set(opts.only.split(","))
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    bandwidth = copy_bandwidth(device)
+    print(f"{torch.cuda.get_device_name(device)}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    model = random_model(PRESETS["3B"], device, torch.bfloat16)
+    cache_len = opts.cache_len or model.args.backbone.max_seq_len
+    cases = opts.case or [(8, 1, 300), (8, 1, 3000), (64, 64, 1800)]
+    if "steps" in only:
+        steps(model, cases, cache_len, opts.repeats)
+    if "gemm" in only:
+        gemm(model, [int(r) for r in opts.rows.split(",")], bandwidth, opts.repeats)
+    if "attention" in only:
+        attention(model, cases, cache_len, bandwidth, opts.repeats)
+
+
+if __name__ == "__main__":
+    main()
