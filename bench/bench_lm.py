@@ -36,6 +36,7 @@ from gpu_worker.checkpoints.heartmula_checkpoint import (  # noqa: E402
 from gpu_worker.checkpoints.synthetic_tokenizer import write_synthetic_tokenizer  # noqa: E402
 from gpu_worker.generation.generate import SamplingParams, generate  # noqa: E402
 from gpu_worker.model.heartmula import PRESETS, HeartMuLa, HeartMuLaArgs  # noqa: E402
+from gpu_worker.model.meta_build import meta_modules  # noqa: E402
 from gpu_worker.model.prompt import Prompt  # noqa: E402
 
 H100_COPY_BANDWIDTH = 3.0e12  # bytes/s, measured copy bandwidth of an H100 SXM (spec §9)
@@ -61,7 +62,7 @@ def _reset_peak(device: torch.device) -> None:
 @torch.no_grad()
 def random_model(args: HeartMuLaArgs, device: torch.device, dtype: torch.dtype, seed: int = 0) -> HeartMuLa:
     """Random weights made directly on the device in the target dtype (no fp32 copy of 3.9 B parameters)."""
-    with torch.device("meta"):
+    with meta_modules():
         model = HeartMuLa(args).to(dtype)
     model = model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -24,6 +24,7 @@ from gpu_worker.checkpoints.checkpoint_files import (
     write_state_dict,
 )
 from gpu_worker.model.heartcodec import WINDOW_FRAMES, CodecConfigError, HeartCodec, HeartCodecConfig, build_random_heartcodec
+from gpu_worker.model.meta_build import meta_modules
 
 CODEC_FOLDER = "HeartCodec-oss"
 CONFIG_NAME = "config.json"
@@ -106,7 +107,7 @@ def load_heartcodec(ckpt_root: Path, *, device: torch.device | str = "cpu",
         raise CheckpointError(f"cannot load checkpoint {folder}: folder not found")
     config = read_codec_config(folder)
     files = WeightFiles(folder)
-    with torch.device("meta"):
+    with meta_modules():
         model = HeartCodec(config)
     module_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     weight_norm_layers = model.weight_norm_layers()

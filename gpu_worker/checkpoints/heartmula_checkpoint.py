@@ -33,6 +33,7 @@ from gpu_worker.checkpoints.checkpoint_files import (
 )
 from gpu_worker.checkpoints.synthetic_tokenizer import BOS_ID, EOS_ID, write_synthetic_tokenizer
 from gpu_worker.model.heartmula import FlavorError, HeartMuLa, HeartMuLaArgs
+from gpu_worker.model.meta_build import meta_modules
 from gpu_worker.model.prompt import GenConfig
 from gpu_worker.model.token_validation import CODEBOOK_SIZE
 
@@ -171,7 +172,7 @@ def _special_id_problems(args: HeartMuLaArgs, gen_config: GenConfig, tokenizer: 
 
 
 def expected_shapes(args: HeartMuLaArgs) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
+    with meta_modules():
         model = HeartMuLa(args)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
@@ -191,7 +192,7 @@ def load_heartmula(ckpt_root: Path | str, *, device: torch.device | str = "cpu",
         raise CheckpointError(f"cannot load checkpoint: {root / TOKENIZER_NAME}: {exc}") from exc
 
     files = WeightFiles(folder)
-    with torch.device("meta"):
+    with meta_modules():
         model = HeartMuLa(args)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     report = ProblemReport(folder)
@@ -203,7 +204,7 @@ def load_heartmula(ckpt_root: Path | str, *, device: torch.device | str = "cpu",
 
     with ThreadPoolExecutor(max_workers=1) as pool:  # hash the files (for the record) while loading them
         digests = pool.submit(folder_checksums, folder)
-        state = {name: files.load(name, device=device, dtype=dtype) for name in expected}
+        state = files.load_many(expected, device=device, dtype=dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model.requires_grad_(False).eval()
         checksums = {f"{folder.name}/{name}": digest for name, digest in digests.result().items()}

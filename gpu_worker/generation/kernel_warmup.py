@@ -19,6 +19,7 @@ import torch
 
 from gpu_worker.generation.fast_generate import FrameEngine, fused_kernels_for
 from gpu_worker.model.heartmula import HeartMuLa, HeartMuLaArgs
+from gpu_worker.model.meta_build import meta_modules
 
 WARMUP_TEXT_VOCAB = 16  # the text embedding is read only by prefill, which runs no fused kernel
 WARMUP_CACHE_LEN = 512  # one key bucket: strides stay multiples of 16, as at every production length
@@ -42,7 +43,7 @@ def compile_frame_kernels(args: HeartMuLaArgs, device: torch.device, dtype: torc
     if not (fused_kernels_for(device, dtype) if fused is None else fused):
         return 0.0
     started = time.monotonic()
-    with torch.device("meta"):
+    with meta_modules():
         model = HeartMuLa(warmup_args(args)).to(dtype)
     model = model.to_empty(device=device)
     side = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_worker.model.meta_build import meta_modules
 from gpu_worker.model.token_validation import validate_codes
 
 logger = logging.getLogger(__name__)
@@ -858,7 +859,7 @@ def init_random_weights_(model: HeartCodec, generator: torch.Generator) -> None:
 def build_random_heartcodec(config: HeartCodecConfig, *, device: torch.device | str = "cpu",
                             dtype: torch.dtype = torch.float32, seed: int = 0) -> HeartCodec:
     """A codec with random weights made directly on `device` (no CPU copy, no files)."""
-    with torch.device("meta"):
+    with meta_modules():
         model = HeartCodec(config)
     model = model.to_empty(device=device).to(dtype)
     init_random_weights_(model, torch.Generator(device=device).manual_seed(seed))

@@ -1,0 +1,148 @@
+"""The two parts of a GPU worker's cold start before its first frame: loading the LM and compiling the kernels.
+
+    python bench/lm_load.py --checkpoint ROOT      # a published-layout checkpoint (bench/e2e_celery.py writes one)
+
+Each row is a fresh process (same page cache: the files were just written or read):
+* `load`: the LM's weight files to bf16 on the GPU, per tensor through safetensors with the cast on the host
+  (the loader before) and memory-mapped with the cast on the GPU at 1, 4 and 8 threads
+  (`WeightFiles.load_many`, the loader now); seconds, and GB/s of file bytes.
+* `kernels`: `kernel_warmup.compile_frame_kernels` alone, with an empty Triton cache and then with the cache
+  it left: seconds and the number of kernels compiled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def child(mode: str, checkpoint: Path, threads: int) -> dict:
+    import torch
+
+    from gpu_worker.checkpoints.checkpoint_files import WeightFiles, read_json
+    from gpu_worker.checkpoints.heartmula_checkpoint import (
+        CONFIG_NAME,
+        find_lm_folder,
+        heartmula_args_from_config,
+    )
+
+    device = torch.device("cuda")
+    torch.zeros(1, device=device)
+    folder = find_lm_folder(checkpoint)
+    if mode.startswith("profile-"):
+        return _profiled(mode.removeprefix("profile-"), checkpoint, device)
+    if mode == "kernels":
+        from gpu_worker.generation.kernel_warmup import compile_frame_kernels
+
+        args = heartmula_args_from_config(read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
+        seconds = compile_frame_kernels(args, device, torch.bfloat16, audio_eos_id=8193)
+        cache = Path(os.environ["TRITON_CACHE_DIR"])
+        return {"seconds": seconds, "kernels in cache": sum(1 for p in cache.rglob("*.cubin"))}
+    files = WeightFiles(folder)
+    names = list(files.tensors)
+    size = sum(p.stat().st_size for p in files.files)
+    started = time.perf_counter()
+    if mode == "per-tensor":
+        state = {name: files.load(name, device=device, dtype=torch.bfloat16) for name in names}
+    else:
+        state = files.load_many(names, device=device, dtype=torch.bfloat16, threads=threads)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "file GB/s": size / seconds / 1e9, "file GB": size / 1e9, "tensors": len(state)}
+
+
+def _profiled(what: str, checkpoint: Path, device) -> dict:
+    """cProfile of the worker's LM load (checksum cache in TRITON_CACHE_DIR's parent) or of the kernel
+    warm-up; the top functions by cumulative time are printed."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    from gpu_worker.checkpoints import file_checksums
+    from gpu_worker.checkpoints.checkpoint_files import read_json
+    from gpu_worker.checkpoints.heartmula_checkpoint import CONFIG_NAME, find_lm_folder, heartmula_args_from_config
+    from gpu_worker.generation.kernel_warmup import compile_frame_kernels
+    from gpu_worker.worker import model_cache
+
+    data = Path(os.environ["TRITON_CACHE_DIR"]).parent
+    file_checksums.use_cache_file(data / "checksums.json")
+    folder = find_lm_folder(checkpoint)
+    args = heartmula_args_from_config(read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    if what == "load":
+        model_cache.get_lm(checkpoint, device, torch.bfloat16)
+    else:
+        compile_frame_kernels(args, device, torch.bfloat16, audio_eos_id=8193)
+    torch.cuda.synchronize()
+    profiler.disable()
+    seconds = time.perf_counter() - started
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(22)
+    print(f"--- profile of {what} ({seconds:.2f} s)")
+    print("\n".join(line[:150] for line in text.getvalue().splitlines()[6:40]))
+    return {"seconds": seconds}
+
+
+def run(mode: str, checkpoint: Path, threads: int = 1, cache: Path | None = None) -> dict:
+    env = dict(os.environ)
+    if cache is not None:
+        env["TRITON_CACHE_DIR"] = str(cache)
+    out = subprocess.run([sys.executable, __file__, "--child", mode, "--checkpoint", str(checkpoint),
+                          "--threads", str(threads)], env=env, capture_output=True, text=True, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line.removeprefix("RESULT "))
+    raise RuntimeError(f"{mode} child failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--only", default="load,kernels")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1)
+    opts = parser.parse_args()
+    if opts.child:
+        print("RESULT " + json.dumps(child(opts.child, opts.checkpoint, opts.threads)), flush=True)
+        return
+    from bench.table import print_table
+
+    only = set(opts.only.split(","))
+    if "load" in only:
+        rows = [{"loader": "per tensor, cast on the host (before)", **run("per-tensor", opts.checkpoint)}]
+        for threads in (1, 4, 8):
+            rows.append({"loader": f"mapped, cast on the GPU, {threads} threads",
+                         **run("mapped", opts.checkpoint, threads)})
+            print(json.dumps(rows[-1]), flush=True)
+        print_table("the LM's weights to bf16 on the GPU (fresh process each, warm page cache)", rows)
+    if "profile" in only:
+        with tempfile.TemporaryDirectory(prefix="songpipe-prof-") as tmp:
+            cache = Path(tmp) / "triton"
+            cache.mkdir()
+            for mode in ("profile-load", "profile-load", "profile-kernels", "profile-kernels"):
+                out = subprocess.run([sys.executable, __file__, "--child", mode, "--checkpoint", str(opts.checkpoint)],
+                                     env={**os.environ, "TRITON_CACHE_DIR": str(cache)}, capture_output=True,
+                                     text=True, check=False)
+                print("\n".join(line for line in out.stdout.splitlines() if not line.startswith("RESULT ")))
+                if out.returncode:
+                    print(out.stderr[-2000:])
+    if "kernels" in only:
+        with tempfile.TemporaryDirectory(prefix="songpipe-triton-") as cache:
+            rows = [{"Triton cache": "empty (a new machine)", **run("kernels", opts.checkpoint, cache=Path(cache))},
+                    {"Triton cache": "left by the run above", **run("kernels", opts.checkpoint, cache=Path(cache))}]
+        print_table("the frame step's kernels compiled alone (kernel_warmup, fresh process each)", rows)
+
+
+if __name__ == "__main__":
+    main()
