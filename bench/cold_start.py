@@ -85,6 +85,10 @@ def child(checkpoint: Path) -> None:
     print("RESULT " + json.dumps(marks), flush=True)
 
 
+PRIME_IMPORTS = ("import torch, triton, torch._dynamo, torch._inductor.compile_fx, torch._inductor.codecache; "
+                 "import gpu_worker.worker.celery_worker, gpu_worker.generation.kernel_warmup, bench.bench_lm")
+
+
 def run_child(checkpoint: Path, data_dir: Path, warmup: bool, device: str = "cuda") -> dict[str, float]:
     env = {key: value for key, value in os.environ.items() if key not in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
     env.update(SONGPIPE_DATA_DIR=str(data_dir), HEARTMULA_CKPT=str(checkpoint), SONGPIPE_DEVICE=device,
@@ -115,6 +119,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--pycache", type=Path, help="PYTHONPYCACHEPREFIX for the runs, primed by one import "
+                        "process first: for a host whose installed packages have no bytecode caches (each fresh "
+                        "process would compile torch's modules from source, which a production image does not)")
     parser.add_argument("--tiny", action="store_true", help="a smoke run on the CPU with the tiny checkpoint (its "
                         "numbers mean nothing)")
     args = parser.parse_args()
@@ -143,6 +150,9 @@ def main() -> None:
             del model
             torch.cuda.empty_cache()
             write_published_codec(checkpoint)
+        if args.pycache is not None:
+            os.environ["PYTHONPYCACHEPREFIX"] = str(args.pycache)
+            subprocess.run([sys.executable, "-c", PRIME_IMPORTS], check=True, cwd=Path(__file__).resolve().parent.parent)
         rows = []
         for run, data_dir, warmup in (
                 ("new machine: empty caches, no background warm-ups", work / "data-a", False),

@@ -17,6 +17,7 @@ from tasks.settings import Settings
 from tests import model_fixtures
 
 lm = model_fixtures.lm  # the tiny checkpoint's LM (a module-scoped fixture)
+FUSED_OPS = ("rms_norm", "rope_to_cache", "decode_attention", "silu_mul", "guided_logits", "topk_race_sample")
 
 
 def test_compile_caches_go_to_the_data_directory_unless_the_operator_chose_one(tmp_path, monkeypatch):
@@ -70,7 +71,7 @@ def test_the_kernel_warm_up_launches_every_fused_op_of_the_frame_step_and_nothin
     from gpu_worker.kernels import fused_ops
 
     args = heartmula_args_from_config(TINY_CONFIG, Path("tiny"))
-    ops = ("rms_norm", "rope_to_cache", "decode_attention", "silu_mul", "guided_logits", "topk_race_sample")
+    ops = FUSED_OPS
     calls = {name: 0 for name in ops}
     for name in ops:
         real = getattr(fused_ops, name)
@@ -84,6 +85,43 @@ def test_the_kernel_warm_up_launches_every_fused_op_of_the_frame_step_and_nothin
     assert not any(calls.values())  # fp32 on the CPU: the engine runs eager ops, nothing to compile
     assert kernel_warmup.compile_frame_kernels(args, cpu, torch.float32, audio_eos_id=8193, fused=True) > 0
     assert all(calls.values()), calls
+
+
+def test_each_warm_up_child_compiles_only_its_ops_and_the_groups_cover_every_op(monkeypatch):
+    """The process-parallel warm-up: a child's step runs its group's fused ops for real and stubs the rest
+    (outputs of the right shapes, nothing launched); together the groups run every op of the step."""
+    from gpu_worker.checkpoints.heartmula_checkpoint import TINY_CONFIG, heartmula_args_from_config
+    from gpu_worker.generation import kernel_warmup
+    from gpu_worker.kernels import fused_ops
+
+    args = heartmula_args_from_config(TINY_CONFIG, Path("tiny"))
+    ops = [name for group in kernel_warmup.OP_GROUPS for name in group]
+    assert sorted(ops) == sorted(FUSED_OPS) and len(set(ops)) == len(ops)
+    calls = {name: 0 for name in ops}
+    for name in ops:
+        def counted(*a, _real=getattr(fused_ops, name), _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(fused_ops, name, counted)
+    cpu = torch.device("cpu")
+    for group in kernel_warmup.OP_GROUPS:
+        before = dict(calls)
+        kernel_warmup.compile_frame_kernels(args, cpu, torch.float32, audio_eos_id=8193, fused=True, ops=group)
+        ran = {name for name in ops if calls[name] > before[name]}
+        assert ran == set(group), (group, ran)
+    assert all(getattr(fused_ops, name).__name__ == "counted" for name in ops)  # the real ops are back
+
+
+def test_the_warm_up_children_get_the_models_dimensions_and_none_start_where_nothing_compiles():
+    import dataclasses
+    import json
+
+    from gpu_worker.generation import kernel_warmup
+    from gpu_worker.model.heartmula import PRESETS
+
+    args = PRESETS["3B"]
+    assert kernel_warmup._args_from_json(json.dumps(dataclasses.asdict(args))) == args
+    assert kernel_warmup.compile_in_processes(args, torch.device("cpu"), torch.bfloat16, audio_eos_id=8193) == 0.0
 
 
 def test_an_engine_marks_the_first_song_admitted_for_the_codec_warm_up_to_wait_on(lm):

@@ -1,8 +1,8 @@
 """What a GPU worker makes ready on a background thread at start, so its first song waits on no compile.
 
-1. The frame step's Triton kernels (gpu_worker/generation/kernel_warmup.py), compiled on a one-layer
-   model of the checkpoint's dimensions while the first song's LM is still loading: on a new machine
-   they are otherwise compiled one by one at the first frame, after the load.
+1. The frame step's Triton kernels (gpu_worker/generation/kernel_warmup.py), compiled in a few child
+   processes on a one-layer model of the checkpoint's dimensions while the first song's LM is still
+   loading: on a new machine they are otherwise compiled one by one at the first frame, after the load.
 2. The codec: the compiled bf16 codec (SONGPIPE_CODEC_DTYPE=bfloat16) compiles at its first window, seconds
    to tens of seconds on a new machine (bench/RESULTS.md). The warm-up loads it and decodes one window of
    silence-codes. It waits until the first song has been admitted (or `FIRST_SONG_WAIT_S` without one),
@@ -48,8 +48,7 @@ def warm_frame_kernels(settings) -> dict[str, float]:
         heartmula_args_from_config,
         parse_gen_config,
     )
-    from gpu_worker.generation import graph_captures
-    from gpu_worker.generation.kernel_warmup import compile_frame_kernels
+    from gpu_worker.generation.kernel_warmup import compile_in_processes
     from gpu_worker.worker.device import lm_dtype, resolve_device
 
     root = settings.resolved_checkpoint_dir
@@ -57,8 +56,7 @@ def warm_frame_kernels(settings) -> dict[str, float]:
     args = heartmula_args_from_config(read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
     eos = parse_gen_config(root / GEN_CONFIG_NAME).audio_eos_id
     device = resolve_device(settings)
-    with graph_captures.exclusive():  # no frame-step capture meanwhile (the first frames run eager instead)
-        seconds = compile_frame_kernels(args, device, lm_dtype(settings, device), audio_eos_id=eos)
+    seconds = compile_in_processes(args, device, lm_dtype(settings, device), audio_eos_id=eos)
     warmup_seconds["frame_kernels"] = round(seconds, 3)
     return {"frame_kernels": warmup_seconds["frame_kernels"]}
 
