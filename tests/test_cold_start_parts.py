@@ -15,6 +15,7 @@ from gpu_worker.worker import codec_warmup, model_cache
 from gpu_worker.worker.compile_cache import CACHE_VARIABLES, use_data_dir_compile_caches
 from tasks.settings import Settings
 from tests import model_fixtures
+from tests.stack_fixtures import wait_until
 
 lm = model_fixtures.lm  # the tiny checkpoint's LM (a module-scoped fixture)
 FUSED_OPS = ("rms_norm", "rope_to_cache", "decode_attention", "silu_mul", "guided_logits", "topk_race_sample")
@@ -122,6 +123,31 @@ def test_the_warm_up_children_get_the_models_dimensions_and_none_start_where_not
     args = PRESETS["3B"]
     assert kernel_warmup._args_from_json(json.dumps(dataclasses.asdict(args))) == args
     assert kernel_warmup.compile_in_processes(args, torch.device("cpu"), torch.bfloat16, audio_eos_id=8193) == 0.0
+
+
+def test_the_codec_warm_up_waits_for_the_first_song_and_not_for_the_kernels(monkeypatch):
+    import threading
+
+    from gpu_worker.generation import engine as engine_module
+
+    kernels_may_finish, order = threading.Event(), []
+    monkeypatch.setattr(codec_warmup, "kernels_should_warm", lambda *a: True)
+    monkeypatch.setattr(codec_warmup, "should_warm", lambda *a: True)
+    monkeypatch.setattr(codec_warmup, "FIRST_SONG_WAIT_S", 60.0)
+    monkeypatch.setattr(codec_warmup, "warm_frame_kernels",
+                        lambda settings: (kernels_may_finish.wait(30), order.append("kernels")))
+    monkeypatch.setattr(codec_warmup, "warm_codec", lambda settings: order.append("codec"))
+    engine_module.FIRST_SONG_ADMITTED.clear()
+    thread = codec_warmup.start_background_warmup(Settings(device="cpu"))
+    assert thread is not None
+    thread.join(0.5)
+    assert order == []  # no song yet: the codec waits (and the kernels are still compiling)
+    engine_module.FIRST_SONG_ADMITTED.set()
+    wait_until(lambda: order == ["codec"], 10, "the codec warm-up")  # while the kernels still compile
+    assert thread.is_alive()  # the thread returned covers both warm-ups
+    kernels_may_finish.set()
+    thread.join(10)
+    assert order == ["codec", "kernels"] and not thread.is_alive()
 
 
 def test_an_engine_marks_the_first_song_admitted_for_the_codec_warm_up_to_wait_on(lm):

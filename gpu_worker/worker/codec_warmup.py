@@ -93,8 +93,9 @@ def warm_codec(settings) -> dict[str, float]:
 
 
 def start_background_warmup(settings) -> threading.Thread | None:
-    """Start the frame kernels' warm-up, then the codec's, on a daemon thread, each where it pays; a
-    failure is logged, never raised: the first frame or decode then does the same work itself."""
+    """Start the frame kernels' warm-up and the codec's (once the first song is in) on daemon threads, each
+    where it pays; the thread returned ends when both have. A failure is logged, never raised: the first
+    frame or decode then does the same work itself."""
     from gpu_worker.generation.engine import FIRST_SONG_ADMITTED
     from gpu_worker.worker.batching import _threads_mode
     from gpu_worker.worker.device import codec_dtype, lm_dtype, resolve_device
@@ -105,19 +106,26 @@ def start_background_warmup(settings) -> threading.Thread | None:
     if not (kernels or codec):
         return None
 
-    def run() -> None:
-        if kernels:
-            try:
-                log.info("frame kernels compiled in the background: %s", warm_frame_kernels(settings))
-            except Exception:  # noqa: BLE001 - an optimisation: the first frame compiles them if this fails
-                log.exception("background kernel warm-up failed; the first frame compiles the kernels")
-        if not codec:
-            return
-        FIRST_SONG_ADMITTED.wait(FIRST_SONG_WAIT_S)
+    def compile_kernels() -> None:
         try:
-            log.info("codec warmed up in the background: %s", warm_codec(settings))
-        except Exception:  # noqa: BLE001 - an optimisation: the first decode does the same work if this fails
-            log.exception("background codec warm-up failed; the first decode loads and compiles it")
+            log.info("frame kernels compiled in the background: %s", warm_frame_kernels(settings))
+        except Exception:  # noqa: BLE001 - an optimisation: the first frame compiles them if this fails
+            log.exception("background kernel warm-up failed; the first frame compiles the kernels")
+
+    def run() -> None:
+        # the kernels on a thread of their own: on a restart (kernels cached) the first song is admitted
+        # before their children are done, and the codec's warm-up should not wait for them
+        compiling = threading.Thread(target=compile_kernels, name="kernel-warmup", daemon=True) if kernels else None
+        if compiling is not None:
+            compiling.start()
+        if codec:
+            FIRST_SONG_ADMITTED.wait(FIRST_SONG_WAIT_S)
+            try:
+                log.info("codec warmed up in the background: %s", warm_codec(settings))
+            except Exception:  # noqa: BLE001 - an optimisation: the first decode does the same work if this fails
+                log.exception("background codec warm-up failed; the first decode loads and compiles it")
+        if compiling is not None:
+            compiling.join()
 
     thread = threading.Thread(target=run, name="startup-warmup", daemon=True)
     thread.start()
