@@ -150,6 +150,20 @@ def test_the_codec_warm_up_waits_for_the_first_song_and_not_for_the_kernels(monk
     assert order == ["codec", "kernels"] and not thread.is_alive()
 
 
+def test_as_many_warm_up_children_start_as_the_free_device_memory_holds_beside_the_lm():
+    from gpu_worker.generation.kernel_warmup import OP_GROUPS, parameter_bytes, plan_children, warmup_args
+    from gpu_worker.model.heartmula import PRESETS
+
+    gib = 1 << 30
+    assert plan_children(100 * gib, 2 * gib, 10 * gib) == [tuple(g) for g in OP_GROUPS]  # room for all
+    two = plan_children(14 * gib, 2 * gib, 10 * gib)
+    assert len(two) == 2 and sorted(op for ops in two for op in ops) == sorted(op for g in OP_GROUPS for op in g)
+    assert plan_children(11 * gib, 2 * gib, 10 * gib) == []  # not one fits: the first frame compiles
+    real, small = parameter_bytes(PRESETS["3B"], torch.bfloat16), parameter_bytes(warmup_args(PRESETS["3B"]),
+                                                                                  torch.bfloat16)
+    assert 7.0 * gib < real < 7.7 * gib and small < real / 5  # 7.34 GiB (spec); a child's model is small
+
+
 def test_an_engine_marks_the_first_song_admitted_for_the_codec_warm_up_to_wait_on(lm):
     from gpu_worker.generation import engine as engine_module
     from gpu_worker.generation.engine import GenerationEngine

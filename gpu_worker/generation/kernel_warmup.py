@@ -49,6 +49,8 @@ def warmup_args(args: HeartMuLaArgs) -> HeartMuLaArgs:
 OP_GROUPS: tuple[tuple[str, ...], ...] = (("decode_attention",), ("rope_to_cache", "rms_norm", "silu_mul"),
                                           ("guided_logits", "topk_race_sample"))
 CHILD_TIMEOUT_S = 300.0
+CHILD_OVERHEAD_BYTES = 1 << 30  # a child's CUDA context and allocator slack, beside its one-layer model
+HEADROOM_BYTES = 2 << 30  # left free for the parent beyond its LM's weights
 
 
 def _shape_stub(name: str) -> Callable[..., Any]:
@@ -125,16 +127,40 @@ def compile_frame_kernels(args: HeartMuLaArgs, device: torch.device, dtype: torc
     return time.monotonic() - started
 
 
-def compile_in_processes(args: HeartMuLaArgs, device: torch.device, dtype: torch.dtype, *,
-                         audio_eos_id: int, groups: Sequence[Sequence[str]] = OP_GROUPS) -> float:
-    """`compile_frame_kernels` split over one child process per op group, all at once; returns seconds.
+def parameter_bytes(args: HeartMuLaArgs, dtype: torch.dtype) -> int:
+    with meta_modules():
+        model = HeartMuLa(args)
+    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
 
-    The children fill the Triton cache directory this process uses (its environment is inherited). A
-    child that fails is logged through the exception it raises here; the first frame then compiles
-    what is missing itself.
+
+def plan_children(free_bytes: int, child_bytes: int, reserve_bytes: int,
+                  groups: Sequence[Sequence[str]] = OP_GROUPS) -> list[tuple[str, ...]]:
+    """The op groups merged into as many children as the free device memory holds beside `reserve_bytes`
+    (what the parent still needs); an empty plan when not one fits."""
+    fit = max(0, (free_bytes - reserve_bytes) // max(child_bytes, 1))
+    count = min(len(groups), fit)
+    if count == 0:
+        return []
+    merged: list[list[str]] = [[] for _ in range(count)]
+    for index, group in enumerate(groups):
+        merged[index % count].extend(group)
+    return [tuple(ops) for ops in merged]
+
+
+def compile_in_processes(args: HeartMuLaArgs, device: torch.device, dtype: torch.dtype, *,
+                         audio_eos_id: int) -> float:
+    """`compile_frame_kernels` split over child processes (one per op group), all at once; returns seconds.
+
+    As many children start as the device's free memory holds beside the LM still to load (their groups
+    merged otherwise; none when not one fits: the first frame then compiles). The children fill the
+    Triton cache directory this process uses (its environment is inherited). Children that fail raise
+    here; the first frame then compiles what is missing itself.
     """
     if not fused_kernels_for(device, dtype):
         return 0.0
+    free, _total = torch.cuda.mem_get_info(device)
+    groups = plan_children(free, parameter_bytes(warmup_args(args), dtype) + CHILD_OVERHEAD_BYTES,
+                           parameter_bytes(args, dtype) + HEADROOM_BYTES)
     started = time.monotonic()
     spec = json.dumps(dataclasses.asdict(args))
     children = [subprocess.Popen(
