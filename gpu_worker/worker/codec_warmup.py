@@ -1,4 +1,4 @@
-"""What a GPU worker makes ready on a background thread at start, so its first song waits on no compile.
+"""What a GPU worker makes ready on background threads at start, so its first song waits on no compile.
 
 1. The frame step's Triton kernels (gpu_worker/generation/kernel_warmup.py), compiled in a few child
    processes on a one-layer model of the checkpoint's dimensions while the first song's LM is still
@@ -34,8 +34,10 @@ FIRST_SONG_WAIT_S = 30.0  # an idle worker warms its codec after this long anywa
 
 
 def kernels_should_warm(device: torch.device, lm_dtype: torch.dtype, threads_mode: bool, enabled: bool) -> bool:
-    """Where the engine uses the fused kernels (CUDA, a half dtype) in a process that runs its tasks."""
-    return enabled and threads_mode and device.type == "cuda" and lm_dtype in (torch.bfloat16, torch.float16)
+    """Where the engine uses the fused kernels (CUDA, Triton, a half dtype) in a process that runs its tasks."""
+    from gpu_worker.generation.fast_generate import fused_kernels_for
+
+    return enabled and threads_mode and fused_kernels_for(device, lm_dtype)
 
 
 def warm_frame_kernels(settings) -> dict[str, float]:
