@@ -22,16 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.bench_lm import AUDIO_EOS_ID  # noqa: E402
+
 
 def child(mode: str, checkpoint: Path, threads: int) -> dict:
     import torch
 
-    from gpu_worker.checkpoints.checkpoint_files import WeightFiles, read_json
-    from gpu_worker.checkpoints.heartmula_checkpoint import (
-        CONFIG_NAME,
-        find_lm_folder,
-        heartmula_args_from_config,
-    )
+    from gpu_worker.checkpoints.checkpoint_files import WeightFiles
+    from gpu_worker.checkpoints.heartmula_checkpoint import find_lm_folder, read_lm_config
 
     device = torch.device("cuda")
     torch.zeros(1, device=device)
@@ -41,8 +39,8 @@ def child(mode: str, checkpoint: Path, threads: int) -> dict:
     if mode == "kernels":
         from gpu_worker.generation.kernel_warmup import compile_frame_kernels
 
-        args = heartmula_args_from_config(read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
-        seconds = compile_frame_kernels(args, device, torch.bfloat16, audio_eos_id=8193)
+        _config, args = read_lm_config(folder)
+        seconds = compile_frame_kernels(args, device, torch.bfloat16, audio_eos_id=AUDIO_EOS_ID)
         cache = Path(os.environ["TRITON_CACHE_DIR"])
         return {"seconds": seconds, "kernels in cache": sum(1 for p in cache.rglob("*.cubin"))}
     files = WeightFiles(folder)
@@ -68,22 +66,20 @@ def _profiled(what: str, checkpoint: Path, device) -> dict:
     import torch
 
     from gpu_worker.checkpoints import file_checksums
-    from gpu_worker.checkpoints.checkpoint_files import read_json
-    from gpu_worker.checkpoints.heartmula_checkpoint import CONFIG_NAME, find_lm_folder, heartmula_args_from_config
+    from gpu_worker.checkpoints.heartmula_checkpoint import find_lm_folder, read_lm_config
     from gpu_worker.generation.kernel_warmup import compile_frame_kernels
     from gpu_worker.worker import model_cache
 
     data = Path(os.environ["TRITON_CACHE_DIR"]).parent
     file_checksums.use_cache_file(data / "checksums.json")
-    folder = find_lm_folder(checkpoint)
-    args = heartmula_args_from_config(read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
+    _config, args = read_lm_config(find_lm_folder(checkpoint))
     profiler = cProfile.Profile()
     started = time.perf_counter()
     profiler.enable()
     if what == "load":
         model_cache.get_lm(checkpoint, device, torch.bfloat16)
     else:
-        compile_frame_kernels(args, device, torch.bfloat16, audio_eos_id=8193)
+        compile_frame_kernels(args, device, torch.bfloat16, audio_eos_id=AUDIO_EOS_ID)
     torch.cuda.synchronize()
     profiler.disable()
     seconds = time.perf_counter() - started
@@ -94,12 +90,15 @@ def _profiled(what: str, checkpoint: Path, device) -> dict:
     return {"seconds": seconds}
 
 
-def run(mode: str, checkpoint: Path, threads: int = 1, cache: Path | None = None) -> dict:
+def run(mode: str, checkpoint: Path, threads: int = 1, cache: Path | None = None, echo: bool = False) -> dict:
+    """One child run; its RESULT line parsed (`echo`: its other output printed too)."""
     env = dict(os.environ)
     if cache is not None:
         env["TRITON_CACHE_DIR"] = str(cache)
     out = subprocess.run([sys.executable, __file__, "--child", mode, "--checkpoint", str(checkpoint),
                           "--threads", str(threads)], env=env, capture_output=True, text=True, check=False)
+    if echo:
+        print("\n".join(line for line in out.stdout.splitlines() if not line.startswith("RESULT ")))
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line.removeprefix("RESULT "))
@@ -128,19 +127,14 @@ def main() -> None:
         print_table("the LM's weights to bf16 on the GPU (fresh process each, warm page cache)", rows)
     if "profile" in only:
         with tempfile.TemporaryDirectory(prefix="songpipe-prof-") as tmp:
-            cache = Path(tmp) / "triton"
-            cache.mkdir()
+            profile_cache = Path(tmp) / "triton"
+            profile_cache.mkdir()
             for mode in ("profile-load", "profile-load", "profile-kernels", "profile-kernels"):
-                out = subprocess.run([sys.executable, __file__, "--child", mode, "--checkpoint", str(opts.checkpoint)],
-                                     env={**os.environ, "TRITON_CACHE_DIR": str(cache)}, capture_output=True,
-                                     text=True, check=False)
-                print("\n".join(line for line in out.stdout.splitlines() if not line.startswith("RESULT ")))
-                if out.returncode:
-                    print(out.stderr[-2000:])
+                run(mode, opts.checkpoint, cache=profile_cache, echo=True)
     if "kernels" in only:
-        with tempfile.TemporaryDirectory(prefix="songpipe-triton-") as cache:
-            rows = [{"Triton cache": "empty (a new machine)", **run("kernels", opts.checkpoint, cache=Path(cache))},
-                    {"Triton cache": "left by the run above", **run("kernels", opts.checkpoint, cache=Path(cache))}]
+        with tempfile.TemporaryDirectory(prefix="songpipe-triton-") as tmp:
+            rows = [{"Triton cache": "empty (a new machine)", **run("kernels", opts.checkpoint, cache=Path(tmp))},
+                    {"Triton cache": "left by the run above", **run("kernels", opts.checkpoint, cache=Path(tmp))}]
         print_table("the frame step's kernels compiled alone (kernel_warmup, fresh process each)", rows)
 
 

@@ -84,6 +84,15 @@ def find_lm_folder(ckpt_root: Path, lm_folder: str | None = None) -> Path:
     return candidates[0]
 
 
+def read_lm_config(folder: Path) -> tuple[dict, HeartMuLaArgs]:
+    """The LM folder's config.json and the model arguments it defines (CheckpointError if malformed)."""
+    path = folder / CONFIG_NAME
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"cannot load checkpoint: {path} must hold a JSON object")
+    return config, heartmula_args_from_config(config, path)
+
+
 def parse_gen_config(path: Path) -> GenConfig:
     data = read_json(path)
     if not isinstance(data, dict):
@@ -181,10 +190,7 @@ def load_heartmula(ckpt_root: Path | str, *, device: torch.device | str = "cpu",
                    lm_folder: str | None = None) -> LoadedLM:
     root = Path(ckpt_root)
     folder = find_lm_folder(root, lm_folder)
-    config = read_json(folder / CONFIG_NAME)
-    if not isinstance(config, dict):
-        raise CheckpointError(f"cannot load checkpoint: {folder / CONFIG_NAME} must hold a JSON object")
-    args = heartmula_args_from_config(config, folder / CONFIG_NAME)
+    config, args = read_lm_config(folder)
     gen_config = parse_gen_config(root / GEN_CONFIG_NAME)
     try:
         tokenizer = Tokenizer.from_file(str(root / TOKENIZER_NAME))

@@ -42,20 +42,12 @@ def kernels_should_warm(device: torch.device, lm_dtype: torch.dtype, threads_mod
 
 def warm_frame_kernels(settings) -> dict[str, float]:
     """Compile the frame step's kernels for the configured checkpoint's dimensions; seconds taken."""
-    from gpu_worker.checkpoints.checkpoint_files import read_json
-    from gpu_worker.checkpoints.heartmula_checkpoint import (
-        CONFIG_NAME,
-        GEN_CONFIG_NAME,
-        find_lm_folder,
-        heartmula_args_from_config,
-        parse_gen_config,
-    )
+    from gpu_worker.checkpoints.heartmula_checkpoint import GEN_CONFIG_NAME, find_lm_folder, parse_gen_config, read_lm_config
     from gpu_worker.generation.kernel_warmup import compile_in_processes
     from gpu_worker.worker.device import lm_dtype, resolve_device
 
     root = settings.resolved_checkpoint_dir
-    folder = find_lm_folder(root)
-    args = heartmula_args_from_config(read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
+    _config, args = read_lm_config(find_lm_folder(root))
     eos = parse_gen_config(root / GEN_CONFIG_NAME).audio_eos_id
     device = resolve_device(settings)
     seconds = compile_in_processes(args, device, lm_dtype(settings, device), audio_eos_id=eos)
