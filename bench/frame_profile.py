@@ -38,7 +38,7 @@ from gpu_worker.generation.fast_generate import FrameEngine  # noqa: E402
 from gpu_worker.kernels import fused_ops  # noqa: E402
 from gpu_worker.model.heartmula import PRESETS  # noqa: E402
 
-STEP_MARKER = "_guided_logits_kernel"  # runs once per codebook: 8 per frame step
+STEP_MARKER = "_guided_logits_kernel"  # runs once per codebook of a frame step
 
 
 def _events_ms(run, repeats: int) -> float:
@@ -86,7 +86,7 @@ def steps(model, cases: list[tuple[int, int, int]], cache_len: int, repeats: int
             kind = _kind(event.name)
             by_kind[kind][0] += 1
             by_kind[kind][1] += event.device_time_total
-        frames = marker / 8
+        frames = marker / model.args.audio_num_codebooks
         busy = sum(v[1] for v in by_kind.values()) / frames / 1e3
         label = f"{slots} slots, {songs} live, fill {fill}"
         for kind, (count, us) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
