@@ -6,8 +6,11 @@ Each row is a fresh process (same page cache: the files were just written or rea
 * `load`: the LM's weight files to bf16 on the GPU, per tensor through safetensors with the cast on the host
   (the loader before) and memory-mapped with the cast on the GPU at 1, 4 and 8 threads
   (`WeightFiles.load_many`, the loader now); seconds, and GB/s of file bytes.
-* `kernels`: `kernel_warmup.compile_frame_kernels` alone, with an empty Triton cache and then with the cache
-  it left: seconds and the number of kernels compiled.
+* `kernels`: the kernel warm-up (`kernel_warmup.compile_in_processes`, children that touch no GPU) alone
+  into an empty Triton cache at 1, 4 and 8 children, then the batching engine's first frame (CUDA graphs,
+  the worker's slot count, a one-layer zero model of the checkpoint's dimensions) in a fresh process, once
+  on the cache a warm-up left and once on an empty one: seconds and how many kernels that frame still
+  compiled itself (new cache entries).
 """
 from __future__ import annotations
 
@@ -36,13 +39,14 @@ def child(mode: str, checkpoint: Path, threads: int) -> dict:
     folder = find_lm_folder(checkpoint)
     if mode.startswith("profile-"):
         return _profiled(mode.removeprefix("profile-"), checkpoint, device)
-    if mode == "kernels":
-        from gpu_worker.generation.kernel_warmup import compile_frame_kernels
+    if mode == "warm-up":
+        from gpu_worker.generation.kernel_warmup import compile_in_processes
 
         _config, args = read_lm_config(folder)
-        seconds = compile_frame_kernels(args, device, torch.bfloat16, audio_eos_id=AUDIO_EOS_ID)
-        cache = Path(os.environ["TRITON_CACHE_DIR"])
-        return {"seconds": seconds, "kernels in cache": sum(1 for p in cache.rglob("*.cubin"))}
+        report = compile_in_processes(args, device, torch.bfloat16, audio_eos_id=AUDIO_EOS_ID, children=threads)
+        return {"seconds": report.seconds, "kernels": report.compiled, "launchers": report.launchers}
+    if mode == "first-frame":
+        return _first_frame(folder, device)
     files = WeightFiles(folder)
     names = list(files.tensors)
     size = sum(p.stat().st_size for p in files.files)
@@ -56,6 +60,40 @@ def child(mode: str, checkpoint: Path, threads: int) -> dict:
     return {"seconds": seconds, "file GB/s": size / seconds / 1e9, "file GB": size / 1e9, "tensors": len(state)}
 
 
+def _cache_entries() -> set[str]:
+    return {p.name for p in Path(os.environ["TRITON_CACHE_DIR"]).glob("*") if p.is_dir()}
+
+
+def _first_frame(folder: Path, device) -> dict:
+    """The batching engine's first 1-frame song on a one-layer zero model of the checkpoint's dimensions:
+    seconds, and the Triton cache entries it added (kernels it compiled itself, launchers included)."""
+    import torch
+
+    from bench.bench_lm import random_prompt
+    from gpu_worker.checkpoints.heartmula_checkpoint import read_lm_config
+    from gpu_worker.generation.generate import SamplingParams
+    from gpu_worker.generation.kernel_warmup import warmup_args
+    from gpu_worker.model.heartmula import HeartMuLa
+    from gpu_worker.model.meta_build import meta_modules
+    from gpu_worker.worker.batching import get_engine
+    from tasks.settings import get_settings
+
+    _config, args = read_lm_config(folder)
+    with meta_modules():
+        model = HeartMuLa(warmup_args(args)).to(torch.bfloat16)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+    before = _cache_entries()
+    started = time.perf_counter()
+    engine = get_engine(model, max_songs=get_settings().gpu_batch_slots)
+    params = SamplingParams(temperature=1.0, top_k=50, cfg_scale=1.5, max_audio_length_ms=80)
+    engine.submit(random_prompt(model.args, 300, seed=0), params, 0).result()
+    torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - started, "new cache entries": len(_cache_entries() - before)}
+
+
 def _profiled(what: str, checkpoint: Path, device) -> dict:
     """cProfile of the worker's LM load (checksum cache in TRITON_CACHE_DIR's parent) or of the kernel
     warm-up; the top functions by cumulative time are printed."""
@@ -67,7 +105,7 @@ def _profiled(what: str, checkpoint: Path, device) -> dict:
 
     from gpu_worker.checkpoints import file_checksums
     from gpu_worker.checkpoints.heartmula_checkpoint import find_lm_folder, read_lm_config
-    from gpu_worker.generation.kernel_warmup import compile_frame_kernels
+    from gpu_worker.generation.kernel_warmup import compile_only, meta_frame_step
     from gpu_worker.worker import model_cache
 
     data = Path(os.environ["TRITON_CACHE_DIR"]).parent
@@ -78,8 +116,10 @@ def _profiled(what: str, checkpoint: Path, device) -> dict:
     profiler.enable()
     if what == "load":
         model_cache.get_lm(checkpoint, device, torch.bfloat16)
-    else:
-        compile_frame_kernels(args, device, torch.bfloat16, audio_eos_id=AUDIO_EOS_ID)
+    else:  # what one warm-up child does
+        major, minor = torch.cuda.get_device_capability(device)
+        with compile_only(major * 10 + minor):
+            meta_frame_step(args, torch.bfloat16, audio_eos_id=AUDIO_EOS_ID)
     torch.cuda.synchronize()
     profiler.disable()
     seconds = time.perf_counter() - started
@@ -132,11 +172,17 @@ def main() -> None:
             for mode in ("profile-load", "profile-load", "profile-kernels", "profile-kernels"):
                 run(mode, opts.checkpoint, cache=profile_cache, echo=True)
     if "kernels" in only:
+        rows = []
+        for children in (1, 4, 8):
+            with tempfile.TemporaryDirectory(prefix="songpipe-triton-") as tmp:
+                rows.append({"run": f"kernel warm-up, {children} children, empty cache",
+                             **run("warm-up", opts.checkpoint, threads=children, cache=Path(tmp))})
+                print(json.dumps(rows[-1]), flush=True)
+                if children == 8:
+                    rows.append({"run": "engine's first frame on the cache that warm-up left",
+                                 **run("first-frame", opts.checkpoint, cache=Path(tmp))})
         with tempfile.TemporaryDirectory(prefix="songpipe-triton-") as tmp:
-            rows = [{"Triton cache": "empty (a new machine)", **run("kernels", opts.checkpoint, cache=Path(tmp))},
-                    {"Triton cache": "left by the run above", **run("kernels", opts.checkpoint, cache=Path(tmp))}]
-        print_table("the frame step's kernels compiled alone (kernel_warmup, fresh process each)", rows)
-
-
-if __name__ == "__main__":
-    main()
+            rows.append({"run": "engine's first frame on an empty cache",
+                         **run("first-frame", opts.checkpoint, cache=Path(tmp))})
+        print_table("the frame step's kernels: the warm-up alone, then the engine's first frame (fresh process "
+                    "each)", rows)

@@ -18,7 +18,6 @@ from tests import model_fixtures
 from tests.stack_fixtures import wait_until
 
 lm = model_fixtures.lm  # the tiny checkpoint's LM (a module-scoped fixture)
-FUSED_OPS = ("rms_norm", "rope_to_cache", "decode_attention", "silu_mul", "guided_logits", "topk_race_sample")
 
 
 def test_compile_caches_go_to_the_data_directory_unless_the_operator_chose_one(tmp_path, monkeypatch):
@@ -64,65 +63,54 @@ def test_the_warm_up_model_keeps_every_dimension_a_kernel_sees():
     assert (small.audio_vocab_size, small.audio_num_codebooks) == (real.audio_vocab_size, real.audio_num_codebooks)
 
 
-def test_the_kernel_warm_up_launches_every_fused_op_of_the_frame_step_and_nothing_where_none_runs(monkeypatch):
-    """On the CPU the fused kernels run through Triton's interpreter (tests/conftest.py), so forcing them
-    shows which ops one warm-up step reaches: all of those the engine's frame step launches."""
+FRAME_STEP_KERNELS = {"_rms_norm_kernel", "_rope_to_cache_kernel", "_attention_chunk_kernel",
+                      "_attention_merge_kernel", "_silu_mul_kernel", "_guided_logits_kernel", "_topk_race_kernel"}
+
+
+def _compiled(cache: Path) -> dict[str, dict]:
+    """Triton cache entry -> its kernel's metadata, for every compiled kernel in `cache`."""
+    return {meta.parent.name: json.loads(meta.read_text()) for meta in cache.glob("*/*.json")
+            if not meta.name.startswith("__grp__") and (meta.parent / f"{meta.stem}.cubin").exists()}
+
+
+def test_the_warm_up_children_compile_every_kernel_of_the_frame_step_for_the_card_without_touching_a_gpu(
+        tmp_path, monkeypatch):
+    """The real compile (Triton and ptxas, for sm_90) on this GPU-less host: the children run a frame step on
+    the meta device, so they need no CUDA. Split over three children or done by one, the Triton cache ends
+    with the same entries (Triton keys them by source, specialisation and target, so the worker's first
+    frame on such a card finds them), one for each kernel the frame step launches."""
     from gpu_worker.checkpoints.heartmula_checkpoint import TINY_CONFIG, heartmula_args_from_config
     from gpu_worker.generation import kernel_warmup
     from gpu_worker.kernels import fused_ops
 
+    assert FRAME_STEP_KERNELS == {name for name in vars(fused_ops) if name.endswith("_kernel")}
     args = heartmula_args_from_config(TINY_CONFIG, Path("tiny"))
-    ops = FUSED_OPS
-    calls = {name: 0 for name in ops}
-    for name in ops:
-        real = getattr(fused_ops, name)
-
-        def counted(*a, _real=real, _name=name, **kw):
-            calls[_name] += 1
-            return _real(*a, **kw)
-        monkeypatch.setattr(fused_ops, name, counted)
-    cpu = torch.device("cpu")
-    assert kernel_warmup.compile_frame_kernels(args, cpu, torch.float32, audio_eos_id=8193) == 0.0
-    assert not any(calls.values())  # fp32 on the CPU: the engine runs eager ops, nothing to compile
-    assert kernel_warmup.compile_frame_kernels(args, cpu, torch.float32, audio_eos_id=8193, fused=True) > 0
-    assert all(calls.values()), calls
-
-
-def test_each_warm_up_child_compiles_only_its_ops_and_the_groups_cover_every_op(monkeypatch):
-    """The process-parallel warm-up: a child's step runs its group's fused ops for real and stubs the rest
-    (outputs of the right shapes, nothing launched); together the groups run every op of the step."""
-    from gpu_worker.checkpoints.heartmula_checkpoint import TINY_CONFIG, heartmula_args_from_config
-    from gpu_worker.generation import kernel_warmup
-    from gpu_worker.kernels import fused_ops
-
-    args = heartmula_args_from_config(TINY_CONFIG, Path("tiny"))
-    ops = [name for group in kernel_warmup.OP_GROUPS for name in group]
-    assert sorted(ops) == sorted(FUSED_OPS) and len(set(ops)) == len(ops)
-    calls = {name: 0 for name in ops}
-    for name in ops:
-        def counted(*a, _real=getattr(fused_ops, name), _name=name, **kw):
-            calls[_name] += 1
-            return _real(*a, **kw)
-        monkeypatch.setattr(fused_ops, name, counted)
-    cpu = torch.device("cpu")
-    for group in kernel_warmup.OP_GROUPS:
-        before = dict(calls)
-        kernel_warmup.compile_frame_kernels(args, cpu, torch.float32, audio_eos_id=8193, fused=True, ops=group)
-        ran = {name for name in ops if calls[name] > before[name]}
-        assert ran == set(group), (group, ran)
-    assert all(getattr(fused_ops, name).__name__ == "counted" for name in ops)  # the real ops are back
+    caches = {}
+    for children in (3, 1):
+        caches[children] = tmp_path / f"triton-{children}"
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(caches[children]))
+        report = kernel_warmup.compile_in_processes(args, torch.device("cuda"), torch.bfloat16, audio_eos_id=8193,
+                                                    capability=90, children=children)
+        assert report.children == children and report.compiled == report.asked >= len(FRAME_STEP_KERNELS)
+    split, alone = _compiled(caches[3]), _compiled(caches[1])
+    assert set(split) == set(alone) and len(split) == report.asked
+    assert {meta["name"] for meta in split.values()} == FRAME_STEP_KERNELS
+    assert all(meta["target"] == {"backend": "cuda", "arch": 90, "warp_size": 32} for meta in split.values())
 
 
 def test_the_warm_up_children_get_the_models_dimensions_and_none_start_where_nothing_compiles():
     import dataclasses
-    import json
 
     from gpu_worker.generation import kernel_warmup
     from gpu_worker.model.heartmula import PRESETS
 
     args = PRESETS["3B"]
     assert kernel_warmup._args_from_json(json.dumps(dataclasses.asdict(args))) == args
-    assert kernel_warmup.compile_in_processes(args, torch.device("cpu"), torch.bfloat16, audio_eos_id=8193) == 0.0
+    for device, dtype in ((torch.device("cpu"), torch.bfloat16), (torch.device("cuda"), torch.float32)):
+        assert kernel_warmup.compile_in_processes(args, device, dtype, audio_eos_id=8193) \
+            == kernel_warmup.NOTHING_TO_COMPILE  # the engine runs eager ops there: nothing to compile
+    assert [kernel_warmup.child_count(cpus) for cpus in (1, 2, 4, 16, 64)] == [1, 1, 3, 8, 8]
+    assert kernel_warmup._share("2/5") == (2, 5)
 
 
 def test_the_codec_warm_up_waits_for_the_first_song_and_not_for_the_kernels(monkeypatch):
@@ -148,20 +136,6 @@ def test_the_codec_warm_up_waits_for_the_first_song_and_not_for_the_kernels(monk
     kernels_may_finish.set()
     thread.join(10)
     assert order == ["codec", "kernels"] and not thread.is_alive()
-
-
-def test_as_many_warm_up_children_start_as_the_free_device_memory_holds_beside_the_lm():
-    from gpu_worker.generation.kernel_warmup import OP_GROUPS, parameter_bytes, plan_children, warmup_args
-    from gpu_worker.model.heartmula import PRESETS
-
-    gib = 1 << 30
-    assert plan_children(100 * gib, 2 * gib, 10 * gib) == [tuple(g) for g in OP_GROUPS]  # room for all
-    two = plan_children(14 * gib, 2 * gib, 10 * gib)
-    assert len(two) == 2 and sorted(op for ops in two for op in ops) == sorted(op for g in OP_GROUPS for op in g)
-    assert plan_children(11 * gib, 2 * gib, 10 * gib) == []  # not one fits: the first frame compiles
-    real, small = parameter_bytes(PRESETS["3B"], torch.bfloat16), parameter_bytes(warmup_args(PRESETS["3B"]),
-                                                                                  torch.bfloat16)
-    assert 7.0 * gib < real < 7.7 * gib and small < real / 5  # 7.34 GiB (spec); a child's model is small
 
 
 def test_an_engine_marks_the_first_song_admitted_for_the_codec_warm_up_to_wait_on(lm):

@@ -1,184 +1,213 @@
-"""The frame step's Triton kernels compiled before the LM has loaded (a new machine's first frame).
+"""The frame step's Triton kernels compiled before the LM has loaded, by processes that never touch the GPU.
 
 On a new machine every fused kernel of the frame step (gpu_worker/kernels/fused_ops.py) is compiled at
 the first frame, one after another, after the LM has loaded. The kernels depend on the model's
 dimensions only (head size, head counts, widths, vocabulary), never on its weights or its depth, and
-Triton keys a compiled kernel by its source, its constants and how its arguments specialise (dtype,
-alignment, divisibility by 16, the value 1). So one frame step of a one-layer model with the
-checkpoint's dimensions and zero weights compiles exactly the kernels the real engine will ask for,
-and it can run while the real weights are still being read: the engine's first frame then finds them
-in Triton's in-process and on-disk caches (docs/streaming.md, "Cold start").
+Triton keys a compiled kernel by its source, its constants, how its arguments specialise (dtype,
+alignment, divisibility by 16, the value 1) and the target (CUDA, compute capability, warp size). So one
+frame step of a one-layer model with the checkpoint's dimensions asks for exactly the kernels the real
+engine will ask for, and it can run while the real weights are still being read: the engine's first
+frame then finds them in Triton's on-disk cache (docs/streaming.md, "Cold start").
 
-Compiling is host work that holds the interpreter lock most of the time, so `compile_in_processes`
-runs it in a few child processes, each compiling the kernels of some of the fused ops (the others
-replaced by stubs that only return tensors of the right shapes), all at once and beside the parent's
-LM load. They share the parent's Triton cache directory (TRITON_CACHE_DIR, set by the worker).
+That step runs on PyTorch's meta device (shapes only, nothing computed, no memory) with Triton told the
+card's target and asked to compile each kernel instead of launching it (`compile_only`). A compiling
+process therefore needs no CUDA context and no device memory, and can start before the worker has made
+its own: `compile_in_processes` starts several at once, each compiling its share of the kernels (the
+k-th of every n kernels in the order the step asks for them), into the worker's Triton cache directory
+(TRITON_CACHE_DIR, inherited). Each also builds the kernel's launcher where the CUDA driver library is
+present (older Tritons compile a C launcher per kernel signature), so the first frame compiles nothing.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from gpu_worker.generation.fast_generate import FrameEngine, fused_kernels_for
-from gpu_worker.kernels import fused_ops
 from gpu_worker.model.heartmula import HeartMuLa, HeartMuLaArgs, TransformerArgs
 from gpu_worker.model.meta_build import meta_modules
 
 WARMUP_TEXT_VOCAB = 16  # the text embedding is read only by prefill, which runs no fused kernel
 WARMUP_CACHE_LEN = 512  # one key bucket: strides stay multiples of 16, as at every production length
+MAX_CHILDREN = 8  # a frame step asks for about ten kernels; more processes would mostly import torch
+CHILD_TIMEOUT_S = 300.0
+WARP_SIZE = 32
 
 
 def warmup_args(args: HeartMuLaArgs) -> HeartMuLaArgs:
-    """`args` with one layer per stack and a token text vocabulary: the same kernels, little memory."""
+    """`args` with one layer per stack and a token text vocabulary: the same kernels, a smaller model."""
     return dataclasses.replace(args, text_vocab_size=WARMUP_TEXT_VOCAB,
                                backbone=dataclasses.replace(args.backbone, num_layers=1),
                                decoder=dataclasses.replace(args.decoder, num_layers=1))
 
 
-# the fused ops of a frame step, in groups of about the same compile time (one child process each)
-OP_GROUPS: tuple[tuple[str, ...], ...] = (("decode_attention",), ("rope_to_cache", "rms_norm", "silu_mul"),
-                                          ("guided_logits", "topk_race_sample"))
-CHILD_TIMEOUT_S = 300.0
-CHILD_OVERHEAD_BYTES = 1 << 30  # a child's CUDA context and allocator slack, beside its one-layer model
-HEADROOM_BYTES = 2 << 30  # left free for the parent beyond its LM's weights
-
-
-def _shape_stub(name: str) -> Callable[..., Any]:
-    """A stand-in for fused op `name` that launches nothing and returns outputs of the right shapes."""
-    def rms_norm(x, scale, eps, out=None):
-        return torch.empty_like(x) if out is None else out
-
-    def rope_to_cache(qkv, cos, sin, base, k_cache, v_cache, *, heads, kv_heads, head_dim, cache_rows=None):
-        return qkv.new_empty(qkv.shape[0], heads, qkv.shape[1], head_dim)
-
-    def decode_attention(q, *args, **kwargs):
-        return torch.empty_like(q)
-
-    def silu_mul(gate_up):
-        return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
-
-    def guided_logits(logits, forbidden, *, rows, cfg_scale, temperature):
-        return logits.new_zeros(logits.shape[0] // rows, logits.shape[1], dtype=torch.float32)
-
-    def topk_race_sample(z, noise, *, top_k, rows, row_offset, num_warps=None, hashed=None):
-        songs = z.shape[0]
-        return (torch.zeros(songs, dtype=torch.int32, device=z.device),
-                torch.zeros(songs * rows, dtype=torch.int64, device=z.device))
-    return locals()[name]
-
-
-@contextlib.contextmanager
-def _only_ops(ops: Sequence[str] | None) -> Iterator[None]:
-    """Every fused op not in `ops` replaced by its shape stub (None: all real). For a child process."""
-    if ops is None:
-        yield
-        return
-    unknown = set(ops) - {name for group in OP_GROUPS for name in group}
-    if unknown:
-        raise ValueError(f"unknown fused ops {sorted(unknown)}")
-    saved = {name: getattr(fused_ops, name) for group in OP_GROUPS for name in group if name not in ops}
-    for name in saved:
-        setattr(fused_ops, name, _shape_stub(name))
-    try:
-        yield
-    finally:
-        for name, real in saved.items():
-            setattr(fused_ops, name, real)
-
-
-def compile_frame_kernels(args: HeartMuLaArgs, device: torch.device, dtype: torch.dtype, *,
-                          audio_eos_id: int, fused: bool | None = None, ops: Sequence[str] | None = None) -> float:
-    """Run one eager frame step of a zero-weight one-layer model of `args` on `device`; returns seconds.
-
-    Only where the engine itself uses the fused kernels (CUDA, Triton, a half dtype; `fused` forces it, for
-    Triton's CPU interpreter in tests); elsewhere it returns 0.0 at once. On CUDA it runs on a side stream
-    of its own, so it never joins another thread's graph capture. `ops`: compile only these fused ops'
-    kernels (the others are stubbed: a child process's share of `compile_in_processes`).
-    """
-    if not (fused_kernels_for(device, dtype) if fused is None else fused):
-        return 0.0
-    started = time.monotonic()
+def meta_frame_step(args: HeartMuLaArgs, dtype: torch.dtype, *, audio_eos_id: int) -> None:
+    """One eager frame step of a one-layer model of `args` on the meta device, with the fused kernels:
+    every kernel the engine's frame step launches is asked for, and nothing is computed."""
     with meta_modules():
         model = HeartMuLa(warmup_args(args)).to(dtype)
-    model = model.to_empty(device=device)
-    side = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
-    with side, torch.inference_mode(), _only_ops(ops):
-        for param in model.parameters():
-            param.zero_()
+    with torch.inference_mode():
         engine = FrameEngine(model, num_songs=1, rows=2, cache_len=min(WARMUP_CACHE_LEN, args.backbone.max_seq_len),
-                             max_frames=2,
-                             audio_eos_id=audio_eos_id, use_graphs=False, fused_kernels=True)
+                             max_frames=2, audio_eos_id=audio_eos_id, use_graphs=False, fused_kernels=True)
         engine.done.fill_(False)
         engine.limit.fill_(1)
         engine.step(0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    del engine, model
-    return time.monotonic() - started
 
 
-def parameter_bytes(args: HeartMuLaArgs, dtype: torch.dtype) -> int:
-    with meta_modules():
-        model = HeartMuLa(args)
-    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+class _CompileOnlyDriver:
+    """Triton's view of the card while compiling only: the target given, device 0, stream 0. Whatever else
+    is asked of it (a launcher's helpers) comes from the real CUDA driver, where its library loads."""
+
+    def __init__(self, target: Any):
+        self.target = target
+        self._real: Any = None
+
+    def get_current_target(self) -> Any:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("meta")
+
+    def __getattr__(self, name: str) -> Any:
+        if self._real is None:
+            from triton.backends.nvidia.driver import CudaDriver
+
+            self._real = CudaDriver()  # loads libcuda; no context, no device memory
+        return getattr(self._real, name)
 
 
-def plan_children(free_bytes: int, child_bytes: int, reserve_bytes: int,
-                  groups: Sequence[Sequence[str]] = OP_GROUPS) -> list[tuple[str, ...]]:
-    """The op groups merged into as many children as the free device memory holds beside `reserve_bytes`
-    (what the parent still needs); an empty plan when not one fits."""
-    fit = max(0, (free_bytes - reserve_bytes) // max(child_bytes, 1))
-    count = min(len(groups), fit)
-    if count == 0:
-        return []
-    merged: list[list[str]] = [[] for _ in range(count)]
-    for index, group in enumerate(groups):
-        merged[index % count].extend(group)
-    return [tuple(ops) for ops in merged]
+@contextlib.contextmanager
+def compile_only(capability: int, share: tuple[int, int] = (0, 1)) -> Iterator[dict[str, int]]:
+    """Inside, a Triton kernel asked for is compiled for a CUDA card of `capability` (90: sm_90) into the
+    Triton cache, and never launched. `share` (k, n): only the k-th of every n distinct kernels (in the
+    order first asked for) is compiled; the others are skipped. Yields counts: kernels asked for, compiled,
+    launchers built."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    index, count = share
+    if not 0 <= index < count:
+        raise ValueError(f"share {index} of {count}")
+    fake = _CompileOnlyDriver(GPUTarget("cuda", capability, WARP_SIZE))
+    seen: dict[tuple[str, str], int] = {}
+    done: set[int] = set()
+    counts = {"asked": 0, "compiled": 0, "launchers": 0}
+    real_run = JITFunction.run
+
+    def skip_others(*, key: Any, fn: Any, **_kwargs: Any) -> bool:
+        ordinal = seen.setdefault((fn.name, str(key)), len(seen))
+        return ordinal % count != index  # True: not compiled here
+
+    def compile_instead(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+        kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
+        counts["asked"] = len(seen)
+        if kernel is not None and id(kernel) not in done:
+            done.add(id(kernel))
+            counts["compiled"] += 1
+            with contextlib.suppress(Exception):  # no CUDA driver library (a CPU host): the kernel is enough
+                fake.launcher_cls(kernel.src, kernel.metadata)
+                counts["launchers"] += 1
+        return kernel
+
+    saved_hook, saved_driver = knobs.runtime.jit_cache_hook, getattr(driver, "_active", None)
+    driver.set_active(fake)
+    knobs.runtime.jit_cache_hook = skip_others
+    JITFunction.run = compile_instead  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        JITFunction.run = real_run  # type: ignore[method-assign]
+        knobs.runtime.jit_cache_hook = saved_hook
+        driver.set_active(saved_driver)  # not reset_active(): that makes a real driver, which a CPU host lacks
 
 
-def compile_in_processes(args: HeartMuLaArgs, device: torch.device, dtype: torch.dtype, *,
-                         audio_eos_id: int) -> float:
-    """`compile_frame_kernels` split over child processes (one per op group), all at once; returns seconds.
+def cuda_capability(ordinal: int) -> int:
+    """Compute capability of CUDA device `ordinal` (90 for sm_90) from the driver library alone: no context
+    is made, so it costs nothing of the device and can come before the worker's own CUDA start."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    for call in (lambda: lib.cuInit(0), lambda: lib.cuDeviceGet(ctypes.byref(device), ordinal),
+                 lambda: lib.cuDeviceGetAttribute(ctypes.byref(major), 75, device),  # ..._COMPUTE_CAPABILITY_MAJOR
+                 lambda: lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)):  # ..._MINOR
+        status = call()
+        if status:
+            raise RuntimeError(f"CUDA driver error {status} reading the capability of device {ordinal}")
+    return major.value * 10 + minor.value
 
-    As many children start as the device's free memory holds beside the LM still to load (their groups
-    merged otherwise; none when not one fits: the first frame then compiles). The children fill the
-    Triton cache directory this process uses (its environment is inherited). Children that fail raise
-    here; the first frame then compiles what is missing itself.
+
+def child_count(cpus: int | None = None) -> int:
+    """Compiling processes to start: one core left to the worker itself, at most `MAX_CHILDREN`."""
+    available = len(os.sched_getaffinity(0)) if cpus is None else cpus
+    return max(1, min(MAX_CHILDREN, available - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    seconds: float
+    children: int
+    asked: int  # distinct kernels the frame step asked for (each child sees them all)
+    compiled: int  # kernels the children compiled or found in the cache, together
+    launchers: int
+
+
+NOTHING_TO_COMPILE = CompileReport(0.0, 0, 0, 0, 0)
+
+
+def compile_in_processes(args: HeartMuLaArgs, device: torch.device, dtype: torch.dtype, *, audio_eos_id: int,
+                         capability: int | None = None, children: int | None = None) -> CompileReport:
+    """The frame step's kernels compiled by `children` processes at once (default `child_count()`), for
+    `device` (its capability read from the driver unless given).
+
+    Only where the engine uses the fused kernels (CUDA, Triton, a half dtype); elsewhere nothing at once. The
+    children fill the Triton cache directory this process uses (its environment is inherited, less
+    TRITON_INTERPRET: they compile for the card). Children that fail raise here; the first frame then
+    compiles what is missing itself.
     """
     if not fused_kernels_for(device, dtype):
-        return 0.0
-    free, _total = torch.cuda.mem_get_info(device)
-    groups = plan_children(free, parameter_bytes(warmup_args(args), dtype) + CHILD_OVERHEAD_BYTES,
-                           parameter_bytes(args, dtype) + HEADROOM_BYTES)
+        return NOTHING_TO_COMPILE
+    capability = cuda_capability(device.index or 0) if capability is None else capability
+    count = child_count() if children is None else children
     started = time.monotonic()
     spec = json.dumps(dataclasses.asdict(args))
-    children = [subprocess.Popen(
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen(
         [sys.executable, "-m", "gpu_worker.generation.kernel_warmup", "--args", spec, "--eos", str(audio_eos_id),
-         "--device", str(device), "--dtype", str(dtype).removeprefix("torch."), "--ops", ",".join(group)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ)) for group in groups]
-    failures = []
-    for child, group in zip(children, groups):
+         "--dtype", str(dtype).removeprefix("torch."), "--capability", str(capability), "--share", f"{k}/{count}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for k in range(count)]
+    failures, reports = [], []
+    for k, proc in enumerate(procs):
         try:
-            _, err = child.communicate(timeout=CHILD_TIMEOUT_S)
+            out, err = proc.communicate(timeout=CHILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            child.kill()
-            _, err = child.communicate()
-        if child.returncode:
-            failures.append(f"{','.join(group)}: exit {child.returncode}: {err.strip()[-500:]}")
+            proc.kill()
+            out, err = proc.communicate()
+        if proc.returncode:
+            failures.append(f"share {k}/{count}: exit {proc.returncode}: {err.strip()[-500:]}")
+        else:
+            reports.append(json.loads(out.strip().splitlines()[-1]))
     if failures:
         raise RuntimeError("kernel warm-up children failed: " + "; ".join(failures))
-    return time.monotonic() - started
+    return CompileReport(seconds=time.monotonic() - started, children=count,
+                         asked=max(r["asked"] for r in reports), compiled=sum(r["compiled"] for r in reports),
+                         launchers=sum(r["launchers"] for r in reports))
 
 
 def _args_from_json(text: str) -> HeartMuLaArgs:
@@ -187,17 +216,23 @@ def _args_from_json(text: str) -> HeartMuLaArgs:
                          decoder=TransformerArgs(**spec.pop("decoder")), **spec)
 
 
+def _share(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    return int(index), int(count)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="compile some of the frame step's Triton kernels (a child of "
-                                     "compile_in_processes)")
+    parser = argparse.ArgumentParser(description="compile a share of the frame step's Triton kernels for a card "
+                                     "(a child of compile_in_processes; touches no GPU)")
     parser.add_argument("--args", required=True, help="HeartMuLaArgs as JSON")
     parser.add_argument("--eos", type=int, required=True)
-    parser.add_argument("--device", required=True)
     parser.add_argument("--dtype", required=True)
-    parser.add_argument("--ops", required=True, help="comma-separated fused op names")
+    parser.add_argument("--capability", type=int, required=True, help="compute capability, e.g. 90")
+    parser.add_argument("--share", type=_share, default=(0, 1), help="k/n: the k-th of every n kernels")
     opts = parser.parse_args(argv)
-    compile_frame_kernels(_args_from_json(opts.args), torch.device(opts.device), getattr(torch, opts.dtype),
-                          audio_eos_id=opts.eos, ops=opts.ops.split(","))
+    with compile_only(opts.capability, opts.share) as counts:
+        meta_frame_step(_args_from_json(opts.args), getattr(torch, opts.dtype), audio_eos_id=opts.eos)
+    print(json.dumps(counts), flush=True)
 
 
 if __name__ == "__main__":

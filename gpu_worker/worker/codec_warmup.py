@@ -1,8 +1,9 @@
 """What a GPU worker makes ready on background threads at start, so its first song waits on no compile.
 
-1. The frame step's Triton kernels (gpu_worker/generation/kernel_warmup.py), compiled in a few child
-   processes on a one-layer model of the checkpoint's dimensions while the first song's LM is still
-   loading: on a new machine they are otherwise compiled one by one at the first frame, after the load.
+1. The frame step's Triton kernels (gpu_worker/generation/kernel_warmup.py), compiled by child processes
+   that never touch the GPU (a one-layer model of the checkpoint's dimensions on the meta device) while the
+   first song's LM is still loading: on a new machine they are otherwise compiled one by one at the first
+   frame, after the load.
 2. The codec: the compiled bf16 codec (SONGPIPE_CODEC_DTYPE=bfloat16) compiles at its first window, seconds
    to tens of seconds on a new machine (bench/RESULTS.md). The warm-up loads it and decodes one window of
    silence-codes. It waits until the first song has been admitted (or `FIRST_SONG_WAIT_S` without one),
@@ -50,9 +51,10 @@ def warm_frame_kernels(settings) -> dict[str, float]:
     _config, args = read_lm_config(find_lm_folder(root))
     eos = parse_gen_config(root / GEN_CONFIG_NAME).audio_eos_id
     device = resolve_device(settings)
-    seconds = compile_in_processes(args, device, lm_dtype(settings, device), audio_eos_id=eos)
-    warmup_seconds["frame_kernels"] = round(seconds, 3)
-    return {"frame_kernels": warmup_seconds["frame_kernels"]}
+    report = compile_in_processes(args, device, lm_dtype(settings, device), audio_eos_id=eos)
+    warmup_seconds["frame_kernels"] = round(report.seconds, 3)
+    return {"frame_kernels": warmup_seconds["frame_kernels"], "kernels": report.compiled,
+            "children": report.children}
 
 
 def warm_codec(settings) -> dict[str, float]:
