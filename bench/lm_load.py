@@ -6,8 +6,8 @@ Each row is a fresh process (same page cache: the files were just written or rea
 * `load`: the LM's weight files to bf16 on the GPU, per tensor through safetensors with the cast on the host
   (the loader before) and memory-mapped with the cast on the GPU at 1, 4 and 8 threads
   (`WeightFiles.load_many`, the loader now); seconds, and GB/s of file bytes.
-* `kernels`: the kernel warm-up (`kernel_warmup.compile_in_processes`, children that touch no GPU) alone
-  into an empty Triton cache at 1, 4 and 8 children, then the batching engine's first frame (CUDA graphs,
+* `kernels`: the kernel warm-up (`compile_children.start_children`, children that touch no GPU) alone
+  into an empty Triton cache at 1, 4 and 10 children, then the batching engine's first frame (CUDA graphs,
   the worker's slot count, a one-layer zero model of the checkpoint's dimensions) in a fresh process, once
   on the cache a warm-up left and once on an empty one: seconds and how many kernels that frame still
   compiled itself (new cache entries).
@@ -32,18 +32,17 @@ def child(mode: str, checkpoint: Path, threads: int) -> dict:
     import torch
 
     from gpu_worker.checkpoints.checkpoint_files import WeightFiles
-    from gpu_worker.checkpoints.heartmula_checkpoint import find_lm_folder, read_lm_config
+    from gpu_worker.checkpoints.heartmula_checkpoint import find_lm_folder
 
     device = torch.device("cuda")
     torch.zeros(1, device=device)
     folder = find_lm_folder(checkpoint)
     if mode.startswith("profile-"):
         return _profiled(mode.removeprefix("profile-"), checkpoint, device)
-    if mode == "warm-up":
-        from gpu_worker.generation.kernel_warmup import compile_in_processes
+    if mode == "warm-up":  # `threads`: the number of children
+        from gpu_worker.generation.compile_children import cuda_capability, start_children
 
-        _config, args = read_lm_config(folder)
-        report = compile_in_processes(args, device, torch.bfloat16, audio_eos_id=AUDIO_EOS_ID, children=threads)
+        report = start_children(checkpoint, "bfloat16", cuda_capability(0), children=threads).wait()
         return {"seconds": report.seconds, "kernels": report.compiled, "launchers": report.launchers}
     if mode == "first-frame":
         return _first_frame(folder, device)
@@ -173,12 +172,12 @@ def main() -> None:
                 run(mode, opts.checkpoint, cache=profile_cache, echo=True)
     if "kernels" in only:
         rows = []
-        for children in (1, 4, 8):
+        for children in (1, 4, 10):
             with tempfile.TemporaryDirectory(prefix="songpipe-triton-") as tmp:
                 rows.append({"run": f"kernel warm-up, {children} children, empty cache",
                              **run("warm-up", opts.checkpoint, threads=children, cache=Path(tmp))})
                 print(json.dumps(rows[-1]), flush=True)
-                if children == 8:
+                if children == 10:
                     rows.append({"run": "engine's first frame on the cache that warm-up left",
                                  **run("first-frame", opts.checkpoint, cache=Path(tmp))})
         with tempfile.TemporaryDirectory(prefix="songpipe-triton-") as tmp:
@@ -186,3 +185,7 @@ def main() -> None:
                          **run("first-frame", opts.checkpoint, cache=Path(tmp))})
         print_table("the frame step's kernels: the warm-up alone, then the engine's first frame (fresh process "
                     "each)", rows)
+
+
+if __name__ == "__main__":
+    main()

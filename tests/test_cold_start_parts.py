@@ -40,13 +40,18 @@ def test_the_background_warm_up_runs_only_for_the_compiled_codec_on_cuda_in_thre
     assert codec_warmup.start_background_warmup(Settings(device="cpu")) is None
 
 
-def test_the_kernel_warm_up_runs_where_the_engine_uses_the_fused_kernels():
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert codec_warmup.kernels_should_warm(cuda, torch.bfloat16, threads_mode=True, enabled=True)
-    assert not codec_warmup.kernels_should_warm(cuda, torch.float32, threads_mode=True, enabled=True)  # eager ops
-    assert not codec_warmup.kernels_should_warm(cuda, torch.bfloat16, threads_mode=False, enabled=True)
-    assert not codec_warmup.kernels_should_warm(cpu, torch.bfloat16, threads_mode=True, enabled=True)
-    assert not codec_warmup.kernels_should_warm(cuda, torch.bfloat16, threads_mode=True, enabled=False)
+def test_the_kernel_warm_up_runs_where_the_engine_uses_the_fused_kernels(monkeypatch):
+    from gpu_worker.generation import compile_children
+
+    assert compile_children.should_compile(Settings(device="cuda"))  # batching is the default on CUDA
+    assert compile_children.should_compile(Settings(device="cuda:1", lm_dtype="bfloat16", gpu_batching=True))
+    assert not compile_children.should_compile(Settings(device="cuda", lm_dtype="float32"))  # eager ops
+    assert not compile_children.should_compile(Settings(device="cuda", gpu_batching=False))  # prefork: no engine
+    assert not compile_children.should_compile(Settings(device="cpu"))
+    assert not compile_children.should_compile(Settings(device="cuda", kernel_warmup=False))
+    monkeypatch.setattr(compile_children, "cuda_device_count", lambda: 0)
+    assert not compile_children.should_compile(Settings(device="auto"))  # auto on a host without CUDA
+    assert compile_children.start_for_worker(Settings(device="cpu")) is None
 
 
 def test_the_warm_up_model_keeps_every_dimension_a_kernel_sees():
@@ -74,52 +79,60 @@ def _compiled(cache: Path) -> dict[str, dict]:
 
 
 def test_the_warm_up_children_compile_every_kernel_of_the_frame_step_for_the_card_without_touching_a_gpu(
-        tmp_path, monkeypatch):
+        tiny_checkpoint_dir, tmp_path, monkeypatch):
     """The real compile (Triton and ptxas, for sm_90) on this GPU-less host: the children run a frame step on
-    the meta device, so they need no CUDA. Split over three children or done by one, the Triton cache ends
-    with the same entries (Triton keys them by source, specialisation and target, so the worker's first
-    frame on such a card finds them), one for each kernel the frame step launches."""
-    from gpu_worker.checkpoints.heartmula_checkpoint import TINY_CONFIG, heartmula_args_from_config
-    from gpu_worker.generation import kernel_warmup
+    the meta device, so they need no CUDA. Started for a worker (split over three children) or by one child,
+    the Triton cache ends with the same entries (Triton keys them by source, specialisation and target, so
+    the worker's first frame on such a card finds them), one for each kernel the frame step launches."""
+    from gpu_worker.generation import compile_children
     from gpu_worker.kernels import fused_ops
 
     assert FRAME_STEP_KERNELS == {name for name in vars(fused_ops) if name.endswith("_kernel")}
-    args = heartmula_args_from_config(TINY_CONFIG, Path("tiny"))
-    caches = {}
-    for children in (3, 1):
-        caches[children] = tmp_path / f"triton-{children}"
-        monkeypatch.setenv("TRITON_CACHE_DIR", str(caches[children]))
-        report = kernel_warmup.compile_in_processes(args, torch.device("cuda"), torch.bfloat16, audio_eos_id=8193,
-                                                    capability=90, children=children)
-        assert report.children == children and report.compiled == report.asked >= len(FRAME_STEP_KERNELS)
-    split, alone = _compiled(caches[3]), _compiled(caches[1])
-    assert set(split) == set(alone) and len(split) == report.asked
-    assert {meta["name"] for meta in split.values()} == FRAME_STEP_KERNELS
-    assert all(meta["target"] == {"backend": "cuda", "arch": 90, "warp_size": 32} for meta in split.values())
+    monkeypatch.setattr(compile_children, "_running", None)
+    monkeypatch.setattr(compile_children, "cuda_capability", lambda ordinal: 90)
+    monkeypatch.setattr(compile_children, "child_count", lambda: 3)
+    caches = {3: tmp_path / "triton-3", 1: tmp_path / "triton-1"}
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(caches[3]))
+    children = compile_children.start_for_worker(Settings(device="cuda", HEARTMULA_CKPT=tiny_checkpoint_dir))
+    assert children is not None and compile_children.start_for_worker(Settings(device="cuda")) is children
+    compile_children.wait_if_running()  # what the engine's first fused frame does
+    assert children.done()
+    split = children.wait()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(caches[1]))
+    alone = compile_children.start_children(tiny_checkpoint_dir, "bfloat16", 90, children=1).wait()
+    assert (split.children, alone.children) == (3, 1)
+    assert split.compiled == split.asked == alone.compiled == alone.asked >= len(FRAME_STEP_KERNELS)
+    entries = {n: _compiled(cache) for n, cache in caches.items()}
+    assert set(entries[3]) == set(entries[1]) and len(entries[3]) == split.asked
+    assert {meta["name"] for meta in entries[3].values()} == FRAME_STEP_KERNELS
+    assert all(meta["target"] == {"backend": "cuda", "arch": 90, "warp_size": 32} for meta in entries[3].values())
 
 
-def test_the_warm_up_children_get_the_models_dimensions_and_none_start_where_nothing_compiles():
-    import dataclasses
+def test_a_failed_warm_up_child_is_reported_and_the_first_frame_does_not_wait_for_it(tmp_path, monkeypatch):
+    from gpu_worker.generation import compile_children
 
-    from gpu_worker.generation import kernel_warmup
-    from gpu_worker.model.heartmula import PRESETS
-
-    args = PRESETS["3B"]
-    assert kernel_warmup._args_from_json(json.dumps(dataclasses.asdict(args))) == args
-    for device, dtype in ((torch.device("cpu"), torch.bfloat16), (torch.device("cuda"), torch.float32)):
-        assert kernel_warmup.compile_in_processes(args, device, dtype, audio_eos_id=8193) \
-            == kernel_warmup.NOTHING_TO_COMPILE  # the engine runs eager ops there: nothing to compile
-    assert [kernel_warmup.child_count(cpus) for cpus in (1, 2, 4, 16, 64)] == [1, 1, 3, 8, 8]
-    assert kernel_warmup._share("2/5") == (2, 5)
+    children = compile_children.start_children(tmp_path / "no-checkpoint", "bfloat16", 90, children=2)
+    monkeypatch.setattr(compile_children, "_running", children)
+    compile_children.wait_if_running(timeout=120)
+    assert children.done()
+    try:
+        children.wait()
+        raise AssertionError("a child without a checkpoint succeeded")
+    except RuntimeError as failed:
+        assert "share 0/2" in str(failed) and "share 1/2" in str(failed)
+    assert [compile_children.child_count(cpus) for cpus in (1, 2, 4, 16, 64)] == [1, 1, 3, 10, 10]
 
 
 def test_the_codec_warm_up_waits_for_the_first_song_and_not_for_the_kernels(monkeypatch):
     import threading
 
+    from gpu_worker.generation import compile_children
     from gpu_worker.generation import engine as engine_module
+    from gpu_worker.worker import batching
 
     kernels_may_finish, order = threading.Event(), []
-    monkeypatch.setattr(codec_warmup, "kernels_should_warm", lambda *a: True)
+    monkeypatch.setattr(compile_children, "should_compile", lambda settings: True)
+    monkeypatch.setattr(batching, "_threads_mode", lambda: True)
     monkeypatch.setattr(codec_warmup, "should_warm", lambda *a: True)
     monkeypatch.setattr(codec_warmup, "FIRST_SONG_WAIT_S", 60.0)
     monkeypatch.setattr(codec_warmup, "warm_frame_kernels",

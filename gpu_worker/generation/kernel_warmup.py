@@ -12,35 +12,32 @@ frame then finds them in Triton's on-disk cache (docs/streaming.md, "Cold start"
 That step runs on PyTorch's meta device (shapes only, nothing computed, no memory) with Triton told the
 card's target and asked to compile each kernel instead of launching it (`compile_only`). A compiling
 process therefore needs no CUDA context and no device memory, and can start before the worker has made
-its own: `compile_in_processes` starts several at once, each compiling its share of the kernels (the
-k-th of every n kernels in the order the step asks for them), into the worker's Triton cache directory
-(TRITON_CACHE_DIR, inherited). Each also builds the kernel's launcher where the CUDA driver library is
-present (older Tritons compile a C launcher per kernel signature), so the first frame compiles nothing.
+its own: gpu_worker/generation/compile_children.py starts several at once, each running `main` here to
+compile its share of the kernels (the k-th of every n kernels in the order the step asks for them) into
+the worker's Triton cache directory (TRITON_CACHE_DIR, inherited). Each also builds the kernel's launcher
+where the CUDA driver library is present (older Tritons compile a C launcher per kernel signature), so
+the first frame compiles nothing.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from gpu_worker.generation.fast_generate import FrameEngine, fused_kernels_for
-from gpu_worker.model.heartmula import HeartMuLa, HeartMuLaArgs, TransformerArgs
+from gpu_worker.checkpoints.heartmula_checkpoint import GEN_CONFIG_NAME, find_lm_folder, parse_gen_config, read_lm_config
+from gpu_worker.generation.fast_generate import FrameEngine
+from gpu_worker.kernels import fused_ops
+from gpu_worker.model.heartmula import HeartMuLa, HeartMuLaArgs
 from gpu_worker.model.meta_build import meta_modules
 
 WARMUP_TEXT_VOCAB = 16  # the text embedding is read only by prefill, which runs no fused kernel
 WARMUP_CACHE_LEN = 512  # one key bucket: strides stay multiples of 16, as at every production length
-MAX_CHILDREN = 8  # a frame step asks for about ten kernels; more processes would mostly import torch
-CHILD_TIMEOUT_S = 300.0
 WARP_SIZE = 32
 
 
@@ -139,83 +136,6 @@ def compile_only(capability: int, share: tuple[int, int] = (0, 1)) -> Iterator[d
         driver.set_active(saved_driver)  # not reset_active(): that makes a real driver, which a CPU host lacks
 
 
-def cuda_capability(ordinal: int) -> int:
-    """Compute capability of CUDA device `ordinal` (90 for sm_90) from the driver library alone: no context
-    is made, so it costs nothing of the device and can come before the worker's own CUDA start."""
-    lib = ctypes.CDLL("libcuda.so.1")
-    device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    for call in (lambda: lib.cuInit(0), lambda: lib.cuDeviceGet(ctypes.byref(device), ordinal),
-                 lambda: lib.cuDeviceGetAttribute(ctypes.byref(major), 75, device),  # ..._COMPUTE_CAPABILITY_MAJOR
-                 lambda: lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)):  # ..._MINOR
-        status = call()
-        if status:
-            raise RuntimeError(f"CUDA driver error {status} reading the capability of device {ordinal}")
-    return major.value * 10 + minor.value
-
-
-def child_count(cpus: int | None = None) -> int:
-    """Compiling processes to start: one core left to the worker itself, at most `MAX_CHILDREN`."""
-    available = len(os.sched_getaffinity(0)) if cpus is None else cpus
-    return max(1, min(MAX_CHILDREN, available - 1))
-
-
-@dataclasses.dataclass(frozen=True)
-class CompileReport:
-    seconds: float
-    children: int
-    asked: int  # distinct kernels the frame step asked for (each child sees them all)
-    compiled: int  # kernels the children compiled or found in the cache, together
-    launchers: int
-
-
-NOTHING_TO_COMPILE = CompileReport(0.0, 0, 0, 0, 0)
-
-
-def compile_in_processes(args: HeartMuLaArgs, device: torch.device, dtype: torch.dtype, *, audio_eos_id: int,
-                         capability: int | None = None, children: int | None = None) -> CompileReport:
-    """The frame step's kernels compiled by `children` processes at once (default `child_count()`), for
-    `device` (its capability read from the driver unless given).
-
-    Only where the engine uses the fused kernels (CUDA, Triton, a half dtype); elsewhere nothing at once. The
-    children fill the Triton cache directory this process uses (its environment is inherited, less
-    TRITON_INTERPRET: they compile for the card). Children that fail raise here; the first frame then
-    compiles what is missing itself.
-    """
-    if not fused_kernels_for(device, dtype):
-        return NOTHING_TO_COMPILE
-    capability = cuda_capability(device.index or 0) if capability is None else capability
-    count = child_count() if children is None else children
-    started = time.monotonic()
-    spec = json.dumps(dataclasses.asdict(args))
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "gpu_worker.generation.kernel_warmup", "--args", spec, "--eos", str(audio_eos_id),
-         "--dtype", str(dtype).removeprefix("torch."), "--capability", str(capability), "--share", f"{k}/{count}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for k in range(count)]
-    failures, reports = [], []
-    for k, proc in enumerate(procs):
-        try:
-            out, err = proc.communicate(timeout=CHILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        if proc.returncode:
-            failures.append(f"share {k}/{count}: exit {proc.returncode}: {err.strip()[-500:]}")
-        else:
-            reports.append(json.loads(out.strip().splitlines()[-1]))
-    if failures:
-        raise RuntimeError("kernel warm-up children failed: " + "; ".join(failures))
-    return CompileReport(seconds=time.monotonic() - started, children=count,
-                         asked=max(r["asked"] for r in reports), compiled=sum(r["compiled"] for r in reports),
-                         launchers=sum(r["launchers"] for r in reports))
-
-
-def _args_from_json(text: str) -> HeartMuLaArgs:
-    spec = json.loads(text)
-    return HeartMuLaArgs(backbone=TransformerArgs(**spec.pop("backbone")),
-                         decoder=TransformerArgs(**spec.pop("decoder")), **spec)
-
-
 def _share(text: str) -> tuple[int, int]:
     index, _, count = text.partition("/")
     return int(index), int(count)
@@ -223,15 +143,18 @@ def _share(text: str) -> tuple[int, int]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="compile a share of the frame step's Triton kernels for a card "
-                                     "(a child of compile_in_processes; touches no GPU)")
-    parser.add_argument("--args", required=True, help="HeartMuLaArgs as JSON")
-    parser.add_argument("--eos", type=int, required=True)
-    parser.add_argument("--dtype", required=True)
+                                     "(a child of compile_children.start_children; touches no GPU)")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint root (the LM folder inside)")
+    parser.add_argument("--dtype", required=True, choices=("bfloat16", "float16"))
     parser.add_argument("--capability", type=int, required=True, help="compute capability, e.g. 90")
     parser.add_argument("--share", type=_share, default=(0, 1), help="k/n: the k-th of every n kernels")
     opts = parser.parse_args(argv)
-    with compile_only(opts.capability, opts.share) as counts:
-        meta_frame_step(_args_from_json(opts.args), getattr(torch, opts.dtype), audio_eos_id=opts.eos)
+    counts = {"asked": 0, "compiled": 0, "launchers": 0}
+    if fused_ops.triton_available():
+        _config, args = read_lm_config(find_lm_folder(opts.checkpoint))
+        eos = parse_gen_config(opts.checkpoint / GEN_CONFIG_NAME).audio_eos_id
+        with compile_only(opts.capability, opts.share) as counts:
+            meta_frame_step(args, getattr(torch, opts.dtype), audio_eos_id=eos)
     print(json.dumps(counts), flush=True)
 
 

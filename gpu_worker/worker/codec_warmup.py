@@ -34,24 +34,15 @@ def should_warm(device: torch.device, codec_dtype: torch.dtype, threads_mode: bo
 FIRST_SONG_WAIT_S = 30.0  # an idle worker warms its codec after this long anyway
 
 
-def kernels_should_warm(device: torch.device, lm_dtype: torch.dtype, threads_mode: bool, enabled: bool) -> bool:
-    """Where the engine uses the fused kernels (CUDA, Triton, a half dtype) in a process that runs its tasks."""
-    from gpu_worker.generation.fast_generate import fused_kernels_for
-
-    return enabled and threads_mode and fused_kernels_for(device, lm_dtype)
-
-
 def warm_frame_kernels(settings) -> dict[str, float]:
-    """Compile the frame step's kernels for the configured checkpoint's dimensions; seconds taken."""
-    from gpu_worker.checkpoints.heartmula_checkpoint import GEN_CONFIG_NAME, find_lm_folder, parse_gen_config, read_lm_config
-    from gpu_worker.generation.kernel_warmup import compile_in_processes
-    from gpu_worker.worker.device import lm_dtype, resolve_device
+    """Wait for the frame step's kernel warm-up children (started as the worker imported its entry module,
+    or here); what they did."""
+    from gpu_worker.generation import compile_children
 
-    root = settings.resolved_checkpoint_dir
-    _config, args = read_lm_config(find_lm_folder(root))
-    eos = parse_gen_config(root / GEN_CONFIG_NAME).audio_eos_id
-    device = resolve_device(settings)
-    report = compile_in_processes(args, device, lm_dtype(settings, device), audio_eos_id=eos)
+    children = compile_children.start_for_worker(settings)
+    if children is None:
+        return {}
+    report = children.wait()
     warmup_seconds["frame_kernels"] = round(report.seconds, 3)
     return {"frame_kernels": warmup_seconds["frame_kernels"], "kernels": report.compiled,
             "children": report.children}
@@ -92,25 +83,25 @@ def start_background_warmup(settings) -> threading.Thread | None:
     """Start the frame kernels' warm-up and the codec's (once the first song is in) on daemon threads, each
     where it pays; the thread returned ends when both have. A failure is logged, never raised: the first
     frame or decode then does the same work itself."""
+    from gpu_worker.generation import compile_children
     from gpu_worker.generation.engine import FIRST_SONG_ADMITTED
     from gpu_worker.worker.batching import _threads_mode
-    from gpu_worker.worker.device import codec_dtype, lm_dtype, resolve_device
+    from gpu_worker.worker.device import codec_dtype, resolve_device
 
     device, threads = resolve_device(settings), _threads_mode()
-    kernels = kernels_should_warm(device, lm_dtype(settings, device), threads, settings.kernel_warmup)
+    kernels = threads and compile_children.should_compile(settings)
     codec = should_warm(device, codec_dtype(settings), threads, settings.codec_warmup)
     if not (kernels or codec):
         return None
 
     def compile_kernels() -> None:
         try:
-            log.info("frame kernels compiled in the background: %s", warm_frame_kernels(settings))
+            log.info("frame kernels compiled by the warm-up children: %s", warm_frame_kernels(settings))
         except Exception:  # noqa: BLE001 - an optimisation: the first frame compiles them if this fails
             log.exception("background kernel warm-up failed; the first frame compiles the kernels")
 
     def run() -> None:
-        # the kernels on a thread of their own: on a restart (kernels cached) the first song is admitted
-        # before their children are done, and the codec's warm-up should not wait for them
+        # the kernels' children collected on a thread of their own: the codec's warm-up does not wait for them
         compiling = threading.Thread(target=compile_kernels, name="kernel-warmup", daemon=True) if kernels else None
         if compiling is not None:
             compiling.start()
