@@ -2,8 +2,8 @@
 
 The compiling itself is gpu_worker/generation/kernel_warmup.py, run as `python -m` in each child: it needs
 no GPU, so the children can start before the worker has imported torch or made its CUDA context. The GPU
-worker's entry module starts them first thing (`start_for_worker`); the engine's first fused frame waits
-for them (`wait_if_running`) instead of compiling the same kernels beside them. This module imports
+worker's entry module starts them first thing (`start_for_worker`); the engine does not wait for them
+(on a restart every kernel is already cached, and waiting measured slower; bench/RESULTS.md). This module imports
 neither torch nor Triton, so starting the children costs the worker almost nothing (docs/streaming.md,
 "Cold start").
 """
@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 MAX_CHILDREN = 10  # about the number of kernels one frame step asks for (bench/RESULTS.md)
 CHILD_TIMEOUT_S = 300.0
-FIRST_FRAME_WAIT_S = 60.0  # the first fused frame waits this long for the children, then compiles itself
 HALF_DTYPES = ("bfloat16", "float16")
 _CU_COMPUTE_CAPABILITY_MAJOR, _CU_COMPUTE_CAPABILITY_MINOR = 75, 76
 
@@ -184,16 +183,3 @@ def start_for_worker(settings: Any) -> CompileChildren | None:
 
 def running() -> CompileChildren | None:
     return _running
-
-
-def wait_if_running(timeout: float = FIRST_FRAME_WAIT_S) -> None:
-    """Block until this process's compile children are done (at most `timeout`); at once when none run.
-    A failure is left for the warm-up's own report: the frame then compiles what is missing."""
-    children = _running
-    if children is None or children.done():
-        return
-    waited = time.monotonic()
-    deadline = waited + timeout
-    while not children.done() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    log.info("first fused frame waited %.2f s for the kernel warm-up", time.monotonic() - waited)

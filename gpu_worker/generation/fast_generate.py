@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import sdpa_kernel
 
-from gpu_worker.generation import compile_children, graph_captures
+from gpu_worker.generation import graph_captures
 from gpu_worker.generation.generate import (
     SDPA_BACKENDS,
     ContextLimitError,
@@ -233,8 +233,6 @@ class FrameEngine:
         self.fused = fused_kernels_default(model) if fused_kernels is None else fused_kernels
         if self.fused and not fused_ops.triton_available():
             raise RuntimeError("fused_kernels=True needs Triton, which is not installed")
-        if self.fused:
-            compile_children.wait_if_running()  # the worker's start compiles these kernels: no second compile
         self.backbone_w = fuse_projections_(model.backbone)
         self.decoder_w = fuse_projections_(model.decoder)
         self.bb_rope = _rope_tables(model.backbone, complex_rope)
