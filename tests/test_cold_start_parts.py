@@ -48,6 +48,7 @@ def test_the_kernel_warm_up_runs_where_the_engine_uses_the_fused_kernels(monkeyp
     assert not compile_children.should_compile(Settings(device="cuda", lm_dtype="float32"))  # eager ops
     assert not compile_children.should_compile(Settings(device="cuda", gpu_batching=False))  # prefork: no engine
     assert not compile_children.should_compile(Settings(device="cpu"))
+    assert not compile_children.should_compile(Settings(device="cuda:x"))  # left for resolve_device to refuse
     assert not compile_children.should_compile(Settings(device="cuda", kernel_warmup=False))
     monkeypatch.setattr(compile_children, "cuda_device_count", lambda: 0)
     assert not compile_children.should_compile(Settings(device="auto"))  # auto on a host without CUDA
@@ -96,7 +97,6 @@ def test_the_warm_up_children_compile_every_kernel_of_the_frame_step_for_the_car
     children = compile_children.start_for_worker(Settings(device="cuda", HEARTMULA_CKPT=tiny_checkpoint_dir))
     assert children is not None and compile_children.start_for_worker(Settings(device="cuda")) is children
     split = children.wait()
-    assert children.done()
     monkeypatch.setenv("TRITON_CACHE_DIR", str(caches[1]))
     alone = compile_children.start_children(tiny_checkpoint_dir, "bfloat16", 90, children=1).wait()
     assert (split.children, alone.children) == (3, 1)

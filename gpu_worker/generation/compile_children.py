@@ -39,8 +39,6 @@ class CompileReport:
     launchers: int
 
 
-NOTHING_TO_COMPILE = CompileReport(0.0, 0, 0, 0, 0)
-
 
 def _cuda_driver() -> Any:
     lib = ctypes.CDLL("libcuda.so.1")
@@ -87,9 +85,6 @@ class CompileChildren:
         self._lock = threading.Lock()
         self._report: CompileReport | None = None
         self._error: RuntimeError | None = None
-
-    def done(self) -> bool:
-        return self._report is not None or self._error is not None or all(p.poll() is not None for p in self.procs)
 
     def wait(self, timeout: float = CHILD_TIMEOUT_S) -> CompileReport:
         """Their joint report; raises RuntimeError if any failed or ran past `timeout` (then killed)."""
@@ -142,7 +137,9 @@ def _device_ordinal(device: str) -> int | None:
     if device == "auto":
         return 0 if cuda_device_count() else None
     kind, _, index = device.partition(":")
-    return (int(index) if index else 0) if kind == "cuda" else None
+    if kind != "cuda" or (index and not index.isdigit()):
+        return None  # not CUDA, or a malformed value that resolve_device refuses, naming SONGPIPE_DEVICE
+    return int(index) if index else 0
 
 
 def should_compile(settings: Any) -> bool:
@@ -179,7 +176,3 @@ def start_for_worker(settings: Any) -> CompileChildren | None:
             except (OSError, RuntimeError):
                 log.exception("kernel warm-up not started; the first frame compiles the kernels")
         return _running
-
-
-def running() -> CompileChildren | None:
-    return _running
