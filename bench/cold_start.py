@@ -17,19 +17,58 @@ for all (the checkpoint was just written).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 STARTED = time.perf_counter()
+PROFILE_VARIABLE = "SONGPIPE_BENCH_PROFILE"  # set: the start to the first frame is profiled and printed
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+class StackSampler:
+    """Every thread's Python stack sampled every `interval` s from now to `report` (the engine works on a thread
+    of its own, which cProfile would not see): the functions on most samples, inclusive, are printed."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.samples = interval, 0
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.started, self._stop = time.perf_counter(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        while not self._stop.wait(self.interval):
+            self.samples += 1
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                seen = set()
+                while frame is not None:
+                    code = frame.f_code
+                    seen.add(f"{code.co_filename.split('site-packages/')[-1]}:{code.co_firstlineno} {code.co_name}")
+                    frame = frame.f_back
+                self.counts.update(seen)
+
+    def report(self, top: int = 45) -> None:
+        self._stop.set()
+        self._thread.join()
+        seconds = time.perf_counter() - self.started
+        print(f"--- stack samples over {seconds:.2f} s ({self.samples} samples; s = share of samples x duration, "
+              f"summed over threads)")
+        for name, count in self.counts.most_common(top):
+            print(f"{count / max(1, self.samples) * seconds:7.3f} s  {name[:150]}")
+
+
 def child(checkpoint: Path) -> None:
+    sampler = StackSampler() if os.environ.get(PROFILE_VARIABLE) else None
     # as the GPU worker's entry module does, before torch: the kernel warm-up's children need no GPU
     from gpu_worker.generation import compile_children
     from gpu_worker.worker.compile_cache import use_data_dir_compile_caches
@@ -74,6 +113,8 @@ def child(checkpoint: Path) -> None:
         engine.submit(prompt, params, 0).result()
         sync()
         marks[name] = time.perf_counter() - STARTED
+        if sampler is not None and name == "first frame":
+            sampler.report()
     if warming is not None:
         warming.join()
         marks["background warm-up done"] = time.perf_counter() - STARTED
@@ -107,6 +148,8 @@ def run_child(checkpoint: Path, data_dir: Path, warmup: bool, device: str = "cud
                SONGPIPE_CODEC_WARMUP="1" if warmup else "0", SONGPIPE_KERNEL_WARMUP="1" if warmup else "0")
     out = subprocess.run([sys.executable, __file__, "--child", str(checkpoint)],
                          env=env, capture_output=True, text=True, check=False)
+    if env.get(PROFILE_VARIABLE):
+        print("\n".join(line for line in out.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line.removeprefix("RESULT "))
@@ -133,6 +176,8 @@ def main() -> None:
     parser.add_argument("--pycache", type=Path, help="PYTHONPYCACHEPREFIX for the runs, primed by one import "
                         "process first: for a host whose installed packages have no bytecode caches (each fresh "
                         "process would compile torch's modules from source, which a production image does not)")
+    parser.add_argument("--profile", action="store_true", help="then one more restart, with its start to its "
+                        "first frame profiled (every thread's stack sampled; printed)")
     parser.add_argument("--tiny", action="store_true", help="a smoke run on the CPU with the tiny checkpoint (its "
                         "numbers mean nothing)")
     args = parser.parse_args()
@@ -172,6 +217,10 @@ def main() -> None:
             marks = run_child(checkpoint, data_dir, warmup, "cpu" if args.tiny else "cuda")
             rows.append({"run": run, **{f"{name}": round(seconds, 2) for name, seconds in marks.items()}})
             print(json.dumps(rows[-1]), flush=True)  # a run cut short by a time limit keeps the rows before it
+        if args.profile:
+            os.environ[PROFILE_VARIABLE] = "1"
+            print("--- profile of a restart, the process start to its first frame", flush=True)
+            print(json.dumps(run_child(checkpoint, work / "data-b", True, "cpu" if args.tiny else "cuda")), flush=True)
         print_table("GPU worker cold start: first frame and first decoded window (seconds from process start)", rows)
 
 

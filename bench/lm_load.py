@@ -46,6 +46,8 @@ def child(mode: str, checkpoint: Path, threads: int) -> dict:
         return {"seconds": report.seconds, "kernels": report.compiled, "launchers": report.launchers}
     if mode == "first-frame":
         return _first_frame(folder, device)
+    if mode == "kernel-times":
+        return _kernel_times(checkpoint)
     files = WeightFiles(folder)
     names = list(files.tensors)
     size = sum(p.stat().st_size for p in files.files)
@@ -91,6 +93,49 @@ def _first_frame(folder: Path, device) -> dict:
     engine.submit(random_prompt(model.args, 300, seed=0), params, 0).result()
     torch.cuda.synchronize()
     return {"seconds": time.perf_counter() - started, "new cache entries": len(_cache_entries() - before)}
+
+
+def _kernel_times(checkpoint: Path) -> dict:
+    """What one warm-up child does, in this process (CUDA already started, so torch's import is not in it),
+    timed by phase, and each kernel's compile and launcher build; printed, with the totals returned."""
+    import torch
+    from triton.backends.nvidia import driver as nvidia_driver
+    from triton.runtime.jit import JITFunction
+
+    from gpu_worker.checkpoints.heartmula_checkpoint import find_lm_folder, read_lm_config
+    from gpu_worker.generation import kernel_warmup
+
+    major, minor = torch.cuda.get_device_capability()
+    _config, args = read_lm_config(find_lm_folder(checkpoint))
+    compiles: list[tuple[str, float]] = []
+    launchers: list[float] = []
+    real_run, real_launcher = JITFunction.run, nvidia_driver.CudaLauncher.__init__
+
+    def timed_run(self, *a, **k):
+        started = time.perf_counter()
+        try:
+            return real_run(self, *a, **k)
+        finally:
+            compiles.append((self.fn.__name__, time.perf_counter() - started))
+
+    def timed_launcher(self, *a, **k):
+        started = time.perf_counter()
+        try:
+            return real_launcher(self, *a, **k)
+        finally:
+            launchers.append(time.perf_counter() - started)
+
+    JITFunction.run = timed_run
+    nvidia_driver.CudaLauncher.__init__ = timed_launcher
+    started = time.perf_counter()
+    with kernel_warmup.compile_only(major * 10 + minor) as counts:
+        kernel_warmup.meta_frame_step(args, torch.bfloat16, audio_eos_id=AUDIO_EOS_ID)
+    total = time.perf_counter() - started
+    for name, seconds in compiles:
+        if seconds > 0.01:
+            print(f"kernel {name}: {seconds:.3f} s (launcher builds are inside the step, not here)")
+    print(f"launcher builds: {len(launchers)}, {sum(launchers):.3f} s: {[round(s, 3) for s in launchers]}")
+    return {"seconds": total, "compile s": sum(s for _n, s in compiles), "launcher s": sum(launchers), **counts}
 
 
 def _profiled(what: str, checkpoint: Path, device) -> dict:
@@ -170,6 +215,11 @@ def main() -> None:
             profile_cache.mkdir()
             for mode in ("profile-load", "profile-load", "profile-kernels", "profile-kernels"):
                 run(mode, opts.checkpoint, cache=profile_cache, echo=True)
+    if "kernel-times" in only:
+        with tempfile.TemporaryDirectory(prefix="songpipe-triton-") as tmp:
+            for run_name in ("empty cache", "the cache the run before left"):
+                print(f"--- one warm-up child's work in a CUDA process, {run_name}", flush=True)
+                print(json.dumps(run("kernel-times", opts.checkpoint, cache=Path(tmp), echo=True)), flush=True)
     if "kernels" in only:
         rows = []
         for children in (1, 4, 10):

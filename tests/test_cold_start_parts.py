@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from gpu_worker.generation import warmup_stamp
 from gpu_worker.worker import codec_warmup, model_cache
 from gpu_worker.worker.compile_cache import CACHE_VARIABLES, use_data_dir_compile_caches
 from tasks.settings import Settings
@@ -105,17 +107,45 @@ def test_the_warm_up_children_compile_every_kernel_of_the_frame_step_for_the_car
     assert set(entries[3]) == set(entries[1]) and len(entries[3]) == split.asked
     assert {meta["name"] for meta in entries[3].values()} == FRAME_STEP_KERNELS
     assert all(meta["target"] == {"backend": "cuda", "arch": 90, "warp_size": 32} for meta in entries[3].values())
+    # a restart finds the stamp the completed warm-up left in its cache and starts no child at all
+    stamps = list((caches[3] / warmup_stamp.STAMP_FOLDER).glob("*.json"))
+    assert [json.loads(p.read_text())["compiled"] for p in stamps] == [split.compiled]
+    assert not (caches[1] / warmup_stamp.STAMP_FOLDER).exists()  # started without one: nothing to skip later
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(caches[3]))
+    monkeypatch.setattr(compile_children, "_running", None)
+    assert compile_children.start_for_worker(Settings(device="cuda", HEARTMULA_CKPT=tiny_checkpoint_dir)) is None
+
+
+def test_the_warm_up_stamp_is_keyed_by_what_decides_the_kernels(tiny_checkpoint_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    assert warmup_stamp.stamp_path(tiny_checkpoint_dir, "bfloat16", 90) is None  # no cache directory: no stamp
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    path = warmup_stamp.stamp_path(tiny_checkpoint_dir, "bfloat16", 90)
+    assert path is not None and path.parent == tmp_path / "triton" / warmup_stamp.STAMP_FOLDER
+    assert path == warmup_stamp.stamp_path(tiny_checkpoint_dir, "bfloat16", 90)
+    others = {warmup_stamp.stamp_path(tiny_checkpoint_dir, "float16", 90),
+              warmup_stamp.stamp_path(tiny_checkpoint_dir, "bfloat16", 100)}
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint_dir, copy)
+    config = next(copy.glob("HeartMuLa-*/config.json"))
+    config.write_text(json.dumps({**json.loads(config.read_text()), "audio_vocab_size": 4099}))
+    others.add(warmup_stamp.stamp_path(copy, "bfloat16", 90))
+    assert len(others) == 3 and path not in others
+    warmup_stamp.write_stamp(path, {"compiled": 7})
+    assert json.loads(path.read_text()) == {"compiled": 7} and list(path.parent.iterdir()) == [path]
 
 
 def test_a_failed_warm_up_child_is_reported(tmp_path):
     from gpu_worker.generation import compile_children
 
-    children = compile_children.start_children(tmp_path / "no-checkpoint", "bfloat16", 90, children=2)
+    stamp = tmp_path / "stamp.json"
+    children = compile_children.start_children(tmp_path / "no-checkpoint", "bfloat16", 90, children=2, stamp=stamp)
     try:
         children.wait()
         raise AssertionError("a child without a checkpoint succeeded")
     except RuntimeError as failed:
         assert "share 0/2" in str(failed) and "share 1/2" in str(failed)
+    assert not stamp.exists()  # a failed warm-up leaves no stamp: the next start tries again
     assert [compile_children.child_count(cpus) for cpus in (1, 2, 4, 16, 64)] == [1, 1, 3, 10, 10]
 
 

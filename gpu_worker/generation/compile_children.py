@@ -9,6 +9,7 @@ neither torch nor Triton, so starting the children costs the worker almost nothi
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import importlib.util
@@ -22,10 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gpu_worker.generation import warmup_stamp
+
 log = logging.getLogger(__name__)
 
 MAX_CHILDREN = 10  # about the number of kernels one frame step asks for (bench/RESULTS.md)
 CHILD_TIMEOUT_S = 300.0
+CHILD_NICENESS = 10
 HALF_DTYPES = ("bfloat16", "float16")
 _CU_COMPUTE_CAPABILITY_MAJOR, _CU_COMPUTE_CAPABILITY_MINOR = 75, 76
 
@@ -80,8 +84,8 @@ def child_count(cpus: int | None = None) -> int:
 class CompileChildren:
     """Running compile children; `wait` collects them once (any thread, any number of times)."""
 
-    def __init__(self, procs: list[subprocess.Popen[str]]):
-        self.procs, self.started = procs, time.monotonic()
+    def __init__(self, procs: list[subprocess.Popen[str]], stamp: Path | None = None):
+        self.procs, self.started, self.stamp = procs, time.monotonic(), stamp
         self._lock = threading.Lock()
         self._report: CompileReport | None = None
         self._error: RuntimeError | None = None
@@ -116,9 +120,15 @@ class CompileChildren:
                                      asked=max(r["asked"] for r in reports),
                                      compiled=sum(r["compiled"] for r in reports),
                                      launchers=sum(r["launchers"] for r in reports))
+        if self.stamp is not None and 0 < self._report.asked <= self._report.compiled:
+            try:
+                warmup_stamp.write_stamp(self.stamp, dataclasses.asdict(self._report))
+            except OSError:
+                log.exception("kernel warm-up stamp not written; the next start compiles again")
 
 
-def start_children(checkpoint_root: Path, dtype: str, capability: int, children: int | None = None) -> CompileChildren:
+def start_children(checkpoint_root: Path, dtype: str, capability: int, children: int | None = None,
+                   stamp: Path | None = None) -> CompileChildren:
     """Start `children` (default `child_count()`) processes, each compiling its share of the frame step's
     kernels for the LM under `checkpoint_root` in `dtype` on a card of `capability`, into the Triton cache
     directory this process uses (the environment is inherited, less TRITON_INTERPRET: they compile for the
@@ -129,7 +139,10 @@ def start_children(checkpoint_root: Path, dtype: str, capability: int, children:
         [sys.executable, "-m", "gpu_worker.generation.kernel_warmup", "--checkpoint", str(checkpoint_root),
          "--dtype", dtype, "--capability", str(capability), "--share", f"{k}/{count}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for k in range(count)]
-    return CompileChildren(procs)
+    for proc in procs:  # an optimisation: the worker's own start comes first on a busy host
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, proc.pid, CHILD_NICENESS)
+    return CompileChildren(procs, stamp)
 
 
 def _device_ordinal(device: str) -> int | None:
@@ -164,15 +177,20 @@ _running_lock = threading.Lock()
 def start_for_worker(settings: Any) -> CompileChildren | None:
     """Start the children for this worker's checkpoint and device once, where `should_compile`; the ones
     already started otherwise. None where nothing is compiled (or the card cannot be read: logged, and the
-    first frame compiles)."""
+    first frame compiles), and where a stamp says an earlier warm-up of this configuration completed."""
     global _running
     with _running_lock:
         if _running is None and should_compile(settings):
             ordinal = _device_ordinal(settings.device)
             assert ordinal is not None
             try:
-                _running = start_children(settings.resolved_checkpoint_dir, _lm_dtype_name(settings),
-                                          cuda_capability(ordinal))
+                root, dtype, capability = settings.resolved_checkpoint_dir, _lm_dtype_name(settings), \
+                    cuda_capability(ordinal)
+                stamp = warmup_stamp.stamp_path(root, dtype, capability)
+                if stamp is not None and stamp.exists():
+                    log.info("frame kernels already compiled for this configuration (%s)", stamp)
+                    return None
+                _running = start_children(root, dtype, capability, stamp=stamp)
             except (OSError, RuntimeError):
                 log.exception("kernel warm-up not started; the first frame compiles the kernels")
         return _running

@@ -62,6 +62,9 @@ def precompute_freqs_cis(head_dim: int, max_seq_len: int, *, base: float = 500_0
                          scale_factor: float = 32.0, dtype: torch.dtype = torch.float32,
                          device: torch.device | str | None = None) -> torch.Tensor:
     """cos/sin table `[max_seq_len, head_dim/2, 2]` of Llama-3.1-scaled RoPE (spec §2.3)."""
+    if device is not None and torch.device(device).type == "meta":
+        # shapes only (the kernel warm-up): arange on meta runs PyTorch's Python references, slow to import
+        return torch.empty(max_seq_len, head_dim // 2, 2, dtype=dtype, device=device)
     freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=dtype, device=device) / head_dim))
     wavelen = 2 * math.pi / freqs
     high_freq_wavelen = ROPE_OLD_CONTEXT_LEN / ROPE_HIGH_FREQ_FACTOR
