@@ -27,13 +27,13 @@ from bench.bench_lm import random_model  # noqa: E402
 from bench.table import print_table  # noqa: E402
 from gpu_worker.checkpoints.checkpoint_files import write_state_dict  # noqa: E402
 from gpu_worker.checkpoints.heartcodec_checkpoint import tiny_codec_tensors  # noqa: E402
+from gpu_worker.checkpoints.lm_layout import CONFIG_DEFAULTS  # noqa: E402
 from gpu_worker.checkpoints.synthetic_tokenizer import write_synthetic_tokenizer  # noqa: E402
 from gpu_worker.model.heartcodec import HeartCodecConfig  # noqa: E402
 from gpu_worker.model.heartmula import PRESETS  # noqa: E402
 from tests.stack_fixtures import database, redis_server, running_stack  # noqa: E402
 
-LM_CONFIG = {"model_type": "heartmula", "backbone_flavor": "llama-3B", "decoder_flavor": "llama-300M",
-             "text_vocab_size": 128256, "audio_vocab_size": 8197, "audio_num_codebooks": 8, "muq_dim": 512}
+LM_CONFIG = dict(CONFIG_DEFAULTS)  # the published 3B config (spec section 1.2)
 # the synthetic tokenizer's specials (the Llama tokenizer is not ours to ship)
 GEN_CONFIG = {"text_bos_id": 256, "text_eos_id": 257, "audio_eos_id": 8193, "empty_id": 0}
 LYRICS = "[verse]\nde doo doo doo\nde blaa blaa blaa\n\n[chorus]\nis all i want to sing to you"

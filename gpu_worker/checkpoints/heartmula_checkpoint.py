@@ -31,6 +31,13 @@ from gpu_worker.checkpoints.checkpoint_files import (
     sha256_file,
     write_state_dict,
 )
+from gpu_worker.checkpoints.lm_layout import (  # noqa: F401  (names of the layout, re-exported)
+    CONFIG_DEFAULTS,
+    CONFIG_NAME,
+    GEN_CONFIG_NAME,
+    LM_FOLDER_PATTERN,
+    TOKENIZER_NAME,
+)
 from gpu_worker.checkpoints.synthetic_tokenizer import BOS_ID, EOS_ID, write_synthetic_tokenizer
 from gpu_worker.model.heartmula import FlavorError, HeartMuLa, HeartMuLaArgs
 from gpu_worker.model.meta_build import meta_modules
@@ -39,21 +46,6 @@ from gpu_worker.model.token_validation import CODEBOOK_SIZE
 
 logger = logging.getLogger(__name__)
 
-LM_FOLDER_PATTERN = "HeartMuLa-oss-*"
-TOKENIZER_NAME = "tokenizer.json"
-GEN_CONFIG_NAME = "gen_config.json"
-CONFIG_NAME = "config.json"
-
-# Published 3B values: the fallback for a missing config key (spec §1.2).
-CONFIG_DEFAULTS: dict[str, Any] = {
-    "model_type": "heartmula",
-    "backbone_flavor": "llama-3B",
-    "decoder_flavor": "llama-300M",
-    "text_vocab_size": 128_256,
-    "audio_vocab_size": 8197,
-    "audio_num_codebooks": 8,
-    "muq_dim": 512,
-}
 _BOOKKEEPING_KEYS = {"flavors", "torch_dtype", "dtype", "architectures", "transformers_version"}
 _SIZE_KEYS = ("text_vocab_size", "audio_vocab_size", "audio_num_codebooks", "muq_dim")
 _GEN_CONFIG_KEYS = ("text_bos_id", "text_eos_id", "audio_eos_id", "empty_id")
