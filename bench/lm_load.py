@@ -7,10 +7,11 @@ Each row is a fresh process (same page cache: the files were just written or rea
   (the loader before) and memory-mapped with the cast on the GPU at 1, 4 and 8 threads
   (`WeightFiles.load_many`, the loader now); seconds, and GB/s of file bytes.
 * `kernels`: the kernel warm-up (`compile_children.start_children`, children that touch no GPU) alone
-  into an empty Triton cache at 1, 4 and 10 children, then the batching engine's first frame (CUDA graphs,
-  the worker's slot count, a one-layer zero model of the checkpoint's dimensions) in a fresh process, once
-  on the cache a warm-up left and once on an empty one: seconds and how many kernels that frame still
-  compiled itself (new cache entries).
+  into an empty Triton cache at 1 and 10 children, with the shipped kernel manifest (no torch in the
+  children) and without one (each child traces the frame step on the meta device), then the batching
+  engine's first frame (CUDA graphs, the worker's slot count, a one-layer zero model of the checkpoint's
+  dimensions) in a fresh process, on the caches the 10-child warm-ups left and on an empty one: seconds
+  and how many kernels that frame still compiled itself (new cache entries).
 """
 from __future__ import annotations
 
@@ -39,11 +40,14 @@ def child(mode: str, checkpoint: Path, threads: int) -> dict:
     folder = find_lm_folder(checkpoint)
     if mode.startswith("profile-"):
         return _profiled(mode.removeprefix("profile-"), checkpoint, device)
-    if mode == "warm-up":  # `threads`: the number of children
+    if mode in ("warm-up", "warm-up-trace"):  # `threads`: the number of children
         from gpu_worker.generation.compile_children import cuda_capability, start_children
 
-        report = start_children(checkpoint, "bfloat16", cuda_capability(0), children=threads).wait()
-        return {"seconds": report.seconds, "kernels": report.compiled, "launchers": report.launchers}
+        no_manifest = Path(tempfile.mkdtemp()) if mode == "warm-up-trace" else None  # no manifest in it: trace
+        report = start_children(checkpoint, "bfloat16", cuda_capability(0), children=threads,
+                                manifests=no_manifest).wait()
+        return {"seconds": report.seconds, "kernels": report.compiled, "launchers": report.launchers,
+                "found by": report.source}
     if mode == "first-frame":
         return _first_frame(folder, device)
     if mode == "kernel-times":
@@ -103,7 +107,7 @@ def _kernel_times(checkpoint: Path) -> dict:
     from triton.runtime.jit import JITFunction
 
     from gpu_worker.checkpoints.heartmula_checkpoint import find_lm_folder, read_lm_config
-    from gpu_worker.generation import kernel_warmup
+    from gpu_worker.generation import card_compile, kernel_warmup
 
     major, minor = torch.cuda.get_device_capability()
     _config, args = read_lm_config(find_lm_folder(checkpoint))
@@ -128,7 +132,7 @@ def _kernel_times(checkpoint: Path) -> dict:
     JITFunction.run = timed_run
     nvidia_driver.CudaLauncher.__init__ = timed_launcher
     started = time.perf_counter()
-    with kernel_warmup.compile_only(major * 10 + minor) as counts:
+    with card_compile.compile_only(major * 10 + minor) as counts:
         kernel_warmup.meta_frame_step(args, torch.bfloat16, audio_eos_id=AUDIO_EOS_ID)
     total = time.perf_counter() - started
     for name, seconds in compiles:
@@ -149,7 +153,8 @@ def _profiled(what: str, checkpoint: Path, device) -> dict:
 
     from gpu_worker.checkpoints import file_checksums
     from gpu_worker.checkpoints.heartmula_checkpoint import find_lm_folder, read_lm_config
-    from gpu_worker.generation.kernel_warmup import compile_only, meta_frame_step
+    from gpu_worker.generation.card_compile import compile_only
+    from gpu_worker.generation.kernel_warmup import meta_frame_step
     from gpu_worker.worker import model_cache
 
     data = Path(os.environ["TRITON_CACHE_DIR"]).parent
@@ -222,13 +227,13 @@ def main() -> None:
                 print(json.dumps(run("kernel-times", opts.checkpoint, cache=Path(tmp), echo=True)), flush=True)
     if "kernels" in only:
         rows = []
-        for children in (1, 4, 10):
+        for children, mode in ((1, "warm-up-trace"), (1, "warm-up"), (10, "warm-up-trace"), (10, "warm-up")):
             with tempfile.TemporaryDirectory(prefix="songpipe-triton-") as tmp:
                 rows.append({"run": f"kernel warm-up, {children} children, empty cache",
-                             **run("warm-up", opts.checkpoint, threads=children, cache=Path(tmp))})
+                             **run(mode, opts.checkpoint, threads=children, cache=Path(tmp))})
                 print(json.dumps(rows[-1]), flush=True)
                 if children == 10:
-                    rows.append({"run": "engine's first frame on the cache that warm-up left",
+                    rows.append({"run": f"engine's first frame on the cache that warm-up ({mode}) left",
                                  **run("first-frame", opts.checkpoint, cache=Path(tmp))})
         with tempfile.TemporaryDirectory(prefix="songpipe-triton-") as tmp:
             rows.append({"run": "engine's first frame on an empty cache",

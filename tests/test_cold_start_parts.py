@@ -88,9 +88,9 @@ def test_the_warm_up_children_compile_every_kernel_of_the_frame_step_for_the_car
     the Triton cache ends with the same entries (Triton keys them by source, specialisation and target, so
     the worker's first frame on such a card finds them), one for each kernel the frame step launches."""
     from gpu_worker.generation import compile_children
-    from gpu_worker.kernels import fused_ops
+    from gpu_worker.kernels import triton_kernels
 
-    assert FRAME_STEP_KERNELS == {name for name in vars(fused_ops) if name.endswith("_kernel")}
+    assert FRAME_STEP_KERNELS == {name for name in vars(triton_kernels) if name.endswith("_kernel")}
     monkeypatch.setattr(compile_children, "_running", None)
     monkeypatch.setattr(compile_children, "cuda_capability", lambda ordinal: 90)
     monkeypatch.setattr(compile_children, "child_count", lambda: 3)
@@ -102,6 +102,7 @@ def test_the_warm_up_children_compile_every_kernel_of_the_frame_step_for_the_car
     monkeypatch.setenv("TRITON_CACHE_DIR", str(caches[1]))
     alone = compile_children.start_children(tiny_checkpoint_dir, "bfloat16", 90, children=1).wait()
     assert (split.children, alone.children) == (3, 1)
+    assert split.source == alone.source == "trace"  # no shipped manifest is for the tiny checkpoint
     assert split.compiled == split.asked == alone.compiled == alone.asked >= len(FRAME_STEP_KERNELS)
     entries = {n: _compiled(cache) for n, cache in caches.items()}
     assert set(entries[3]) == set(entries[1]) and len(entries[3]) == split.asked
@@ -114,6 +115,70 @@ def test_the_warm_up_children_compile_every_kernel_of_the_frame_step_for_the_car
     monkeypatch.setenv("TRITON_CACHE_DIR", str(caches[3]))
     monkeypatch.setattr(compile_children, "_running", None)
     assert compile_children.start_for_worker(Settings(device="cuda", HEARTMULA_CKPT=tiny_checkpoint_dir)) is None
+
+
+def _record_manifest(*args: str) -> list[str]:
+    """`python -m gpu_worker.generation.kernel_manifest ARGS` in a process that compiles Triton kernels (these
+    tests' process interprets them): its output lines."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "gpu_worker.generation.kernel_manifest", *args], env=env,
+                          capture_output=True, text=True, timeout=300, check=True,
+                          cwd=Path(__file__).resolve().parent.parent).stdout.strip().splitlines()
+
+
+def test_children_that_replay_a_manifest_compile_the_same_kernels_as_a_traced_frame_step_without_torch(
+        tiny_checkpoint_dir, tmp_path, monkeypatch):
+    """A manifest recorded from the meta-device frame step, replayed by children that never import torch,
+    leaves exactly the Triton cache entries (same keys, so the same source, specialisation and target) that
+    children tracing the step leave."""
+    from gpu_worker.generation import compile_children, kernel_manifest
+
+    manifests = tmp_path / "manifests"
+    path = Path(_record_manifest("--checkpoint", str(tiny_checkpoint_dir), "--write", str(manifests))[-1])
+    assert path.parent == manifests and kernel_manifest.find_calls(tiny_checkpoint_dir, "float16", manifests) is None
+    assert kernel_manifest.find_calls(tiny_checkpoint_dir, "bfloat16", manifests) is not None
+    caches = {"trace": tmp_path / "triton-trace", "manifest": tmp_path / "triton-manifest"}
+    reports = {}
+    for source, cache in caches.items():
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+        reports[source] = compile_children.start_children(
+            tiny_checkpoint_dir, "bfloat16", 90, children=2,
+            manifests=manifests if source == "manifest" else tmp_path / "none").wait()
+    assert {source: report.source for source, report in reports.items()} == {"trace": "trace",
+                                                                            "manifest": "manifest"}
+    assert reports["manifest"].asked == reports["manifest"].compiled == reports["trace"].compiled
+    entries = {source: _compiled(cache) for source, cache in caches.items()}
+    assert set(entries["manifest"]) == set(entries["trace"]) and len(entries["trace"]) == reports["trace"].asked
+    # the manifest's child imports no torch (what makes it start in a fraction of a traced child's time)
+    probe = ("import sys; from gpu_worker.generation import compile_child; compile_child.main(sys.argv[1:]); "
+             "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    out = subprocess.run([sys.executable, "-c", probe, "--checkpoint", str(tiny_checkpoint_dir), "--dtype",
+                          "bfloat16", "--capability", "90", "--manifests", str(manifests)],
+                         env={key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"},
+                         capture_output=True, text=True, timeout=300, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.strip().splitlines()
+    assert out[-1] == "no torch" and json.loads(out[-2])["source"] == "manifest"
+
+
+def test_the_shipped_kernel_manifest_is_the_published_checkpoints_frame_step_today(tmp_path):
+    """The manifest shipped for the published 3B checkpoint in bf16 equals one recorded now: a change to
+    the frame step's kernel calls that is not recorded fails here (`python -m
+    gpu_worker.generation.kernel_manifest --write` records it). A checkpoint of the published configs finds it."""
+    from gpu_worker.generation import kernel_manifest
+
+    root = kernel_manifest.published_checkpoint_configs(tmp_path / "published")
+    fresh = json.loads(_record_manifest()[-1])
+    shipped = kernel_manifest.manifest_path(fresh["dims"])
+    assert shipped.is_file(), f"no shipped manifest for the published checkpoint: {shipped}"
+    assert json.loads(shipped.read_text()) == fresh, "stale: run python -m gpu_worker.generation.kernel_manifest --write"
+    assert kernel_manifest.find_calls(root, kernel_manifest.SHIPPED_DTYPE) == fresh["calls"]
+    assert {call["kernel"].rpartition(":")[2] for call in fresh["calls"]} == FRAME_STEP_KERNELS
+    # what keys it: a config without every value, or other dimensions, finds no manifest
+    config = next(root.glob("HeartMuLa-*/config.json"))
+    config.write_text(json.dumps({**json.loads(config.read_text()), "audio_vocab_size": 4099}))
+    assert kernel_manifest.find_calls(root, kernel_manifest.SHIPPED_DTYPE) is None
+    config.write_text(json.dumps({"model_type": "heartmula"}))
+    assert kernel_manifest.frame_dims(root, kernel_manifest.SHIPPED_DTYPE) is None
 
 
 def test_the_warm_up_stamp_is_keyed_by_what_decides_the_kernels(tiny_checkpoint_dir, tmp_path, monkeypatch):

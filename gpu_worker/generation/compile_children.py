@@ -1,7 +1,8 @@
 """The processes that compile the frame step's Triton kernels at a GPU worker's start (torch-free).
 
-The compiling itself is gpu_worker/generation/kernel_warmup.py, run as `python -m` in each child: it needs
-no GPU, so the children can start before the worker has imported torch or made its CUDA context. The GPU
+The compiling itself is gpu_worker/generation/compile_child.py, run as `python -m` in each child: it needs
+no GPU, and no torch where a recorded manifest of the kernel calls matches the checkpoint, so the children
+can start before the worker has imported torch or made its CUDA context. The GPU
 worker's entry module starts them first thing (`start_for_worker`); the engine does not wait for them
 (on a restart every kernel is already cached, and waiting measured slower; bench/RESULTS.md). This module imports
 neither torch nor Triton, so starting the children costs the worker almost nothing (docs/streaming.md,
@@ -41,6 +42,7 @@ class CompileReport:
     asked: int  # distinct kernels the frame step asked for (each child sees them all)
     compiled: int  # kernels the children compiled or found in the cache, together
     launchers: int
+    source: str  # how the children found the kernels: "manifest" (no torch), "trace", or "mixed"
 
 
 
@@ -119,7 +121,8 @@ class CompileChildren:
         self._report = CompileReport(seconds=time.monotonic() - self.started, children=len(self.procs),
                                      asked=max(r["asked"] for r in reports),
                                      compiled=sum(r["compiled"] for r in reports),
-                                     launchers=sum(r["launchers"] for r in reports))
+                                     launchers=sum(r["launchers"] for r in reports),
+                                     source=_joint_source({r["source"] for r in reports}))
         if self.stamp is not None and 0 < self._report.asked <= self._report.compiled:
             try:
                 warmup_stamp.write_stamp(self.stamp, dataclasses.asdict(self._report))
@@ -127,17 +130,22 @@ class CompileChildren:
                 log.exception("kernel warm-up stamp not written; the next start compiles again")
 
 
+def _joint_source(sources: set[str]) -> str:
+    return sources.pop() if len(sources) == 1 else "mixed"
+
+
 def start_children(checkpoint_root: Path, dtype: str, capability: int, children: int | None = None,
-                   stamp: Path | None = None) -> CompileChildren:
+                   stamp: Path | None = None, manifests: Path | None = None) -> CompileChildren:
     """Start `children` (default `child_count()`) processes, each compiling its share of the frame step's
     kernels for the LM under `checkpoint_root` in `dtype` on a card of `capability`, into the Triton cache
     directory this process uses (the environment is inherited, less TRITON_INTERPRET: they compile for the
-    card)."""
+    card). `manifests`: the folder of recorded kernel manifests (default: the shipped ones)."""
     count = child_count() if children is None else children
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "gpu_worker.generation.kernel_warmup", "--checkpoint", str(checkpoint_root),
-         "--dtype", dtype, "--capability", str(capability), "--share", f"{k}/{count}"],
+        [sys.executable, "-m", "gpu_worker.generation.compile_child", "--checkpoint", str(checkpoint_root),
+         "--dtype", dtype, "--capability", str(capability), "--share", f"{k}/{count}",
+         *(["--manifests", str(manifests)] if manifests is not None else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for k in range(count)]
     for proc in procs:  # an optimisation: the worker's own start comes first on a busy host
         with contextlib.suppress(OSError):

@@ -1,0 +1,51 @@
+"""One kernel warm-up child: compiles its share of the frame step's Triton kernels for a card (no GPU used).
+
+Started by gpu_worker/generation/compile_children.py as `python -m`, with the card's compute capability
+and its share (k/n: the k-th of every n kernels, in the order the frame step asks for them), into the
+Triton cache directory it inherits. Where a recorded manifest matches the checkpoint and dtype
+(gpu_worker/generation/kernel_manifest.py), the calls are replayed and torch is never imported; otherwise
+the frame step is traced on the meta device (gpu_worker/generation/kernel_warmup.py). The last line of
+its output is a JSON report: kernels asked for, compiled, launchers built, and which way they were found.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from gpu_worker.generation import card_compile, kernel_manifest
+from gpu_worker.kernels.triton_kernels import triton
+
+
+def _share(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    return int(index), int(count)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="compile a share of the frame step's Triton kernels for a card "
+                                     "(a child of compile_children.start_children; touches no GPU)")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint root (the LM folder inside)")
+    parser.add_argument("--dtype", required=True, choices=("bfloat16", "float16"))
+    parser.add_argument("--capability", type=int, required=True, help="compute capability, e.g. 90")
+    parser.add_argument("--share", type=_share, default=(0, 1), help="k/n: the k-th of every n kernels")
+    parser.add_argument("--manifests", type=Path, default=kernel_manifest.MANIFEST_DIR,
+                        help="folder of recorded kernel manifests")
+    opts = parser.parse_args(argv)
+    report: dict[str, object] = {"asked": 0, "compiled": 0, "launchers": 0, "source": "none"}
+    if triton is not None:
+        calls = kernel_manifest.find_calls(opts.checkpoint, opts.dtype, opts.manifests)
+        with card_compile.compile_only(opts.capability, opts.share) as counts:
+            if calls is not None:
+                kernel_manifest.replay(calls)
+            else:
+                from gpu_worker.generation.kernel_warmup import trace_frame_step  # torch: no manifest matched
+
+                trace_frame_step(opts.checkpoint, opts.dtype)
+        report = {**counts, "source": "trace" if calls is None else "manifest"}
+    print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
