@@ -10,12 +10,25 @@ its output is a JSON report: kernels asked for, compiled, launchers built, and w
 from __future__ import annotations
 
 import argparse
+import importlib.abc
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from gpu_worker.generation import card_compile, kernel_manifest
 from gpu_worker.kernels.triton_kernels import triton
+
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+    """Makes `import torch` fail at once. Some Tritons (3.6) import torch at their first argument
+    specialisation, to recognise its tensors; a manifest's stand-ins are none, torch's import would be most
+    of the child's time, and Triton takes the failed import as "no torch"."""
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
+        if fullname.partition(".")[0] == "torch":
+            raise ModuleNotFoundError(f"no torch in a kernel manifest's compile child ({fullname})", name=fullname)
+        return None
 
 
 def _share(text: str) -> tuple[int, int]:
@@ -36,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     report: dict[str, object] = {"asked": 0, "compiled": 0, "launchers": 0, "source": "none"}
     if triton is not None:
         calls = kernel_manifest.find_calls(opts.checkpoint, opts.dtype, opts.manifests)
+        if calls is not None and "torch" not in sys.modules:
+            sys.meta_path.insert(0, _NoTorch())
         with card_compile.compile_only(opts.capability, opts.share) as counts:
             if calls is not None:
                 kernel_manifest.replay(calls)
