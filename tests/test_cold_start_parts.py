@@ -158,6 +158,15 @@ def test_children_that_replay_a_manifest_compile_the_same_kernels_as_a_traced_fr
                          capture_output=True, text=True, timeout=300, check=True,
                          cwd=Path(__file__).resolve().parent.parent).stdout.strip().splitlines()
     assert out[-1] == "no torch" and json.loads(out[-2])["source"] == "manifest"
+    # a manifest this Triton cannot bind (a call short of an argument) is not fatal: the child traces instead
+    broken = json.loads(path.read_text())
+    broken["calls"][0]["args"].pop()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / path.name).write_text(json.dumps(broken))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-broken"))
+    fallback = compile_children.start_children(tiny_checkpoint_dir, "bfloat16", 90, children=1,
+                                               manifests=tmp_path / "broken").wait()
+    assert fallback.source == "trace" and fallback.compiled == fallback.asked == reports["trace"].asked
 
 
 def test_the_shipped_kernel_manifest_is_the_published_checkpoints_frame_step_today(tmp_path):

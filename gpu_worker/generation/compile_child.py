@@ -4,7 +4,8 @@ Started by gpu_worker/generation/compile_children.py as `python -m`, with the ca
 and its share (k/n: the k-th of every n kernels, in the order the frame step asks for them), into the
 Triton cache directory it inherits. Where a recorded manifest matches the checkpoint and dtype
 (gpu_worker/generation/kernel_manifest.py), the calls are replayed and torch is never imported; otherwise
-the frame step is traced on the meta device (gpu_worker/generation/kernel_warmup.py). The last line of
+(or where this Triton refuses a recorded call) the frame step is traced on the meta device
+(gpu_worker/generation/kernel_warmup.py). The last line of
 its output is a JSON report: kernels asked for, compiled, launchers built, and which way they were found.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gpu_worker.generation import card_compile, kernel_manifest
 from gpu_worker.kernels.triton_kernels import triton
@@ -36,6 +38,24 @@ def _share(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
+def _replayed(calls: list[dict[str, Any]]) -> bool:
+    """Replay the manifest's calls with torch kept out; False (said on stderr) where this Triton refuses one of
+    them (a manifest recorded under another Triton can bind differently): the child then traces instead."""
+    finder = None if "torch" in sys.modules else _NoTorch()
+    if finder is not None:
+        sys.meta_path.insert(0, finder)
+    try:
+        kernel_manifest.replay(calls)
+        return True
+    except Exception as refused:  # noqa: BLE001 - any refusal: tracing still compiles the right kernels
+        print(f"kernel manifest not replayable here ({type(refused).__name__}: {refused}); tracing the frame step",
+              file=sys.stderr)
+        return False
+    finally:
+        if finder is not None:
+            sys.meta_path.remove(finder)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="compile a share of the frame step's Triton kernels for a card "
                                      "(a child of compile_children.start_children; touches no GPU)")
@@ -49,16 +69,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     report: dict[str, object] = {"asked": 0, "compiled": 0, "launchers": 0, "source": "none"}
     if triton is not None:
         calls = kernel_manifest.find_calls(opts.checkpoint, opts.dtype, opts.manifests)
-        if calls is not None and "torch" not in sys.modules:
-            sys.meta_path.insert(0, _NoTorch())
+        source = "trace"
         with card_compile.compile_only(opts.capability, opts.share) as counts:
-            if calls is not None:
-                kernel_manifest.replay(calls)
+            if calls is not None and _replayed(calls):
+                source = "manifest"
             else:
-                from gpu_worker.generation.kernel_warmup import trace_frame_step  # torch: no manifest matched
+                from gpu_worker.generation.kernel_warmup import trace_frame_step  # torch
 
                 trace_frame_step(opts.checkpoint, opts.dtype)
-        report = {**counts, "source": "trace" if calls is None else "manifest"}
+        report = {**counts, "source": source}
     print(json.dumps(report), flush=True)
 
 
