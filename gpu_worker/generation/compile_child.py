@@ -5,8 +5,8 @@ and its share (k/n: the k-th of every n kernels, in the order the frame step ask
 Triton cache directory it inherits. Where a recorded manifest matches the checkpoint and dtype
 (gpu_worker/generation/kernel_manifest.py), the calls are replayed and torch is never imported; otherwise
 (or where this Triton refuses a recorded call) the frame step is traced on the meta device
-(gpu_worker/generation/kernel_warmup.py). The last line of
-its output is a JSON report: kernels asked for, compiled, launchers built, and which way they were found.
+(gpu_worker/generation/kernel_warmup.py). The last line of its output is a JSON report: kernels asked for,
+compiled, launchers built, and which way they were found.
 """
 from __future__ import annotations
 
