@@ -34,6 +34,14 @@ class _CompileOnlyDriver:
     def get_current_stream(self, device: int | None = None) -> int:
         return 0
 
+    @property
+    def launcher_cls(self) -> Any:
+        """The class that builds a kernel's C launcher. Taken from the CUDA driver module, not from a driver
+        object: making one imports torch, which a manifest's compile child keeps out."""
+        from triton.backends.nvidia.driver import CudaLauncher
+
+        return CudaLauncher
+
     def get_active_torch_device(self) -> Any:
         import torch  # only a benchmarking helper of Triton's asks; the compile path never does
 
