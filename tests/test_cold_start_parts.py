@@ -150,7 +150,9 @@ def test_children_that_replay_a_manifest_compile_the_same_kernels_as_a_traced_fr
     entries = {source: _compiled(cache) for source, cache in caches.items()}
     assert set(entries["manifest"]) == set(entries["trace"]) and len(entries["trace"]) == reports["trace"].asked
     # the manifest's child imports no torch (what makes it start in a fraction of a traced child's time)
-    probe = ("import sys; from gpu_worker.generation import compile_child; compile_child.main(sys.argv[1:]); "
+    probe = ("import sys; from gpu_worker.generation import card_compile, compile_child; "
+             "compile_child.main(sys.argv[1:]); "
+             "assert card_compile._CompileOnlyDriver(None).launcher_cls.__name__ == 'CudaLauncher'; "  # no driver made
              "print('torch imported' if 'torch' in sys.modules else 'no torch')")
     out = subprocess.run([sys.executable, "-c", probe, "--checkpoint", str(tiny_checkpoint_dir), "--dtype",
                           "bfloat16", "--capability", "90", "--manifests", str(manifests)],
