@@ -137,21 +137,16 @@ def replay(calls: Sequence[dict[str, Any]]) -> None:
 def record(checkpoint_root: Path, dtype: str, capability: int = 90) -> dict[str, Any]:
     """The manifest for the LM under `checkpoint_root` in `dtype`: one meta-device frame step (torch), with
     the first call of each distinct kernel described. Run it where Triton compiles rather than interprets
-    (no TRITON_INTERPRET when the kernels were imported): `main` does. `capability` only chooses the target Triton binds for;
-    the calls are the same for every CUDA card."""
-    import torch
-
-    from gpu_worker.checkpoints.heartmula_checkpoint import find_lm_folder, parse_gen_config, read_lm_config
+    (no TRITON_INTERPRET when the kernels were imported): `main` does. `capability` only chooses the target
+    Triton binds for; the calls are the same for every CUDA card."""
     from gpu_worker.generation import card_compile
-    from gpu_worker.generation.kernel_warmup import meta_frame_step
+    from gpu_worker.generation.kernel_warmup import trace_frame_step
 
     dims = frame_dims(checkpoint_root, dtype)
     if dims is None:
         raise ValueError(f"{checkpoint_root}: its configs do not name every value a manifest is keyed by")
-    _config, args = read_lm_config(find_lm_folder(Path(checkpoint_root)))
-    eos = parse_gen_config(Path(checkpoint_root) / GEN_CONFIG_NAME).audio_eos_id
     with card_compile.recording_only(capability, describe) as calls:
-        meta_frame_step(args, getattr(torch, dtype), audio_eos_id=eos)
+        trace_frame_step(checkpoint_root, dtype)  # the very step a tracing child runs
     return {"format": FORMAT, "dims": dims, "calls": calls}
 
 
