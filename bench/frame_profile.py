@@ -1,6 +1,7 @@
 """Where a frame step's time goes on the GPU, and what the kernels it is made of can reach.
 
     python bench/frame_profile.py --only steps --case 8:1:300 --case 8:1:3000 --case 64:64:1800
+    python bench/frame_profile.py --only steps --case 1:1:300 --modes before,pdl,skinny-nopdl,skinny
     python bench/frame_profile.py --only gemm --rows 2,16,128
     python bench/frame_profile.py --only attention --case 64:64:1800 --case 8:1:3000
 
@@ -8,16 +9,19 @@
   graphs, the production KV length) with `songs` of its `slots` live, every song's cache filled to `fill`
   positions (slot state set directly: the KV values do not change the time). Wall ms per replayed step
   (CUDA events over the replays timed), then the profiler's kernel time per step by kind; the step count
-  is the number of frames' sampling kernels seen, not assumed. "gaps" = wall minus kernel time.
-* `gemm`: cuBLAS (the frame step's F.linear / addmm) for each weight shape of a frame, at `rows` rows, over
-  as many distinct weights as the model has of that shape (so the L2 cache does not serve them): us per
-  call and the fraction of the copy bandwidth measured in the same run.
+  is the number of frames' sampling kernels seen, not assumed. "gaps" = wall minus kernel time. `--modes`
+  runs each case once per mode, side by side (`MODES`: cuBLAS or the skinny Triton GEMM for <= 16 rows,
+  with or without programmatic dependent launch), each with the sha256 of the tokens its steps drew.
+* `gemm`: each weight shape of a frame at `rows` rows, over as many distinct weights as the model has of
+  that shape (so the L2 cache does not serve them), through cuBLAS (F.linear / addmm), the skinny kernel
+  and the skinny kernel with PDL: us per call and the fraction of the copy bandwidth measured in the same run.
 * `attention`: the split-K decode attention kernel at a case's shape (graph replays, 4 layers' caches in
   turn), for block sizes, warps and stages, against the bytes of K and V it must read.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 from collections import defaultdict
@@ -39,6 +43,13 @@ from gpu_worker.kernels import fused_ops  # noqa: E402
 from gpu_worker.model.heartmula import PRESETS  # noqa: E402
 
 STEP_MARKER = "_guided_logits_kernel"  # runs once per codebook of a frame step
+# mode: (fused_ops.SKINNY_MAX_ROWS, fused_ops.PDL); "skinny" is production
+MODES = {"before": (0, False), "pdl": (0, True), "skinny-nopdl": (16, False), "skinny": (16, True)}
+PRODUCTION = (fused_ops.SKINNY_MAX_ROWS, fused_ops.PDL)
+
+
+def set_mode(name: str) -> None:
+    fused_ops.SKINNY_MAX_ROWS, fused_ops.PDL = MODES[name]
 
 
 def _events_ms(run, repeats: int) -> float:
@@ -64,39 +75,43 @@ def _engine(model, slots: int, songs: int, fill: int, cache_len: int) -> FrameEn
     return fe
 
 
-def steps(model, cases: list[tuple[int, int, int]], cache_len: int, repeats: int) -> None:
+def steps(model, cases: list[tuple[int, int, int]], cache_len: int, repeats: int, modes: list[str]) -> None:
     kinds_rows, summary = [], []
     for slots, songs, fill in cases:
-        fe = _engine(model, slots, songs, fill, cache_len)
-        max_position = fill + 2 * repeats + 40
-        for _ in range(3):
-            fe.step(max_position)  # capture + warm replays
-        torch.cuda.synchronize()
-        wall = _events_ms(lambda fe=fe, bound=max_position: fe.step(bound), repeats)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(repeats):
-                fe.step(max_position)
+        for mode in modes:
+            set_mode(mode)
+            fe = _engine(model, slots, songs, fill, cache_len)
+            max_position = fill + 3 * repeats + 40
+            for _ in range(3):
+                fe.step(max_position)  # capture + warm replays
             torch.cuda.synchronize()
-        by_kind: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-        marker = 0
-        for event in prof.events():
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            marker += STEP_MARKER in event.name
-            kind = _kind(event.name)
-            by_kind[kind][0] += 1
-            by_kind[kind][1] += event.device_time_total
-        frames = marker / model.args.audio_num_codebooks
-        busy = sum(v[1] for v in by_kind.values()) / frames / 1e3
-        label = f"{slots} slots, {songs} live, fill {fill}"
-        for kind, (count, us) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
-            kinds_rows.append({"case": label, "kind": kind, "kernels/step": count / frames,
-                               "us/step": us / frames})
-        summary.append({"case": label, "frames profiled": frames, "wall ms/step": wall,
-                        "kernel ms/step": busy, "gaps ms/step": wall - busy,
-                        "kernels/step": sum(v[0] for v in by_kind.values()) / frames})
-        del fe
-        torch.cuda.empty_cache()
+            wall = _events_ms(lambda fe=fe, bound=max_position: fe.step(bound), repeats)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(repeats):
+                    fe.step(max_position)
+                torch.cuda.synchronize()
+            tokens = hashlib.sha256(fe.frames[:songs].cpu().numpy().tobytes()).hexdigest()[:12]
+            by_kind: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+            marker = 0
+            for event in prof.events():
+                if event.device_type != torch.autograd.DeviceType.CUDA:
+                    continue
+                marker += STEP_MARKER in event.name
+                kind = _kind(event.name)
+                by_kind[kind][0] += 1
+                by_kind[kind][1] += event.device_time_total
+            frames = marker / model.args.audio_num_codebooks
+            busy = sum(v[1] for v in by_kind.values()) / frames / 1e3
+            label = f"{slots} slots, {songs} live, fill {fill}"
+            for kind, (count, us) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
+                kinds_rows.append({"case": label, "mode": mode, "kind": kind, "kernels/step": count / frames,
+                                   "us/step": us / frames})
+            summary.append({"case": label, "mode": mode, "frames profiled": frames, "wall ms/step": wall,
+                            "kernel ms/step": busy, "gaps ms/step": wall - busy,
+                            "kernels/step": sum(v[0] for v in by_kind.values()) / frames, "tokens sha256": tokens})
+            del fe
+            torch.cuda.empty_cache()
+    fused_ops.SKINNY_MAX_ROWS, fused_ops.PDL = PRODUCTION
     print_table("frame step, kernel time by kind", kinds_rows)
     print_table("frame step, wall against kernel time (CUDA graph replays)", summary)
 
@@ -128,18 +143,26 @@ def gemm(model, row_counts: list[int], bandwidth: float, repeats: int) -> None:
     rows_out = []
     for name, (out_f, in_f, count) in shapes.items():
         weights = [torch.randn(out_f, in_f, device=dev, dtype=dtype) for _ in range(max(count, 8))]
+        addmm = "addmm" in name
         for m in row_counts:
             x = torch.randn(m, in_f, device=dev, dtype=dtype)
             acc = torch.randn(m, out_f, device=dev, dtype=dtype)
-            addmm = "addmm" in name
-            calls = [(lambda w=w, x=x, acc=acc: acc.addmm_(x, w.t())) if addmm else (lambda w=w, x=x: F.linear(x, w))
-                     for w in weights]
             nbytes = out_f * in_f * 2 + m * (in_f + out_f * (2 if addmm else 1)) * 2
-            us = _graph_us(calls, repeats)
-            rows_out.append({"shape": f"{name} {out_f}x{in_f}", "rows": m, "us/call": us,
-                             "GB/s": nbytes / us / 1e3, "of copy bw": nbytes / us * 1e6 / bandwidth})
+            row = {"shape": f"{name} {out_f}x{in_f}", "rows": m}
+            kernels = {"cuBLAS": lambda w, x=x, acc=acc, addmm=addmm: acc.addmm_(x, w.t()) if addmm else F.linear(x, w)}
+            if m <= fused_ops.SKINNY_BLOCK_M:
+                kernels["skinny"] = lambda w, x=x, acc=acc, addmm=addmm: fused_ops.skinny_gemm(
+                    x, w, add_to=acc if addmm else None)
+                kernels["skinny+PDL"] = kernels["skinny"]
+            for label, kernel in kernels.items():
+                fused_ops.PDL = label.endswith("PDL")
+                us = _graph_us([lambda w=w, kernel=kernel: kernel(w) for w in weights], repeats)
+                row[f"{label} us"] = us
+                row[f"{label} of copy bw"] = nbytes / us * 1e6 / bandwidth
+            fused_ops.PDL = PRODUCTION[1]
+            rows_out.append(row)
         del weights
-    print_table(f"cuBLAS at the frame's shapes (graph replays, copy bw {bandwidth / 1e12:.2f} TB/s)", rows_out)
+    print_table(f"GEMMs at the frame's shapes (graph replays, copy bw {bandwidth / 1e12:.2f} TB/s)", rows_out)
 
 
 def attention(model, cases: list[tuple[int, int, int]], cache_len: int, bandwidth: float, repeats: int) -> None:
@@ -194,6 +217,7 @@ def main() -> None:
     parser.add_argument("--rows", default="2,16,128")
     parser.add_argument("--cache-len", type=int, default=None, help="default: the model's max_seq_len")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--modes", default="skinny", help=f"steps: comma-separated, of {', '.join(MODES)}")
     opts = parser.parse_args()
     only = set(opts.only.split(","))
     device = torch.device("cuda", 0)
@@ -204,7 +228,7 @@ def main() -> None:
     cache_len = opts.cache_len or model.args.backbone.max_seq_len
     cases = opts.case or [(8, 1, 300), (8, 1, 3000), (64, 64, 1800)]
     if "steps" in only:
-        steps(model, cases, cache_len, opts.repeats)
+        steps(model, cases, cache_len, opts.repeats, opts.modes.split(","))
     if "gemm" in only:
         gemm(model, [int(r) for r in opts.rows.split(",")], bandwidth, opts.repeats)
     if "attention" in only:

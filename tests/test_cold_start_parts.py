@@ -72,7 +72,8 @@ def test_the_warm_up_model_keeps_every_dimension_a_kernel_sees():
 
 
 FRAME_STEP_KERNELS = {"_rms_norm_kernel", "_rope_to_cache_kernel", "_attention_chunk_kernel",
-                      "_attention_merge_kernel", "_silu_mul_kernel", "_guided_logits_kernel", "_topk_race_kernel"}
+                      "_attention_merge_kernel", "_silu_mul_kernel", "_guided_logits_kernel", "_topk_race_kernel",
+                      "_skinny_gemm_kernel"}
 
 
 def _compiled(cache: Path) -> dict[str, dict]:

@@ -301,3 +301,76 @@ def test_a_song_resumed_through_the_fused_frame_step_continues_with_the_uninterr
         again.step(max(p.length for p in prompts) - 1 + step)
     assert again.read_state()["count"][0] == 6
     assert torch.equal(again.frames[0, :6], whole.frames[0, :6])
+
+
+
+def _small_tile(fo):
+    return fo.GemmConfig(block_n=32, block_k=32)
+
+
+@pytest.mark.parametrize("device, dtype", _cases())
+@pytest.mark.parametrize("rows, width, depth", [(2, 64, 96), (16, 200, 72), (20, 96, 64)])
+def test_skinny_gemm_is_f_linear_and_its_add_is_addmm(fo, device, dtype, rows, width, depth):
+    """Even and uneven shapes, one and two row tiles; the residual add rounds once, as addmm with beta = 1."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(rows, depth, generator=gen).to(device, dtype)
+    w = (torch.randn(width, depth, generator=gen) / depth ** 0.5).to(device, dtype)
+    acc = torch.randn(rows, width, generator=gen).to(device, dtype)
+    torch.testing.assert_close(fo.skinny_gemm(x, w, config=_small_tile(fo)), F.linear(x, w), **_tolerance(dtype))
+    want = acc.clone().addmm_(x, w.t())
+    got = fo.skinny_gemm(x, w, add_to=acc, config=_small_tile(fo))
+    assert got is acc
+    torch.testing.assert_close(acc, want, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("device, dtype", _cases())
+def test_a_row_through_the_skinny_gemm_does_not_depend_on_the_rows_beside_it(fo, device, dtype):
+    """The fixed row tile and in-order K reduction: what batch invariance asks of every GEMM. A song keeps
+    its rows in an engine, so each row must come out the same whatever its companions hold, or whether
+    there are any (a lone first row)."""
+    gen = torch.Generator().manual_seed(12)
+    batch = torch.randn(16, 128, generator=gen).to(device, dtype)
+    w = torch.randn(96, 128, generator=gen).to(device, dtype)
+    together = fo.skinny_gemm(batch, w, config=_small_tile(fo))
+    others = torch.randn(16, 128, generator=gen).to(device, dtype)
+    for row in (0, 5, 15):
+        mixed = others.clone()
+        mixed[row] = batch[row]
+        assert torch.equal(fo.skinny_gemm(mixed, w, config=_small_tile(fo))[row], together[row]), f"row {row}"
+    assert torch.equal(fo.skinny_gemm(batch[:1], w, config=_small_tile(fo))[0], together[0])
+    strided = torch.zeros(16, 2, 128, dtype=dtype, device=device)
+    strided[:, 1] = batch
+    assert torch.equal(fo.skinny_gemm(strided[:, 1], w, config=_small_tile(fo)), together)
+
+
+def test_the_gemm_kernel_is_chosen_by_shape_and_dtype_only(fo):
+    meta = torch.empty(5120, 3072, dtype=torch.bfloat16, device="meta")
+    assert fo.uses_skinny_gemm(2, meta) and fo.uses_skinny_gemm(fo.SKINNY_MAX_ROWS, meta)
+    assert not fo.uses_skinny_gemm(fo.SKINNY_MAX_ROWS + 1, meta)  # prefill and big batches: cuBLAS
+    assert not fo.uses_skinny_gemm(2, meta.float())  # fp32 models keep cuBLAS
+    assert not fo.uses_skinny_gemm(2, meta.t())  # a weight whose rows are not contiguous
+    assert not fo.uses_skinny_gemm(2, torch.empty(64, 32, dtype=torch.bfloat16))  # CPU tensors: PyTorch
+    x = torch.randn(3, 32)
+    w = torch.randn(64, 32)
+    assert torch.equal(fo.linear(x, w), F.linear(x, w))
+    acc = torch.randn(3, 64)
+    assert torch.equal(fo.linear_add_(acc.clone(), x, w), acc.clone().addmm_(x, w.t()))
+
+
+def test_configs_tile_every_published_projection_evenly(fo):
+    """The frame step's GEMMs (3B backbone, 300M decoder, heads) need no column masks with their tiles."""
+    shapes = [(5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192),  # 3B: qkv, wo, gate|up, w2
+              (6144, 3072), (8320, 3072)]  # 300M decoder qkv; the heads, padded to a multiple of 128 rows
+    for width, depth in shapes:
+        cfg = fo.skinny_config(width, depth)
+        assert width % cfg.block_n == 0 and depth % cfg.block_k == 0, (width, depth, cfg)
+
+
+def test_kernels_launch_with_pdl_only_for_cards_that_have_it(fo):
+    from gpu_worker.generation import card_compile
+
+    assert fo._launch(torch.device("cpu")) == {"GDC": False}
+    with card_compile.compile_only(90):
+        assert fo._launch(torch.device("meta")) == {"GDC": True, "launch_pdl": True}
+    with card_compile.compile_only(80):
+        assert fo._launch(torch.device("meta")) == {"GDC": False}

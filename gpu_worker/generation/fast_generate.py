@@ -153,19 +153,20 @@ def _fused_block(x: torch.Tensor, w: _LayerWeights, args, tables: tuple[torch.Te
 
     `x [N, S, D]` sits at positions base[n] .. base[n] + S - 1 of cache row `cache_rows[n]` and is updated
     in place: both residual adds are GEMMs with beta = 1 (x += a @ w.T, one rounding instead of two).
+    The GEMMs go through `fused_ops.linear`: a step of at most 16 rows runs the skinny Triton kernel.
     Attention covers the first `capacity` cache slots in key chunks of `chunk`, each row up to its own position.
     """
     n, seq, dim = x.shape
     heads, kv_heads, hd = args.num_heads, args.num_kv_heads, args.head_dim
     flat = x.view(n * seq, dim)
-    qkv = F.linear(fused_ops.rms_norm(flat, w.sa_scale, args.norm_eps), w.wqkv).view(n, seq, -1)
+    qkv = fused_ops.linear(fused_ops.rms_norm(flat, w.sa_scale, args.norm_eps), w.wqkv).view(n, seq, -1)
     q = fused_ops.rope_to_cache(qkv, *tables, base, k_cache, v_cache, heads=heads, kv_heads=kv_heads, head_dim=hd,
                                 cache_rows=cache_rows)
     out = fused_ops.decode_attention(q.view(n, kv_heads, (heads // kv_heads) * seq, hd), k_cache, v_cache, base,
                                      seq=seq, capacity=capacity, chunk=chunk, cache_rows=cache_rows)
-    flat.addmm_(out.view(n, heads, seq, hd).transpose(1, 2).reshape(n * seq, heads * hd), w.wo.t())
-    gate_up = F.linear(fused_ops.rms_norm(flat, w.mlp_scale, args.norm_eps), w.w13)
-    flat.addmm_(fused_ops.silu_mul(gate_up), w.w2.t())
+    fused_ops.linear_add_(flat, out.view(n, heads, seq, hd).transpose(1, 2).reshape(n * seq, heads * hd), w.wo)
+    gate_up = fused_ops.linear(fused_ops.rms_norm(flat, w.mlp_scale, args.norm_eps), w.w13)
+    fused_ops.linear_add_(flat, fused_ops.silu_mul(gate_up), w.w2)
     return x
 
 
@@ -557,12 +558,12 @@ class FrameEngine:
         model, embeddings = self.model, self.model.audio_embeddings.weight
         last_h = last_h.to(self.dtype)  # exact: the fp32 prefill state is a widened model-dtype value
         vocab = self.args.audio_vocab_size
-        code, rows = self._sample_fused(F.linear(last_h, self.codebook0_w)[:, :vocab], 0)
+        code, rows = self._sample_fused(fused_ops.linear(last_h, self.codebook0_w)[:, :vocab], 0)
         codes = [code]
         x = model.projection(torch.stack([last_h, F.embedding(rows, embeddings)], dim=1))
         for codebook in range(1, self.args.audio_num_codebooks):
             h = self._decoder(x, 0 if codebook == 1 else codebook)
-            code, rows = self._sample_fused(F.linear(h, self.audio_head_t[codebook - 1])[:, :vocab], codebook)
+            code, rows = self._sample_fused(fused_ops.linear(h, self.audio_head_t[codebook - 1])[:, :vocab], codebook)
             codes.append(code)
             if codebook + 1 < self.args.audio_num_codebooks:
                 x = model.projection(F.embedding(rows, embeddings))[:, None]

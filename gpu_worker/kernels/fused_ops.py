@@ -13,6 +13,9 @@ themselves are in gpu_worker/kernels/triton_kernels.py (torch-free); this module
 * `decode_attention`: split-K ("flash-decoding") attention for a few query rows per KV head: the key
   range is cut into chunks spread over the SMs, each row attends over its own filled length (no mask
   tensor, no work past the end), and a second kernel merges the chunks by their log-sum-exp.
+* `linear`, `linear_add_`: the projections of a frame step (at most 16 rows: one song's two CFG rows,
+  or 8 songs') through `_skinny_gemm_kernel`, one fixed 16-row tile reducing all of K in order; cuBLAS
+  picks a kernel per shape and read the weights no faster at these sizes. More rows go to cuBLAS.
 * `silu_mul`: SwiGLU's silu(gate) * up from the fused gate|up projection.
 * `guided_logits` + `topk_race_sample`: the CFG mix, temperature and forbidden-id mask, then top-k
   filtering, softmax and the Exponential race of `generate.top_k_race`, one program per song with the
@@ -21,12 +24,17 @@ themselves are in gpu_worker/kernels/triton_kernels.py (torch-free); this module
 
 Rounding follows the eager code: bf16 results are rounded where PyTorch rounds them (RMSNorm before
 the scale, silu before the product); fp32 reductions may sum in a different order (last-bit
-differences, as between two GEMM kernels). Every kernel has an eager twin in `fast_generate` and a
+differences, as between two GEMM kernels). On sm_90 and later every kernel is launched with programmatic
+dependent launch (PDL): it starts while the kernel before it drains and waits for its results on the
+card (`_wait_for_previous_grid`), which hides most of a launch gap between the step's ~700 kernels.
+Every kernel has an eager twin in `fast_generate` and a
 test that runs it through Triton's interpreter on the CPU (`TRITON_INTERPRET=1`).
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +48,7 @@ if triton is not None:
         _rms_norm_kernel,
         _rope_to_cache_kernel,
         _silu_mul_kernel,
+        _skinny_gemm_kernel,
         _topk_race_kernel,
     )
 
@@ -47,8 +56,37 @@ if triton is not None:
 TOPK_WARPS = 32  # one program holds a whole 8197-logit row; bench/profile_gpu.py --only kernels compares
 
 
+PDL = True  # programmatic dependent launch where the card has it; bench/frame_profile.py turns it off to compare
+
+
 def triton_available() -> bool:
     return triton is not None
+
+
+@functools.cache
+def _cuda_has_pdl(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def _pdl_for(device: torch.device) -> bool:
+    """PDL for kernels on `device`: a CUDA card of compute capability 9.0 or later, or the meta device
+    while Triton's active target is one (the warm-up compiles the very kernels the card will run)."""
+    if not PDL:
+        return False
+    if device.type == "cuda":
+        return _cuda_has_pdl(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "meta":
+        try:
+            target = triton.runtime.driver.active.get_current_target()
+        except RuntimeError:  # no Triton driver on this host
+            return False
+        return target.backend == "cuda" and int(target.arch) >= 90
+    return False
+
+
+def _launch(device: torch.device) -> dict:
+    """The launch options every fused kernel takes: its GDC constant and, with PDL, Triton's launch flag."""
+    return {"GDC": True, "launch_pdl": True} if _pdl_for(device) else {"GDC": False}
 
 
 def _pow2(n: int) -> int:
@@ -62,7 +100,7 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, out: torch.Tensor
     rows, dim = x.shape
     out = torch.empty((rows, dim), dtype=x.dtype, device=x.device) if out is None else out
     _rms_norm_kernel[(rows,)](x, scale, out, dim, eps, x.stride(0), out.stride(0), BLOCK=_pow2(dim),
-                              num_warps=8 if dim >= 2048 else 4)
+                              num_warps=8 if dim >= 2048 else 4, **_launch(x.device))
     return out
 
 
@@ -86,7 +124,7 @@ def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base:
         flat, cos, sin, base, rows, q, k_cache, v_cache, seq, heads, kv_heads, head_dim, flat.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HALF=max(SHARED_HALF, _pow2(head_dim // 2)), num_warps=2)
+        HALF=max(SHARED_HALF, _pow2(head_dim // 2)), num_warps=2, **_launch(qkv.device))
     return q
 
 
@@ -154,12 +192,78 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype == torch.float32, num_warps=num_warps,
+        **_launch(q.device),
         **({} if num_stages is None else {"num_stages": num_stages}))
     out = torch.empty_like(q)
     _attention_merge_kernel[(pairs, queries)](part_out, part_lse, out, queries, head_dim, splits, block_d,
                                               BLOCK_M=block_m, BLOCK_S=MAX_SPLITS,
-                                              MERGE_D=max(SHARED_MERGE_D, block_d), num_warps=8)
+                                              MERGE_D=max(SHARED_MERGE_D, block_d), num_warps=8,
+                                              **_launch(q.device))
     return out
+
+
+SKINNY_MAX_ROWS = 16  # at 32 rows a 16-row tile reads the weights twice and loses to cuBLAS (bench/RESULTS.md)
+SKINNY_BLOCK_M = 16  # fixed for every launch: a row's reduction never depends on the row count
+SKINNY_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch configuration of `_skinny_gemm_kernel` (bench/frame_profile.py --only gemm --sweep)."""
+
+    block_n: int
+    block_k: int
+    warps: int = 4
+    stages: int = 3
+
+
+def skinny_config(n: int, k: int) -> GemmConfig:
+    """The tile for out `[rows, n]` = x `[rows, k]` @ w.T, from a sweep on an H200 (bench/RESULTS.md)."""
+    if k >= 8192:
+        return GemmConfig(block_n=32, block_k=512)
+    if n <= 4096:
+        return GemmConfig(block_n=32, block_k=256, stages=4)
+    return GemmConfig(block_n=64, block_k=256)
+
+
+def uses_skinny_gemm(rows: int, w: torch.Tensor) -> bool:
+    """Whether `linear` sends `rows` rows against weight `w` to the skinny kernel: the shape and dtype
+    decide, never the values, so a frame step's kernels stay the same from one step to the next."""
+    return (triton is not None and w.device.type in ("cuda", "meta") and 0 < rows <= SKINNY_MAX_ROWS
+            and w.dtype in SKINNY_DTYPES and w.stride(1) == 1)
+
+
+def skinny_gemm(x: torch.Tensor, w: torch.Tensor, *, add_to: torch.Tensor | None = None,
+                config: GemmConfig | None = None) -> torch.Tensor:
+    """x `[M, K]` @ w `[N, K]`.T through `_skinny_gemm_kernel` -> `[M, N]`, or added into `add_to` in place
+    (rounded once, as addmm with beta = 1). Rows of x and the output may be strided; columns contiguous."""
+    rows, depth = x.shape
+    width = w.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty((rows, width), dtype=x.dtype, device=x.device) if add_to is None else add_to
+    cfg = config or skinny_config(width, depth)
+    even = width % cfg.block_n == 0 and depth % cfg.block_k == 0
+    grid = (triton.cdiv(rows, SKINNY_BLOCK_M), triton.cdiv(width, cfg.block_n))
+    _skinny_gemm_kernel[grid](x, w, out, rows, width, depth, x.stride(0), w.stride(0), out.stride(0),
+                              BLOCK_M=SKINNY_BLOCK_M, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                              ADD=add_to is not None, EVEN=even, IEEE=x.dtype == torch.float32,
+                              num_warps=cfg.warps, num_stages=cfg.stages, **_launch(x.device))
+    return out
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) without bias for x `[M, K]`: the skinny kernel for a few rows, cuBLAS otherwise."""
+    if uses_skinny_gemm(x.shape[0], w):
+        return skinny_gemm(x, w)
+    return torch.nn.functional.linear(x, w)
+
+
+def linear_add_(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """acc += x @ w.T in place, rounded once (addmm_ with beta = 1), through the kernel `linear` picks."""
+    if uses_skinny_gemm(x.shape[0], w):
+        return skinny_gemm(x, w, add_to=acc)
+    return acc.addmm_(x, w.t())
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -169,7 +273,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((rows, width), dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, _pow2(width))
     _silu_mul_kernel[(rows, triton.cdiv(width, block))](gate_up, out, width, gate_up.stride(0), out.stride(0),
-                                                        BLOCK=block, num_warps=4)
+                                                        BLOCK=block, num_warps=4,
+                                                        **_launch(gate_up.device))
     return out
 
 
@@ -186,7 +291,7 @@ def guided_logits(logits: torch.Tensor, forbidden: torch.Tensor, *, rows: int, c
     block = 2048
     _guided_logits_kernel[(songs, triton.cdiv(vocab, block))](
         logits, logits.stride(0), forbidden, out, vocab, cfg_scale, temperature,
-        ROWS=rows, BLOCK=block, num_warps=4)
+        ROWS=rows, BLOCK=block, num_warps=4, **_launch(logits.device))
     return out
 
 
@@ -212,5 +317,5 @@ def topk_race_sample(z: torch.Tensor, noise: torch.Tensor | None, *, top_k: torc
         raise ValueError("pass noise or hashed=(seeds, frames, codebook)")
     _topk_race_kernel[(songs,)](z, *noise_args, codes, embed_rows, vocab, top_k, row_offset, ROWS=rows, BLOCK=block,
                                 HASHED=hashed is not None,
-                                num_warps=num_warps or TOPK_WARPS if block >= 8192 else 4)
+                                num_warps=num_warps or TOPK_WARPS if block >= 8192 else 4, **_launch(z.device))
     return codes, embed_rows

@@ -9,15 +9,26 @@ from __future__ import annotations
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs may lack it
     import triton
     import triton.language as tl
+    from triton.language.extra import cuda as tl_cuda
 except ImportError:  # pragma: no cover - exercised on hosts without Triton
     triton = None
     tl = None
+    tl_cuda = None
 
 
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, dim, eps, x_stride, out_stride, BLOCK: tl.constexpr):
+    def _wait_for_previous_grid(GDC: tl.constexpr):
+        # Programmatic dependent launch (sm_90+): this grid may start while the previous kernel drains;
+        # it waits here until that kernel's memory is visible, then lets the next kernel start early.
+        if GDC:
+            tl_cuda.gdc_wait()
+            tl_cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, dim, eps, x_stride, out_stride, BLOCK: tl.constexpr, GDC: tl.constexpr):
+        _wait_for_previous_grid(GDC)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < dim
@@ -33,7 +44,8 @@ if triton is not None:
     def _rope_to_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, base_ptr, cache_row_ptr, q_ptr, k_ptr, v_ptr,
                               seq, heads, kv_heads, head_dim, qkv_stride,
                               k_sn, k_sh, k_sp, v_sn, v_sh, v_sp,
-                              HALF: tl.constexpr):
+                              HALF: tl.constexpr, GDC: tl.constexpr):
+        _wait_for_previous_grid(GDC)
         token = tl.program_id(0)  # n * seq + s
         head = tl.program_id(1)  # 0..heads-1: q; heads..heads+kv_heads-1: k (and v)
         n = token // seq
@@ -68,8 +80,9 @@ if triton is not None:
                                 kv_heads, queries, seq, head_dim, chunk, scale,
                                 k_sn, k_sh, k_sp, v_sn, v_sh, v_sp,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                IEEE: tl.constexpr):
+                                IEEE: tl.constexpr, GDC: tl.constexpr):
         """Attention of the `queries` folded rows of one (row, KV head) over one chunk of keys."""
+        _wait_for_previous_grid(GDC)
         pair = tl.program_id(0)  # n * kv_heads + kv
         split = tl.program_id(1)
         splits = tl.num_programs(1)
@@ -120,7 +133,8 @@ if triton is not None:
 
     @triton.jit
     def _attention_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, queries, head_dim, splits, part_stride,
-                                BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_D: tl.constexpr):
+                                BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_D: tl.constexpr, GDC: tl.constexpr):
+        _wait_for_previous_grid(GDC)
         pair = tl.program_id(0)
         m = tl.program_id(1)
         s_idx = tl.arange(0, BLOCK_S)
@@ -137,7 +151,45 @@ if triton is not None:
                  mask=d_idx < head_dim)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, out_ptr, width, x_stride, out_stride, BLOCK: tl.constexpr):
+    def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, rows, n, k, x_stride, w_stride, out_stride,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            ADD: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr):
+        """out[m, :] (+)= x[m, :] @ w.T for a tile of BLOCK_M rows and BLOCK_N output columns.
+
+        The whole of K is reduced by one program, in order, with the row tile fixed: a row's result does
+        not depend on which other rows share its launch. ADD accumulates onto out in fp32 and rounds
+        once (addmm with beta = 1). EVEN: N and K are multiples of the blocks (no column masks)."""
+        _wait_for_previous_grid(GDC)
+        m_idx = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_idx = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_idx = tl.arange(0, BLOCK_K)
+        m_ok = m_idx < rows
+        n_ok = n_idx < n
+        x_rows = x_ptr + m_idx[:, None] * x_stride
+        w_rows = w_ptr + n_idx[:, None] * w_stride
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            cols = k0 + k_idx
+            if EVEN:
+                a = tl.load(x_rows + cols[None, :], mask=m_ok[:, None], other=0.0)
+                b = tl.load(w_rows + cols[None, :])
+            else:
+                k_ok = cols < k
+                a = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_rows + cols[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:  # fp32 weights: no TF32 rounding of the inputs
+                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+        target = out_ptr + m_idx[:, None] * out_stride + n_idx[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        if ADD:
+            acc += tl.load(target, mask=ok, other=0.0).to(tl.float32)
+        tl.store(target, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _silu_mul_kernel(x_ptr, out_ptr, width, x_stride, out_stride, BLOCK: tl.constexpr, GDC: tl.constexpr):
+        _wait_for_previous_grid(GDC)
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < width
@@ -148,7 +200,8 @@ if triton is not None:
 
     @triton.jit
     def _guided_logits_kernel(logits_ptr, logits_stride, forbidden_ptr, out_ptr, vocab, cfg_ptr, temperature_ptr,
-                              ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                              ROWS: tl.constexpr, BLOCK: tl.constexpr, GDC: tl.constexpr):
+        _wait_for_previous_grid(GDC)
         song = tl.program_id(0)
         cfg_scale = tl.load(cfg_ptr + song)
         temperature = tl.load(temperature_ptr + song)
@@ -191,10 +244,11 @@ if triton is not None:
     @triton.jit
     def _topk_race_kernel(z_ptr, noise_ptr, noise_stride, seed_ptr, frame_ptr, counter_base, code_ptr, row_ptr,
                           vocab, top_k_ptr, row_offset, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                          HASHED: tl.constexpr):
+                          HASHED: tl.constexpr, GDC: tl.constexpr):
         """top_k_race for one song, whole row in registers: exact k-th largest by a radix select over
         order-preserving integer keys (32 counting steps), then keep z >= it, softmax, argmax(p / noise)
         (first index). HASHED: the noise is computed here from the song's seed and frame (no buffer)."""
+        _wait_for_previous_grid(GDC)
         song = tl.program_id(0)
         top_k = tl.load(top_k_ptr + song).to(tl.int32)
         cols = tl.arange(0, BLOCK)
@@ -205,12 +259,19 @@ if triton is not None:
         key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) ^ -2147483648).to(tl.uint32, bitcast=True)
         key = tl.where(inside, key, 0)  # padding sorts below every real value, -inf included
         # the k-th largest key, bit by bit from the top: the largest value with at least k keys >= it
-        # (a 4-pass histogram radix select measured 64 us against 37 us for this on an H100)
+        # (a 4-pass histogram radix select measured 64 us against 37 us for this on an H100). The loop
+        # stops early once exactly k keys are >= the prefix found so far: the final value only grows, and
+        # at least k keys stay >= it, so those k keys are the set it keeps anyway.
         kth = tl.full([], 0, tl.uint32)
-        for bit in tl.static_range(31, -1, -1):
-            candidate = kth | (1 << bit)
-            enough = tl.sum((key >= candidate).to(tl.int32), axis=0) >= top_k
+        at_least = tl.full([], BLOCK, tl.int32)  # keys >= kth (every key is >= 0)
+        bit = tl.full([], 31, tl.int32)
+        while (bit >= 0) & (at_least != top_k):
+            candidate = kth | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
+            above = tl.sum((key >= candidate).to(tl.int32), axis=0)
+            enough = above >= top_k
             kth = tl.where(enough, candidate, kth)
+            at_least = tl.where(enough, above, at_least)
+            bit -= 1
         keep = (key >= kth) & (z > float("-inf"))
         top = tl.max(tl.where(keep, z, float("-inf")), axis=0)
         weights = tl.where(keep, tl.exp(z - top), 0.0)
