@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from gpu_worker.generation import warmup_stamp
@@ -300,3 +301,30 @@ def test_importing_the_gpu_worker_points_the_compile_caches_at_its_data_dir(tmp_
     root = tmp_path / "data" / "compile-cache"
     assert chosen == {variable: str(root / folder) for variable, folder in CACHE_VARIABLES.items()}
     assert all((root / folder).is_dir() for folder in CACHE_VARIABLES.values())
+
+
+_TRACE_TWO_SLOT_COUNTS = """
+import json, sys, torch
+from gpu_worker.generation import card_compile, kernel_warmup
+from gpu_worker.model.heartmula import PRESETS
+with card_compile.recording_only(90, lambda kernel, _args, _kwargs: kernel.fn.__name__) as recorded:
+    kernel_warmup.meta_frame_step(PRESETS["3B"], torch.bfloat16, audio_eos_id=8193)
+    one_slot = list(recorded)
+    kernel_warmup.meta_frame_step(PRESETS["3B"], torch.bfloat16, audio_eos_id=8193, slots=int(sys.argv[1]))
+print(json.dumps({"one slot": one_slot, "new with more slots": recorded[len(one_slot):]}))
+"""
+
+
+@pytest.mark.parametrize("slots", [2, 8])
+def test_the_warm_up_traced_at_one_slot_asks_for_every_kernel_an_engine_of_more_slots_launches(slots):
+    """The warm-up and the manifest trace a one-slot frame step; the worker's engine has `gpu_batch_slots`
+    (16 rows for 8 songs). Triton specialises integer arguments (divisible by 16, equal to 1), so a row count
+    the kernels were keyed by would compile new kernels at the worker's first frame. Traced one after the
+    other for the card (in a process that compiles rather than interprets), the bigger engine must ask for
+    no kernel the one-slot step did not."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _TRACE_TWO_SLOT_COUNTS, str(slots)], env=env, capture_output=True,
+                         text=True, timeout=300, check=True, cwd=Path(__file__).resolve().parent.parent)
+    traced = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(traced["one slot"]) == FRAME_STEP_KERNELS
+    assert traced["new with more slots"] == []

@@ -39,13 +39,14 @@ def warmup_args(args: HeartMuLaArgs) -> HeartMuLaArgs:
                                decoder=dataclasses.replace(args.decoder, num_layers=1))
 
 
-def meta_frame_step(args: HeartMuLaArgs, dtype: torch.dtype, *, audio_eos_id: int) -> None:
+def meta_frame_step(args: HeartMuLaArgs, dtype: torch.dtype, *, audio_eos_id: int, slots: int = 1) -> None:
     """One eager frame step of a one-layer model of `args` on the meta device, with the fused kernels:
-    every kernel the engine's frame step launches is asked for, and nothing is computed."""
+    every kernel the engine's frame step launches is asked for, and nothing is computed. The kernels are
+    the same for every slot count (tests/test_cold_start_parts.py), so one slot stands for all."""
     with meta_modules():
         model = HeartMuLa(warmup_args(args)).to(dtype)
     with torch.inference_mode():
-        engine = FrameEngine(model, num_songs=1, rows=2, cache_len=min(WARMUP_CACHE_LEN, args.backbone.max_seq_len),
+        engine = FrameEngine(model, num_songs=slots, rows=2, cache_len=min(WARMUP_CACHE_LEN, args.backbone.max_seq_len),
                              max_frames=2, audio_eos_id=audio_eos_id, use_graphs=False, fused_kernels=True)
         engine.done.fill_(False)
         engine.limit.fill_(1)

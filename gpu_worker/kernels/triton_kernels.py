@@ -150,7 +150,9 @@ if triton is not None:
         tl.store(out_ptr + (pair * queries + m) * head_dim + d_idx, merged.to(out_ptr.dtype.element_ty),
                  mask=d_idx < head_dim)
 
-    @triton.jit
+    # the row count is not specialised on: 16 rows (8 songs) would otherwise compile other kernels than
+    # the one-slot warm-up traced (Triton keys integers by divisibility by 16 and the value 1)
+    @triton.jit(do_not_specialize=["rows"])
     def _skinny_gemm_kernel(x_ptr, w_ptr, out_ptr, rows, n, k, x_stride, w_stride, out_stride,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             ADD: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr):
