@@ -209,7 +209,7 @@ SKINNY_DTYPES = (torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch configuration of `_skinny_gemm_kernel` (bench/frame_profile.py --only gemm --sweep)."""
+    """One launch configuration of `_skinny_gemm_kernel`: its column and depth blocks, warps and pipeline stages."""
 
     block_n: int
     block_k: int
