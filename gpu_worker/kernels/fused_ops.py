@@ -218,7 +218,8 @@ class GemmConfig:
 
 
 def skinny_config(n: int, k: int) -> GemmConfig:
-    """The tile for out `[rows, n]` = x `[rows, k]` @ w.T, from a sweep on an H200 (bench/RESULTS.md)."""
+    """The tile for out `[rows, n]` = x `[rows, k]` @ w.T, picked by a sweep on an H200; bench/frame_profile.py
+    --only gemm times the picks against cuBLAS (bench/RESULTS.md)."""
     if k >= 8192:
         return GemmConfig(block_n=32, block_k=512)
     if n <= 4096:
