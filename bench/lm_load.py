@@ -43,9 +43,10 @@ def child(mode: str, checkpoint: Path, threads: int) -> dict:
     if mode in ("warm-up", "warm-up-trace"):  # `threads`: the number of children
         from gpu_worker.generation.compile_children import cuda_capability, start_children
 
-        no_manifest = Path(tempfile.mkdtemp()) if mode == "warm-up-trace" else None  # no manifest in it: trace
-        report = start_children(checkpoint, "bfloat16", cuda_capability(0), children=threads,
-                                manifests=no_manifest).wait()
+        with tempfile.TemporaryDirectory(prefix="songpipe-no-manifest-") as empty:  # no manifest in it: trace
+            manifests = Path(empty) if mode == "warm-up-trace" else None
+            report = start_children(checkpoint, "bfloat16", cuda_capability(0), children=threads,
+                                    manifests=manifests).wait()
         return {"seconds": report.seconds, "kernels": report.compiled, "launchers": report.launchers,
                 "found by": report.source}
     if mode == "first-frame":
