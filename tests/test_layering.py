@@ -62,5 +62,16 @@ def test_only_the_gpu_workers_worker_package_knows_celery_the_pipeline_or_sql(su
     assert violations(f"gpu_worker/{subpackage}", ("celery", "billiard", "kombu", "tasks", "db", "orchestrator")) == []
 
 
+def test_the_models_import_no_other_gpu_worker_package():
+    """gpu_worker/model/ sits below the loaders, the generation paths and the kernels: its one transformer
+    block takes the fused kernels as ops from gpu_worker/generation/, never by importing them."""
+    above = {f"gpu_worker.{sub}" for sub in ("checkpoints", "generation", "kernels", "codec", "worker")}
+    found = [f"{path.relative_to(ROOT).as_posix()} imports {name}"
+             for path in sorted((ROOT / "gpu_worker" / "model").rglob("*.py"))
+             for name in imported_modules(path)
+             if ".".join(name.split(".")[:2]) in above]
+    assert found == []
+
+
 def test_the_gpu_worker_keeps_no_loose_modules_beside_its_subpackages():
     assert sorted(p.name for p in (ROOT / "gpu_worker").glob("*.py")) == ["__init__.py"]

@@ -9,8 +9,8 @@ What changes against the plain path (spec §9 levers 1-4), and what does not:
   key-length bucket as a CUDA graph and replayed; on the CPU the identical function runs eagerly.
 * The backbone attends over a static bucket of `bucket` key slots with a per-row mask (rows sit at
   different positions); the plain path attends over exactly the filled slots.
-* q/k/v and gate/up projections run as one GEMM each: the model's parameters are rebound to views of
-  fused weights (same values, no extra memory; the plain path keeps working on the same model).
+* The block is the plain path's (gpu_worker/model/transformer_block.py, the one block of every path),
+  with the same fused q|k|v and gate|up weights; the fast path passes its own RoPE, KV writes and masks.
 * RoPE is one complex multiply (the same products and sums; fp32 FMA contraction may differ in the
   last bit), and the backbone's additive attention mask is built once per frame, not per layer.
 * Randomness: a frame's Exponential(1) draws are a function of (seed, frame, codebook, id)
@@ -24,7 +24,8 @@ What changes against the plain path (spec §9 levers 1-4), and what does not:
   RoPE + KV writes, attention, SiLU*up and sampling run as the Triton kernels of `fused_ops` (split-K
   attention over each row's own length, no mask), the residual adds inside the GEMMs and the
   vocabulary heads padded for cuBLAS: 716 instead of 1,640 kernels a frame, 5.8 instead of 9.0 ms
-  on an H100 (bench/RESULTS.md). The eager ops above stay the reference and the CPU path.
+  on an H100 (bench/RESULTS.md); the block is the same function with those kernels as its ops
+  (gpu_worker/generation/fused_block.py). The eager ops above stay the reference and the CPU path.
 Prefill runs eagerly (one song at a time, the plain path's attention call).
 """
 from __future__ import annotations
@@ -32,13 +33,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.attention import sdpa_kernel
 
 from gpu_worker.generation import graph_captures
+from gpu_worker.generation.fused_block import fused_block
 from gpu_worker.generation.generate import (
     SDPA_BACKENDS,
     ContextLimitError,
@@ -54,9 +56,19 @@ from gpu_worker.generation.generate import (
 from gpu_worker.generation.host_copy import to_host
 from gpu_worker.generation.sampling_noise import race_noise
 from gpu_worker.kernels import fused_ops
-from gpu_worker.model.heartmula import HeartMuLa, Transformer, TransformerBlock, compute_dtype
+from gpu_worker.model.heartmula import HeartMuLa, Transformer, compute_dtype
+from gpu_worker.model.model_flavors import TransformerArgs
 from gpu_worker.model.prompt import Prompt
 from gpu_worker.model.token_validation import CODEBOOK_SIZE, validate_codes
+from gpu_worker.model.transformer_block import (
+    EAGER_OPS,
+    BlockWeights,
+    WriteKV,
+    eager_attention,
+    fuse_projections_,
+    transformer_block,
+)
+from gpu_worker.model.transformer_block import rms_norm as _rms_norm
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -67,47 +79,7 @@ FastLogitsHook = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 NEG_INF = float("-inf")
 
 
-# ------------------------------------------------------------------------------------------------- weights
-
-@dataclass
-class _LayerWeights:
-    wqkv: torch.Tensor
-    wo: torch.Tensor
-    w13: torch.Tensor
-    w2: torch.Tensor
-    sa_scale: torch.Tensor
-    mlp_scale: torch.Tensor
-
-
-@torch.no_grad()
-def fuse_projections_(stack: Transformer) -> list[_LayerWeights]:
-    """q|k|v and w1|w3 as one weight each; the modules' own parameters become views of them (idempotent)."""
-    out = []
-    for layer in stack.layers:
-        assert isinstance(layer, TransformerBlock)
-        attn, mlp = layer.attn, layer.mlp
-        parts = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
-        fused_qkv: torch.Tensor | None = getattr(attn, "fused_qkv", None)
-        if fused_qkv is None or fused_qkv.data_ptr() != parts[0].data_ptr():
-            fused_qkv = attn.fused_qkv = torch.cat(parts)
-            sizes = [p.shape[0] for p in parts]
-            for module, view in zip((attn.q_proj, attn.k_proj, attn.v_proj), fused_qkv.split(sizes)):
-                module.weight = nn.Parameter(view, requires_grad=False)
-        gates = [mlp.w1.weight, mlp.w3.weight]
-        fused_w13: torch.Tensor | None = getattr(mlp, "fused_w13", None)
-        if fused_w13 is None or fused_w13.data_ptr() != gates[0].data_ptr():
-            fused_w13 = mlp.fused_w13 = torch.cat(gates)
-            for module, view in zip((mlp.w1, mlp.w3), fused_w13.split([g.shape[0] for g in gates])):
-                module.weight = nn.Parameter(view, requires_grad=False)
-        out.append(_LayerWeights(fused_qkv, attn.output_proj.weight, fused_w13, mlp.w2.weight,
-                                 layer.sa_norm.scale, layer.mlp_norm.scale))
-    return out
-
-
-def _rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    # exactly heartmula.RMSNorm: statistics in fp32, cast back before the scale multiply
-    return F.rms_norm(x.to(compute_dtype(x.dtype)), (x.shape[-1],), eps=eps).to(x.dtype) * scale
-
+# --------------------------------------------------------------------------------------------------- blocks
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # exactly heartmula.apply_rotary_emb, with cos/sin broadcastable to x's pairs [N, S, H, hd/2]
@@ -126,48 +98,12 @@ def _apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor
     return _rope_complex(x, rope[0]) if len(rope) == 1 else _rope(x, *rope)
 
 
-def _block(x: torch.Tensor, w: _LayerWeights, stack: Transformer, rope: tuple[torch.Tensor, ...],
-           write_kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-           mask: torch.Tensor | None) -> torch.Tensor:
-    """One pre-norm block over `x [N, S, D]`; `write_kv(k, v)` stores `[N, KV, S, hd]`, returns the keys to attend."""
-    args = stack.args
-    n, seq, _ = x.shape
-    heads, kv_heads, hd = args.num_heads, args.num_kv_heads, args.head_dim
-    group = heads // kv_heads
-    qkv = F.linear(_rms_norm(x, w.sa_scale, args.norm_eps), w.wqkv)
-    qk = _apply_rope(qkv[..., :(heads + kv_heads) * hd].view(n, seq, heads + kv_heads, hd), rope)
-    v = qkv[..., (heads + kv_heads) * hd:].view(n, seq, kv_heads, hd)
-    keys, values = write_kv(qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2))
-    q = qk[:, :, :heads].transpose(1, 2).reshape(n, kv_heads, group * seq, hd)  # folded GQA, as the plain path
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    h = x + F.linear(out.reshape(n, heads, seq, hd).transpose(1, 2).reshape(n, seq, heads * hd), w.wo)
-    gate_up = F.linear(_rms_norm(h, w.mlp_scale, args.norm_eps), w.w13)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, w.w2)
-
-
-def _fused_block(x: torch.Tensor, w: _LayerWeights, args, tables: tuple[torch.Tensor, torch.Tensor],
-                 base: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, capacity: int, *,
-                 cache_rows: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """`_block` for a few new tokens per row through the Triton kernels of `fused_ops` (CUDA graphs).
-
-    `x [N, S, D]` sits at positions base[n] .. base[n] + S - 1 of cache row `cache_rows[n]` and is updated
-    in place: both residual adds are GEMMs with beta = 1 (x += a @ w.T, one rounding instead of two).
-    The GEMMs go through `fused_ops.linear`: a step of at most 16 rows runs the skinny Triton kernel.
-    Attention covers the first `capacity` cache slots in key chunks of `chunk`, each row up to its own position.
-    """
-    n, seq, dim = x.shape
-    heads, kv_heads, hd = args.num_heads, args.num_kv_heads, args.head_dim
-    flat = x.view(n * seq, dim)
-    qkv = fused_ops.linear(fused_ops.rms_norm(flat, w.sa_scale, args.norm_eps), w.wqkv).view(n, seq, -1)
-    q = fused_ops.rope_to_cache(qkv, *tables, base, k_cache, v_cache, heads=heads, kv_heads=kv_heads, head_dim=hd,
-                                cache_rows=cache_rows)
-    out = fused_ops.decode_attention(q.view(n, kv_heads, (heads // kv_heads) * seq, hd), k_cache, v_cache, base,
-                                     seq=seq, capacity=capacity, chunk=chunk, cache_rows=cache_rows)
-    fused_ops.linear_add_(flat, out.view(n, heads, seq, hd).transpose(1, 2).reshape(n * seq, heads * hd), w.wo)
-    gate_up = fused_ops.linear(fused_ops.rms_norm(flat, w.mlp_scale, args.norm_eps), w.w13)
-    fused_ops.linear_add_(flat, fused_ops.silu_mul(gate_up), w.w2)
-    return x
+def _block(x: torch.Tensor, w: BlockWeights, args: TransformerArgs, rope: tuple[torch.Tensor, ...],
+           write_kv: WriteKV, mask: torch.Tensor | None) -> torch.Tensor:
+    """The eager block over `x [N, S, D]` with the fast path's RoPE tables `rope` (`_rope_at`); `write_kv(k, v)`
+    stores `[N, KV, S, hd]` and returns the keys and values to attend."""
+    attend = partial(eager_attention, args=args, rope=partial(_apply_rope, rope=rope), write_kv=write_kv, mask=mask)
+    return transformer_block(x, w, args, EAGER_OPS, attend)
 
 
 def fused_kernels_default(model: HeartMuLa) -> bool:
@@ -330,7 +266,7 @@ class FrameEngine:
                 vc[:, :, :length].copy_(v)
                 return kc[:, :, :length], vc[:, :, :length]
 
-            h = _block(h, w, model.backbone, rope, write, mask)
+            h = _block(h, w, bb, rope, write, mask)
         self.last_h[r0:r0 + rows].copy_(_rms_norm(h[:, -1], model.backbone.norm.scale, bb.norm_eps))
         self.pos[song] = length  # frame 0 goes in at position `length`
         self.limit[song] = params.max_frames
@@ -464,8 +400,8 @@ class FrameEngine:
         model, bb = self.model, self.args.backbone
         if self.fused:
             for layer, w in enumerate(self.backbone_w):
-                h = _fused_block(h, w, bb, self.bb_cos_sin, pos, self.k_cache[layer], self.v_cache[layer], keys,
-                                 cache_rows=cache_rows, chunk=self.attention_chunk)
+                h = fused_block(h, w, bb, self.bb_cos_sin, pos, self.k_cache[layer], self.v_cache[layer], keys,
+                                cache_rows=cache_rows, chunk=self.attention_chunk)
             return fused_ops.rms_norm(h[:, -1], model.backbone.norm.scale, bb.norm_eps)
         rope = _rope_at(self.bb_rope, (pos, None, None))
         # one additive mask for all layers (what SDPA would make of a bool mask in every layer)
@@ -482,7 +418,7 @@ class FrameEngine:
                     return kc[:, :, :keys], vc[:, :, :keys]
                 return kc[cache_rows, :, :keys], vc[cache_rows, :, :keys]
 
-            h = _block(h, w, model.backbone, rope, write, mask)
+            h = _block(h, w, bb, rope, write, mask)
         return _rms_norm(h[:, -1], model.backbone.norm.scale, bb.norm_eps).to(compute_dtype(h.dtype))
 
     def _step(self, keys: int) -> None:
@@ -499,8 +435,8 @@ class FrameEngine:
         end = start + seq
         if self.fused:  # -> the final norm in the model dtype (the eager path widens it, losslessly)
             for layer, w in enumerate(self.decoder_w):
-                x = _fused_block(x, w, dec, self.dec_cos_sin, self.dec_base[start], self.dk_cache[layer],
-                                 self.dv_cache[layer], end, cache_rows=self.row_ids)
+                x = fused_block(x, w, dec, self.dec_cos_sin, self.dec_base[start], self.dk_cache[layer],
+                                self.dv_cache[layer], end, cache_rows=self.row_ids)
             return fused_ops.rms_norm(x[:, -1], self.model.decoder.norm.scale, dec.norm_eps)
         rope = _rope_at(self.dec_rope, (None, slice(start, end), None))
         mask = self.dec_mask2 if seq == 2 else None
@@ -513,7 +449,7 @@ class FrameEngine:
                 vc[:, :, start:end].copy_(v)
                 return kc[:, :, :end], vc[:, :, :end]
 
-            h = _block(h, w, self.model.decoder, rope, write, mask)
+            h = _block(h, w, dec, rope, write, mask)
         return _rms_norm(h[:, -1], self.model.decoder.norm.scale, dec.norm_eps).to(compute_dtype(h.dtype))
 
     def _guided(self, logits: torch.Tensor) -> torch.Tensor:

@@ -4,21 +4,30 @@ A Llama-shaped backbone (no vocabulary: its inputs are summed embeddings) predic
 each 12.5 Hz frame; a small local decoder predicts codebooks 1..7 of that frame one after another.
 Parameter names match the published state dict exactly (spec §2.4), so `load_state_dict` needs no
 renaming. Key/value caches and RoPE tables are runtime state, created by `setup_caches`, and never
-appear in the state dict.
+appear in the state dict; neither do the fused q|k|v and w1|w3 weights that the block reads (made on
+first use, see gpu_worker/model/transformer_block.py, the one block of every path).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # the flavour table is torch-free so the web tier can read context lengths; re-exported here
 from gpu_worker.model.model_flavors import FLAVORS, FlavorError, TransformerArgs, flavor_args, resolve_flavors  # noqa: F401
+from gpu_worker.model.transformer_block import (
+    EAGER_OPS,
+    compute_dtype,
+    eager_attention,
+    fuse_block_,
+    rms_norm,
+    transformer_block,
+)
 
 # Llama-3.1 RoPE scaling constants, shared by every flavour (spec §2.1).
 ROPE_LOW_FREQ_FACTOR = 1.0
@@ -51,11 +60,6 @@ PRESETS: dict[str, HeartMuLaArgs] = {
     "3B": HeartMuLaArgs.from_flavors("llama-3B", "llama-300M"),
     "7B": HeartMuLaArgs.from_flavors("llama-7B", "llama-400M"),
 }
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for statistics and rotations, unless the model runs in float64 (numerical self-checks)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def precompute_freqs_cis(head_dim: int, max_seq_len: int, *, base: float = 500_000.0,
@@ -94,10 +98,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in fp32: x32 * rsqrt(mean(x32^2) + eps), no weight inside
-        normed = F.rms_norm(x.to(compute_dtype(x.dtype)), (x.shape[-1],), eps=self.eps)
-        # cast back before the scale multiply: the reference's order, which matters in bf16
-        return normed.to(x.dtype) * self.scale
+        return rms_norm(x, self.scale, self.eps)
 
 
 class KVCache(nn.Module):
@@ -121,53 +122,35 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    """The attention's parameters, named as published; `fused_qkv` is q|k|v as one tensor (`fuse_block_`)."""
+
     def __init__(self, args: TransformerArgs):
         super().__init__()
-        self.num_heads = args.num_heads
-        self.num_kv_heads = args.num_kv_heads
-        self.head_dim = args.head_dim
         self.q_proj = nn.Linear(args.embed_dim, args.num_heads * args.head_dim, bias=False)
         self.k_proj = nn.Linear(args.embed_dim, args.num_kv_heads * args.head_dim, bias=False)
         self.v_proj = nn.Linear(args.embed_dim, args.num_kv_heads * args.head_dim, bias=False)
         self.output_proj = nn.Linear(args.num_heads * args.head_dim, args.embed_dim, bias=False)
         self.kv_cache: KVCache | None = None
-
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: torch.Tensor,
-                kv_len: int | None, mask: torch.Tensor | None) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        group = self.num_heads // self.num_kv_heads
-        q = apply_rotary_emb(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim), freqs_cis)
-        k = apply_rotary_emb(self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim), freqs_cis)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        if self.kv_cache is None:
-            raise RuntimeError("call setup_caches() before running the transformer")
-        keys, values = self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))
-        if kv_len is not None:  # attend over filled slots only; None keeps static shapes
-            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
-        # GQA without expanding the cache: query head h = kv * group + g uses KV head h // group, so
-        # fold the `group` query heads of each KV head into the query-length axis.
-        q = q.transpose(1, 2).reshape(batch, self.num_kv_heads, group * seq, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.reshape(batch, self.num_heads, seq, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
-        return self.output_proj(out)
+        self.fused_qkv: torch.Tensor | None = None  # runtime state, outside the state dict
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x); w1 = gate, w3 = up, w2 = down."""
+    """SwiGLU's parameters: w2(silu(w1 x) * w3 x); w1 = gate, w3 = up, w2 = down; `fused_w13` is w1|w3."""
 
     def __init__(self, args: TransformerArgs):
         super().__init__()
         self.w1 = nn.Linear(args.embed_dim, args.intermediate_dim, bias=False)
         self.w3 = nn.Linear(args.embed_dim, args.intermediate_dim, bias=False)
         self.w2 = nn.Linear(args.intermediate_dim, args.embed_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        self.fused_w13: torch.Tensor | None = None
 
 
 class TransformerBlock(nn.Module):
+    """The plain path's block: `transformer_block` with the eager ops over this layer's KV cache."""
+
     def __init__(self, args: TransformerArgs):
         super().__init__()
+        self.args = args
         self.sa_norm = RMSNorm(args.embed_dim, args.norm_eps)
         self.attn = Attention(args)
         self.mlp_norm = RMSNorm(args.embed_dim, args.norm_eps)
@@ -175,8 +158,19 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: torch.Tensor,
                 kv_len: int | None, mask: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attn(self.sa_norm(x), freqs_cis, input_pos, kv_len, mask)
-        return h + self.mlp(self.mlp_norm(h))
+        cache = self.attn.kv_cache
+        if cache is None:
+            raise RuntimeError("call setup_caches() before running the transformer")
+
+        def write_kv(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = cache.update(input_pos, k, v)
+            if kv_len is None:  # every slot, behind the mask: static shapes
+                return keys, values
+            return keys[:, :, :kv_len], values[:, :, :kv_len]  # the filled slots only
+
+        attend = partial(eager_attention, args=self.args, rope=partial(apply_rotary_emb, freqs_cis=freqs_cis),
+                         write_kv=write_kv, mask=mask)
+        return transformer_block(x, fuse_block_(self), self.args, EAGER_OPS, attend)
 
 
 class Transformer(nn.Module):
@@ -217,7 +211,7 @@ class Transformer(nn.Module):
         return self.norm(x).to(compute_dtype(x.dtype))
 
     def attention_mask(self, input_pos: torch.Tensor, kv_len: int | None) -> torch.Tensor | None:
-        """Causal mask `[group * S, slots]` in the folded-GQA query layout of `Attention`, built once per call."""
+        """Causal mask `[group * S, slots]` in the folded-GQA query layout of `eager_attention`, built once per call."""
         if kv_len is not None and input_pos.shape[0] == 1:
             return None  # one query at the last filled position sees every filled slot
         slots = kv_len if kv_len is not None else self._cache_slots()
