@@ -15,6 +15,7 @@
 * `gemm`: each weight shape of a frame at `rows` rows, over as many distinct weights as the model has of
   that shape (so the L2 cache does not serve them), through cuBLAS (F.linear / addmm), the skinny kernel
   and the skinny kernel with PDL: us per call and the fraction of the copy bandwidth measured in the same run.
+  `--sweep-wide` also times the Triton kernel's taller tiles (WIDE_SWEEP) above 16 rows.
 * `attention`: the split-K decode attention kernel at a case's shape (graph replays, 4 layers' caches in
   turn), for block sizes, warps and stages, against the bytes of K and V it must read.
 """
@@ -46,6 +47,9 @@ STEP_MARKER = "_guided_logits_kernel"  # runs once per codebook of a frame step
 # mode: (fused_ops.SKINNY_MAX_ROWS, fused_ops.PDL); "skinny" is production
 MODES = {"before": (0, False), "pdl": (0, True), "skinny-nopdl": (16, False), "skinny": (16, True)}
 PRODUCTION = (fused_ops.SKINNY_MAX_ROWS, fused_ops.PDL)
+# --sweep-wide: Triton tiles tried above 16 rows, where production keeps cuBLAS (bench/RESULTS.md: none won)
+WIDE_SWEEP = [fused_ops.GemmConfig(block_m=bm, block_n=bn, block_k=bk, warps=wp, stages=st)
+              for bm in (64, 128) for bn in (32, 64, 128) for bk in (64, 128) for wp in (4, 8) for st in (3, 4)]
 
 
 def set_mode(name: str) -> None:
@@ -128,11 +132,10 @@ def _graph_us(calls: list, repeats: int) -> float:
     return _events_ms(graph.replay, repeats) * 1e3 / len(calls)
 
 
-def gemm(model, row_counts: list[int], bandwidth: float, repeats: int) -> None:
-    """cuBLAS at the frame step's weight shapes, over distinct weights, against the copy bandwidth."""
+def _gemm_shapes(model) -> dict[str, tuple[int, int, int]]:
+    """name: (out, in, how many of them one frame reads)."""
     bb, dec = model.args.backbone, model.args.decoder
-    dev, dtype = model.device, model.dtype
-    shapes = {  # name: (out, in, how many of them one frame reads)
+    return {
         "backbone qkv": (bb.embed_dim + 2 * bb.num_kv_heads * bb.head_dim, bb.embed_dim, bb.num_layers),
         "backbone wo (addmm)": (bb.embed_dim, bb.embed_dim, bb.num_layers),
         "backbone gate|up": (2 * bb.intermediate_dim, bb.embed_dim, bb.num_layers),
@@ -140,29 +143,61 @@ def gemm(model, row_counts: list[int], bandwidth: float, repeats: int) -> None:
         "decoder qkv": (dec.embed_dim + 2 * dec.num_kv_heads * dec.head_dim, dec.embed_dim, dec.num_layers),
         "vocab head (padded)": (8320, dec.embed_dim, 7),
     }
-    rows_out = []
-    for name, (out_f, in_f, count) in shapes.items():
+
+
+def gemm(model, row_counts: list[int], bandwidth: float, repeats: int, sweep_wide: bool) -> None:
+    """cuBLAS at the frame step's weight shapes, over distinct weights, against the copy bandwidth, and the
+    skinny kernel at <= 16 rows; with `sweep_wide`, every WIDE_SWEEP tile of the same kernel above 16 rows."""
+    dev, dtype = model.device, model.dtype
+    rows_out, sweep_out = [], []
+    for name, (out_f, in_f, count) in _gemm_shapes(model).items():
         weights = [torch.randn(out_f, in_f, device=dev, dtype=dtype) for _ in range(max(count, 8))]
         addmm = "addmm" in name
         for m in row_counts:
             x = torch.randn(m, in_f, device=dev, dtype=dtype)
             acc = torch.randn(m, out_f, device=dev, dtype=dtype)
             nbytes = out_f * in_f * 2 + m * (in_f + out_f * (2 if addmm else 1)) * 2
+
+            def triton_gemm(cfg, x=x, acc=acc, addmm=addmm):
+                return lambda w: fused_ops.skinny_gemm(x, w, add_to=acc if addmm else None, config=cfg)
+
+            def timed(kernel, pdl: bool, weights=weights) -> float:
+                fused_ops.PDL = pdl
+                try:
+                    return _graph_us([lambda w=w: kernel(w) for w in weights], repeats)
+                finally:
+                    fused_ops.PDL = PRODUCTION[1]
+
             row = {"shape": f"{name} {out_f}x{in_f}", "rows": m}
-            kernels = {"cuBLAS": lambda w, x=x, acc=acc, addmm=addmm: acc.addmm_(x, w.t()) if addmm else F.linear(x, w)}
+            kernels = {"cuBLAS": (lambda w, x=x, acc=acc, addmm=addmm: acc.addmm_(x, w.t()) if addmm
+                                  else F.linear(x, w), False)}
             if m <= fused_ops.SKINNY_BLOCK_M:
-                kernels["skinny"] = lambda w, x=x, acc=acc, addmm=addmm: fused_ops.skinny_gemm(
-                    x, w, add_to=acc if addmm else None)
-                kernels["skinny+PDL"] = kernels["skinny"]
-            for label, kernel in kernels.items():
-                fused_ops.PDL = label.endswith("PDL")
-                us = _graph_us([lambda w=w, kernel=kernel: kernel(w) for w in weights], repeats)
+                cfg = fused_ops.skinny_config(out_f, in_f)
+                kernels["skinny"] = (triton_gemm(cfg), False)
+                kernels["skinny+PDL"] = (triton_gemm(cfg), True)
+            for label, (kernel, pdl) in kernels.items():
+                us = timed(kernel, pdl)
                 row[f"{label} us"] = us
                 row[f"{label} of copy bw"] = nbytes / us * 1e6 / bandwidth
-            fused_ops.PDL = PRODUCTION[1]
             rows_out.append(row)
+            if sweep_wide and m > fused_ops.SKINNY_BLOCK_M:
+                tried = []
+                for cfg in WIDE_SWEEP:
+                    try:
+                        tried.append((timed(triton_gemm(cfg), True), cfg))
+                    except Exception as exc:  # a tile that needs more shared memory than the card has
+                        print(f"  {name} rows {m} {cfg}: {type(exc).__name__}")
+                tried.sort(key=lambda t: t[0])
+                for us, cfg in tried[:2]:
+                    sweep_out.append({"shape": f"{name} {out_f}x{in_f}", "rows": m,
+                                      "bm/bn/bk/warps/stages": f"{cfg.block_m}/{cfg.block_n}/{cfg.block_k}/"
+                                                               f"{cfg.warps}/{cfg.stages}",
+                                      "us": us, "of copy bw": nbytes / us * 1e6 / bandwidth,
+                                      "cuBLAS us": row["cuBLAS us"]})
         del weights
     print_table(f"GEMMs at the frame's shapes (graph replays, copy bw {bandwidth / 1e12:.2f} TB/s)", rows_out)
+    if sweep_out:
+        print_table("the Triton GEMM's two fastest tiles per shape above 16 rows (PDL on)", sweep_out)
 
 
 def attention(model, cases: list[tuple[int, int, int]], cache_len: int, bandwidth: float, repeats: int) -> None:
@@ -218,6 +253,7 @@ def main() -> None:
     parser.add_argument("--cache-len", type=int, default=None, help="default: the model's max_seq_len")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--modes", default="skinny", help=f"steps: comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--sweep-wide", action="store_true", help="gemm: every WIDE_SWEEP tile above 16 rows")
     opts = parser.parse_args()
     only = set(opts.only.split(","))
     device = torch.device("cuda", 0)
@@ -230,7 +266,7 @@ def main() -> None:
     if "steps" in only:
         steps(model, cases, cache_len, opts.repeats, opts.modes.split(","))
     if "gemm" in only:
-        gemm(model, [int(r) for r in opts.rows.split(",")], bandwidth, opts.repeats)
+        gemm(model, [int(r) for r in opts.rows.split(",")], bandwidth, opts.repeats, opts.sweep_wide)
     if "attention" in only:
         attention(model, cases, cache_len, bandwidth, opts.repeats)
 

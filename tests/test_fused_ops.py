@@ -272,6 +272,22 @@ def test_with_a_fixed_chunk_each_rows_attention_is_the_same_bits_at_any_capacity
     assert all(torch.equal(got[i], at[512][2]) for i in range(rows))
 
 
+@pytest.mark.parametrize("device, dtype", _cases())
+def test_one_chunk_written_without_the_merge_is_the_merge_of_that_chunk_and_an_empty_one(fo, device, dtype):
+    """The decoder's attention fits one key chunk, so its kernel writes the output itself: the same bits
+    as when a longer capacity adds an empty chunk and the merge kernel runs."""
+    rows, kv_heads, group, hd, chunk = 3, 2, 3, 16, 64
+    gen = torch.Generator().manual_seed(5)
+    k_cache = torch.randn(rows, kv_heads, 2 * chunk, hd, generator=gen).to(device, dtype)
+    v_cache = torch.randn(rows, kv_heads, 2 * chunk, hd, generator=gen).to(device, dtype)
+    q = torch.randn(rows, kv_heads, group * 2, hd, generator=gen).to(device, dtype)
+    base = torch.tensor([0, 17, chunk - 2], device=device)  # two queries each, the last ending the chunk
+    direct = fo.decode_attention(q, k_cache, v_cache, base, seq=2, capacity=chunk, chunk=chunk)
+    merged = fo.decode_attention(q, k_cache, v_cache, base, seq=2, capacity=2 * chunk, chunk=chunk)
+    assert torch.equal(direct, merged)
+    torch.testing.assert_close(direct, _reference_attention(q, k_cache, v_cache, base, 2), **_tolerance(dtype))
+
+
 def test_a_song_resumed_through_the_fused_frame_step_continues_with_the_uninterrupted_tokens(fo, lm):
     """FrameEngine.resume on the Triton kernels: the replayed chunk writes the keys the frame steps wrote."""
     from gpu_worker.generation.fast_generate import FrameEngine

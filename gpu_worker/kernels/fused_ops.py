@@ -12,14 +12,16 @@ themselves are in gpu_worker/kernels/triton_kernels.py (torch-free); this module
   at each row's position, q written out in the folded-GQA layout; replaces ~10 kernels.
 * `decode_attention`: split-K ("flash-decoding") attention for a few query rows per KV head: the key
   range is cut into chunks spread over the SMs, each row attends over its own filled length (no mask
-  tensor, no work past the end), and a second kernel merges the chunks by their log-sum-exp.
+  tensor, no work past the end), and a second kernel merges the chunks by their log-sum-exp (a single
+  chunk, as in the decoder, is written out by the chunk kernel itself).
 * `linear`, `linear_add_`: the projections of a frame step (at most 16 rows: one song's two CFG rows,
   or 8 songs') through `_skinny_gemm_kernel`, one fixed 16-row tile reducing all of K in order; cuBLAS
   picks a kernel per shape and read the weights no faster at these sizes. More rows go to cuBLAS.
 * `silu_mul`: SwiGLU's silu(gate) * up from the fused gate|up projection.
 * `guided_logits` + `topk_race_sample`: the CFG mix, temperature and forbidden-id mask, then top-k
   filtering, softmax and the Exponential race of `generate.top_k_race`, one program per song with the
-  row in registers (the exact k-th largest value by a radix select: torch.topk took 36-48 us a call);
+  row in registers (the exact k-th largest value by a radix select, two bits a pass: torch.topk took
+  36-48 us a call);
   the race also writes the next decoder step's embedding row per row.
 
 Rounding follows the eager code: bf16 results are rounded where PyTorch rounds them (RMSNorm before
@@ -27,7 +29,7 @@ the scale, silu before the product); fp32 reductions may sum in a different orde
 differences, as between two GEMM kernels). On sm_90 and later every kernel is launched with programmatic
 dependent launch (PDL): it starts while the kernel before it drains and waits for its results on the
 card (`_wait_for_previous_grid`), which hides most of a launch gap between the step's ~700 kernels.
-Every kernel has an eager twin in `fast_generate` and a
+Every kernel has an eager twin (gpu_worker/model/transformer_block.py's ops, `fast_generate`) and a
 test that runs it through Triton's interpreter on the CPU (`TRITON_INTERPRET=1`).
 """
 from __future__ import annotations
@@ -184,17 +186,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     rows = _identity_rows(n, q.device) if cache_rows is None else cache_rows
     block_m = max(16, _pow2(queries))
     block_d = max(16, _pow2(head_dim))
-    part_out = torch.empty((pairs, splits, block_m, block_d), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((pairs, splits, block_m), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    direct = splits == 1  # one chunk needs no merge: the chunk kernel writes the output itself
+    if direct:
+        part_out, part_lse = out, out
+    else:
+        part_out = torch.empty((pairs, splits, block_m, block_d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((pairs, splits, block_m), dtype=torch.float32, device=q.device)
     _attention_chunk_kernel[(pairs, splits)](
         q, k_cache, v_cache, base, rows, part_out, part_lse, kv_heads, queries, seq, head_dim, chunk,
         1.0 / math.sqrt(head_dim),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype == torch.float32, num_warps=num_warps,
-        **_launch(q.device),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype == torch.float32, DIRECT=direct,
+        num_warps=num_warps, **_launch(q.device),
         **({} if num_stages is None else {"num_stages": num_stages}))
-    out = torch.empty_like(q)
+    if direct:
+        return out
     _attention_merge_kernel[(pairs, queries)](part_out, part_lse, out, queries, head_dim, splits, block_d,
                                               BLOCK_M=block_m, BLOCK_S=MAX_SPLITS,
                                               MERGE_D=max(SHARED_MERGE_D, block_d), num_warps=8,
@@ -209,12 +217,14 @@ SKINNY_DTYPES = (torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch configuration of `_skinny_gemm_kernel`: its column and depth blocks, warps and pipeline stages."""
+    """One launch configuration of `_skinny_gemm_kernel`: its column and depth blocks, warps, pipeline stages
+    and row block (production launches keep SKINNY_BLOCK_M; bench/frame_profile.py --sweep-wide tries taller)."""
 
     block_n: int
     block_k: int
     warps: int = 4
     stages: int = 3
+    block_m: int = SKINNY_BLOCK_M
 
 
 def skinny_config(n: int, k: int) -> GemmConfig:
@@ -245,9 +255,9 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, *, add_to: torch.Tensor | None
     out = torch.empty((rows, width), dtype=x.dtype, device=x.device) if add_to is None else add_to
     cfg = config or skinny_config(width, depth)
     even = width % cfg.block_n == 0 and depth % cfg.block_k == 0
-    grid = (triton.cdiv(rows, SKINNY_BLOCK_M), triton.cdiv(width, cfg.block_n))
+    grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(width, cfg.block_n))
     _skinny_gemm_kernel[grid](x, w, out, rows, width, depth, x.stride(0), w.stride(0), out.stride(0),
-                              BLOCK_M=SKINNY_BLOCK_M, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                               ADD=add_to is not None, EVEN=even, IEEE=x.dtype == torch.float32,
                               num_warps=cfg.warps, num_stages=cfg.stages, **_launch(x.device))
     return out
