@@ -254,12 +254,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--modes", default="skinny", help=f"steps: comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--sweep-wide", action="store_true", help="gemm: every WIDE_SWEEP tile above 16 rows")
+    parser.add_argument("--blas", default=None, choices=("cublas", "cublaslt"),
+                        help="the BLAS library PyTorch prefers for the GEMMs that stay on it (default: PyTorch's)")
     opts = parser.parse_args()
     only = set(opts.only.split(","))
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
+    if opts.blas:
+        torch.backends.cuda.preferred_blas_library(opts.blas)
     bandwidth = copy_bandwidth(device)
-    print(f"{torch.cuda.get_device_name(device)}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"{torch.cuda.get_device_name(device)}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
+          f"BLAS {torch.backends.cuda.preferred_blas_library()}")
     model = random_model(PRESETS["3B"], device, torch.bfloat16)
     cache_len = opts.cache_len or model.args.backbone.max_seq_len
     cases = opts.case or [(8, 1, 300), (8, 1, 3000), (64, 64, 1800)]

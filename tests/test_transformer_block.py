@@ -263,3 +263,19 @@ def test_the_plain_block_fuses_again_after_model_to():
     assert layer.attn.q_proj.weight.data_ptr() == fused.data_ptr()
     assert fp64.dtype == torch.float64
     torch.testing.assert_close(fp64.float(), fp32, rtol=1e-4, atol=1e-5)
+
+
+def test_a_loaded_checkpoint_has_its_projections_fused_with_the_published_names(tmp_path):
+    from gpu_worker.checkpoints.heartmula_checkpoint import load_heartmula, write_tiny_heartmula
+
+    write_tiny_heartmula(tmp_path, seed=3)
+    model = load_heartmula(tmp_path).model
+    for stack in (model.backbone, model.decoder):
+        for layer in stack.layers:
+            assert isinstance(layer, TransformerBlock)
+            attn, mlp = layer.attn, layer.mlp
+            assert attn.fused_qkv is not None and mlp.fused_w13 is not None
+            assert attn.q_proj.weight.data_ptr() == attn.fused_qkv.data_ptr()
+            assert mlp.w1.weight.data_ptr() == mlp.fused_w13.data_ptr()
+            assert tb.fuse_block_(layer).wqkv is attn.fused_qkv  # the engine reuses them: no second copy
+    assert not any(name.startswith("fused") or ".fused" in name for name in model.state_dict())

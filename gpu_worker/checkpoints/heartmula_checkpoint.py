@@ -205,6 +205,7 @@ def load_heartmula(ckpt_root: Path | str, *, device: torch.device | str = "cpu",
         state = files.load_many(expected, device=device, dtype=dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model.requires_grad_(False).eval()
+        model.fuse_projections()  # at load time: the first song pays no concatenation
         checksums = {f"{folder.name}/{name}": digest for name, digest in digests.result().items()}
     checksums[TOKENIZER_NAME] = sha256_file(root / TOKENIZER_NAME)
     checksums[GEN_CONFIG_NAME] = sha256_file(root / GEN_CONFIG_NAME)

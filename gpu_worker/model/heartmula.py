@@ -25,6 +25,7 @@ from gpu_worker.model.transformer_block import (
     compute_dtype,
     eager_attention,
     fuse_block_,
+    fuse_projections_,
     rms_norm,
     transformer_block,
 )
@@ -261,6 +262,12 @@ class HeartMuLa(nn.Module):
         # the decoder only ever holds one frame: one position per codebook
         self.decoder.setup_caches(batch_size, self.args.audio_num_codebooks, dtype=self.dtype, device=self.device)
         self.cache_batch_size = batch_size
+
+    def fuse_projections(self) -> None:
+        """q|k|v and w1|w3 of every block as one tensor each (`fuse_block_`), as a checkpoint load does;
+        a block still fuses on first use where this was not called, or after `to(...)`."""
+        for stack in (self.backbone, self.decoder):
+            fuse_projections_(stack)
 
     def setup_rope(self) -> None:
         """RoPE tables of both transformers without any KV cache (idempotent)."""
