@@ -288,8 +288,10 @@ if triton is not None:
             n1 = (packed & 0x1FFFFF).to(tl.int32)
             n2 = ((packed >> 21) & 0x1FFFFF).to(tl.int32)
             n3 = (packed >> 42).to(tl.int32)
-            kth = tl.where(n3 >= top_k, t3, tl.where(n2 >= top_k, t2, tl.where(n1 >= top_k, t1, kth)))
-            at_least = tl.where(n3 >= top_k, n3, tl.where(n2 >= top_k, n2, tl.where(n1 >= top_k, n1, at_least)))
+            # the largest of the three prefixes with at least k keys (the counts only fall as the prefix rises)
+            pick3, pick2, pick1 = n3 >= top_k, n2 >= top_k, n1 >= top_k
+            kth = tl.where(pick3, t3, tl.where(pick2, t2, tl.where(pick1, t1, kth)))
+            at_least = tl.where(pick3, n3, tl.where(pick2, n2, tl.where(pick1, n1, at_least)))
             shift -= 2
         keep = (key >= kth) & (z > float("-inf"))
         top = tl.max(tl.where(keep, z, float("-inf")), axis=0)

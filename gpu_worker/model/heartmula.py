@@ -4,8 +4,8 @@ A Llama-shaped backbone (no vocabulary: its inputs are summed embeddings) predic
 each 12.5 Hz frame; a small local decoder predicts codebooks 1..7 of that frame one after another.
 Parameter names match the published state dict exactly (spec §2.4), so `load_state_dict` needs no
 renaming. Key/value caches and RoPE tables are runtime state, created by `setup_caches`, and never
-appear in the state dict; neither do the fused q|k|v and w1|w3 weights that the block reads (made on
-first use, see gpu_worker/model/transformer_block.py, the one block of every path).
+appear in the state dict; neither do the fused q|k|v and w1|w3 weights that the block reads (made when a
+checkpoint loads, or on first use; see gpu_worker/model/transformer_block.py, the one block of every path).
 """
 from __future__ import annotations
 
